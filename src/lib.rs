@@ -1,0 +1,2 @@
+//! cloudimg: prepare cloud images offline for OpenStack.
+pub mod cloud_config;
