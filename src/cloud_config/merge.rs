@@ -27,7 +27,9 @@ pub fn priority_order(base: ConfigFile, mut drop_ins: Vec<ConfigFile>) -> Vec<Co
 
 /// The merged configuration of files given from lowest to highest priority.
 pub fn effective(files: &[ConfigFile]) -> Mapping {
-    files.iter().fold(Mapping::default(), |merged, file| overlay(&merged, &file.root))
+    files.iter().fold(Mapping::default(), |merged, file| {
+        overlay(&merged, &file.root)
+    })
 }
 
 fn overlay(lower: &Mapping, higher: &Mapping) -> Mapping {
@@ -76,19 +78,40 @@ mod tests {
     #[test]
     fn later_drop_ins_win_and_mappings_merge_deeply() {
         let files = priority_order(
-            file("/etc/cloud/cloud.cfg", "a: 1\nchpasswd: {expire: true, list: [x]}\nl: [1, 2]\n"),
+            file(
+                "/etc/cloud/cloud.cfg",
+                "a: 1\nchpasswd: {expire: true, list: [x]}\nl: [1, 2]\n",
+            ),
             vec![
-                file("/etc/cloud/cloud.cfg.d/90-z.cfg", "chpasswd: {expire: false}\nl: [3]\n"),
-                file("/etc/cloud/cloud.cfg.d/10-a.cfg", "a: 2\nchpasswd: {expire: maybe}\n"),
+                file(
+                    "/etc/cloud/cloud.cfg.d/90-z.cfg",
+                    "chpasswd: {expire: false}\nl: [3]\n",
+                ),
+                file(
+                    "/etc/cloud/cloud.cfg.d/10-a.cfg",
+                    "a: 2\nchpasswd: {expire: maybe}\n",
+                ),
             ],
         );
         let merged = effective(&files);
         assert_eq!(merged.get("a"), Some(&Value::Int(2)));
-        assert_eq!(lookup(&merged, &["chpasswd", "expire"]), Some(&Value::Bool(false)));
-        assert_eq!(lookup(&merged, &["chpasswd", "list"]), Some(&Value::Seq(vec![Value::Str("x".into())])));
+        assert_eq!(
+            lookup(&merged, &["chpasswd", "expire"]),
+            Some(&Value::Bool(false))
+        );
+        assert_eq!(
+            lookup(&merged, &["chpasswd", "list"]),
+            Some(&Value::Seq(vec![Value::Str("x".into())]))
+        );
         assert_eq!(merged.get("l"), Some(&Value::Seq(vec![Value::Int(3)])));
-        assert_eq!(deciding_file(&files, &["chpasswd", "expire"]).unwrap().path, "/etc/cloud/cloud.cfg.d/90-z.cfg");
-        assert_eq!(deciding_file(&files, &["a"]).unwrap().path, "/etc/cloud/cloud.cfg.d/10-a.cfg");
+        assert_eq!(
+            deciding_file(&files, &["chpasswd", "expire"]).unwrap().path,
+            "/etc/cloud/cloud.cfg.d/90-z.cfg"
+        );
+        assert_eq!(
+            deciding_file(&files, &["a"]).unwrap().path,
+            "/etc/cloud/cloud.cfg.d/10-a.cfg"
+        );
     }
 
     #[test]
