@@ -1,5 +1,9 @@
 //! cloudimg: prepare cloud images offline for OpenStack.
+pub mod accel;
+pub mod cleanup;
 pub mod cloud_config;
+pub mod guest;
 pub mod image_file;
+pub mod locate;
 pub mod password;
 pub mod sshd;

@@ -1,0 +1,116 @@
+//! Which accelerator the appliance runs with.
+//!
+//! Some hosts have a `/dev/kvm` that opens but cannot run the appliance kernel (paravirtual KVM
+//! inside a cloud VM whose CPU shows neither `vmx` nor `svm`): the launch then hangs forever. On such
+//! hosts `auto` picks TCG (software emulation) without being told.
+
+use anyhow::{bail, Result};
+
+/// What the user asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Requested {
+    /// KVM when the host can really use it, else TCG.
+    Auto,
+    /// KVM; fail when it is not usable.
+    Kvm,
+    /// Software emulation (slower, works everywhere).
+    Tcg,
+}
+
+/// What the appliance will run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// Facts about the host that decide whether KVM can work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostKvm {
+    /// `/dev/kvm` exists and opens read-write for this user.
+    pub device_usable: bool,
+    /// The CPU advertises hardware virtualization (`vmx` or `svm` in /proc/cpuinfo).
+    pub cpu_virtualization: bool,
+}
+
+impl HostKvm {
+    pub fn probe() -> Self {
+        let device_usable = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        let cpu_virtualization =
+            std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| cpu_flags_allow_kvm(&info));
+        HostKvm {
+            device_usable,
+            cpu_virtualization,
+        }
+    }
+}
+
+fn cpu_flags_allow_kvm(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// Chooses the accelerator, with the reason when KVM was not chosen.
+pub fn choose(requested: Requested, host: &HostKvm) -> Result<(Accel, Option<&'static str>)> {
+    let problem = if !host.device_usable {
+        Some("/dev/kvm is missing or not accessible to this user")
+    } else if !host.cpu_virtualization {
+        Some("/dev/kvm exists but the CPU shows neither vmx nor svm (paravirtual KVM cannot boot the appliance)")
+    } else {
+        None
+    };
+    match (requested, problem) {
+        (Requested::Tcg, _) => Ok((Accel::Tcg, Some("--accel tcg was given"))),
+        (Requested::Kvm, Some(why)) => {
+            bail!("--accel kvm was given but {why}; use --accel tcg or --accel auto")
+        }
+        (_, None) => Ok((Accel::Kvm, None)),
+        (Requested::Auto, Some(why)) => Ok((Accel::Tcg, Some(why))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_avoids_kvm_that_would_hang() {
+        let table = [
+            (Requested::Auto, true, true, Some(Accel::Kvm)),
+            (Requested::Auto, true, false, Some(Accel::Tcg)),
+            (Requested::Auto, false, true, Some(Accel::Tcg)),
+            (Requested::Kvm, true, false, None),
+            (Requested::Kvm, true, true, Some(Accel::Kvm)),
+            (Requested::Tcg, true, true, Some(Accel::Tcg)),
+        ];
+        for (requested, device_usable, cpu_virtualization, expected) in table {
+            let host = HostKvm {
+                device_usable,
+                cpu_virtualization,
+            };
+            assert_eq!(
+                choose(requested, &host).ok().map(|(a, _)| a),
+                expected,
+                "{requested:?} {host:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_flags_are_read_from_cpuinfo() {
+        assert!(cpu_flags_allow_kvm(
+            "processor: 0\nflags\t\t: fpu vme vmx sse\n"
+        ));
+        assert!(!cpu_flags_allow_kvm(
+            "flags\t\t: fpu hypervisor sse\nmodel name: vmx-like\n"
+        ));
+    }
+}

@@ -1,0 +1,147 @@
+//! Leaving nothing behind: temporary paths removed and child processes (qemu, qemu-img) killed on
+//! Ctrl-C, SIGTERM, or a watchdog timeout, even while the main thread is blocked inside libguestfs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::Duration;
+
+static TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Exit status after an interrupting signal (128 + SIGINT, as shells report it).
+pub const INTERRUPTED_EXIT: i32 = 130;
+
+/// Installs the handler for SIGINT, SIGTERM and SIGHUP: kill children, remove temporaries, exit.
+pub fn install_signal_handler() {
+    // Failing to install (a handler already exists) only loses the clean-up, not correctness.
+    let _ = ctrlc::set_handler(|| {
+        kill_children();
+        remove_temporaries();
+        eprintln!("cloudimg: interrupted; temporary files removed, nothing was written");
+        std::process::exit(INTERRUPTED_EXIT);
+    });
+}
+
+/// Registers a path (file or directory) that must not survive the process.
+pub fn register(path: &Path) {
+    TEMPORARIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(path.to_path_buf());
+}
+
+/// Forgets a path once it has been removed or renamed into place.
+pub fn unregister(path: &Path) {
+    TEMPORARIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|p| p != path);
+}
+
+fn remove_temporaries() {
+    let paths = std::mem::take(&mut *TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()));
+    for path in paths {
+        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+    }
+}
+
+/// Kills this process's children (the appliance's qemu and libguestfs's helper, qemu-img).
+pub fn kill_children() {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if parent_pid(&stat) == Some(me) {
+            // SAFETY: kill(2) with a pid read from /proc and a valid signal number has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The parent pid from a `/proc/PID/stat` line; the command name may contain spaces and parentheses.
+fn parent_pid(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Kills the children if it is not disarmed within `limit`; the blocked call then fails and the caller
+/// asks [`Watchdog::fired`] to explain why.
+pub struct Watchdog {
+    disarm: Option<mpsc::Sender<()>>,
+    fired: std::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn arm(limit: Duration) -> Self {
+        let (disarm, wait) = mpsc::channel::<()>();
+        let fired = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        let thread = std::thread::spawn(move || {
+            if wait.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
+                flag.store(true, Ordering::SeqCst);
+                kill_children();
+            }
+        });
+        Watchdog {
+            disarm: Some(disarm),
+            fired,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.disarm.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_pid_survives_odd_command_names() {
+        assert_eq!(parent_pid("42 (qemu) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_pid("42 (a) b (c)) R 9 1 1"), Some(9));
+        assert_eq!(parent_pid("garbage"), None);
+    }
+
+    #[test]
+    fn watchdog_kills_a_hanging_child_and_says_so() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let dog = Watchdog::arm(Duration::from_millis(200));
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        assert!(dog.fired());
+        let quiet = Watchdog::arm(Duration::from_secs(30));
+        drop(quiet);
+    }
+}

@@ -1,0 +1,332 @@
+//! The only code that calls libguestfs. Thin: each method is one guest operation with its error
+//! context; decisions live in the callers.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use guestfs::{AddDriveOptArgs, CreateFlags, GlobExpandOptArgs, Handle, IsFileOptArgs};
+
+use crate::accel::Accel;
+use crate::cleanup::Watchdog;
+use crate::image_file::Format;
+
+/// Files larger than this are not read into memory (cloud.cfg is a few KiB; a huge one is hostile).
+pub const MAX_CONFIG_FILE: i64 = 1 << 20;
+
+/// libguestfs errors carry their message in private fields that only `Debug` shows; this is the one
+/// place that turns them into ordinary errors.
+fn gerr(err: guestfs::Error) -> anyhow::Error {
+    let debug = format!("{err:?}");
+    let message = debug
+        .split_once("message: \"")
+        .and_then(|(_, rest)| rest.rsplit_once("\", errno:"))
+        .map(|(m, _)| {
+            m.replace("\\\"", "\"")
+                .replace("\\n", " ")
+                .replace("\\\\", "\\")
+        })
+        .unwrap_or(debug);
+    anyhow!("{}", message.trim())
+}
+
+/// One disk to attach.
+pub struct Drive<'a> {
+    pub path: &'a Path,
+    pub format: Format,
+    pub readonly: bool,
+}
+
+pub struct LaunchOptions<'a> {
+    pub accel: Accel,
+    pub timeout: Duration,
+    /// libguestfs's own debug output (appliance boot messages) on stderr. Call tracing stays off
+    /// always: it would print file contents, i.e. password hashes, as call arguments.
+    pub debug: bool,
+    /// Where libguestfs keeps its per-run sockets and overlays.
+    pub tmpdir: &'a Path,
+}
+
+/// A launched appliance with the image's disks attached.
+pub struct Guest {
+    g: Handle,
+    timeout: Duration,
+}
+
+/// One file's ownership, permissions and SELinux label, to carry over when it is replaced.
+struct Attributes {
+    mode: i64,
+    uid: i64,
+    gid: i64,
+    selinux: Option<String>,
+}
+
+impl Guest {
+    pub fn launch(drives: &[Drive], opts: &LaunchOptions) -> Result<Guest> {
+        // No close-on-exit: the signal handler kills the appliance itself, and libguestfs's own exit
+        // hook could block on a handle the main thread is using.
+        let g = Handle::create_flags(CreateFlags::none().create_no_close_on_exit_flag(true))
+            .map_err(gerr)
+            .context("creating the libguestfs handle")?;
+        g.set_trace(false).map_err(gerr)?;
+        g.set_verbose(opts.debug).map_err(gerr)?;
+        g.set_network(false).map_err(gerr)?;
+        g.set_tmpdir(Some(&opts.tmpdir.to_string_lossy()))
+            .map_err(gerr)?;
+        if opts.accel == Accel::Tcg {
+            g.set_backend_setting("force_tcg", "1").map_err(gerr)?;
+        }
+        for drive in drives {
+            let path = drive
+                .path
+                .to_str()
+                .with_context(|| format!("{} is not a UTF-8 path", drive.path.display()))?;
+            g.add_drive(
+                path,
+                AddDriveOptArgs {
+                    readonly: Some(drive.readonly),
+                    format: Some(drive.format.as_str()),
+                    iface: None,
+                    name: None,
+                    label: None,
+                    protocol: None,
+                    server: None,
+                    username: None,
+                    secret: None,
+                    cachemode: None,
+                    discard: Some("besteffort"),
+                    copyonread: None,
+                },
+            )
+            .map_err(gerr)
+            .with_context(|| format!("attaching {}", drive.path.display()))?;
+        }
+        let guest = Guest {
+            g,
+            timeout: opts.timeout,
+        };
+        guest
+            .bounded("launching the libguestfs appliance", |g| g.launch())
+            .map_err(|e| explain_launch_failure(e, opts))?;
+        Ok(guest)
+    }
+
+    /// Runs one guest call under the watchdog, so that a hung appliance becomes an error.
+    fn bounded<T>(
+        &self,
+        what: &str,
+        call: impl FnOnce(&Handle) -> Result<T, guestfs::Error>,
+    ) -> Result<T> {
+        let dog = Watchdog::arm(self.timeout);
+        let result = call(&self.g);
+        if dog.fired() {
+            bail!(
+                "{what} did not finish within {} s and was stopped",
+                self.timeout.as_secs()
+            );
+        }
+        result.map_err(gerr).context(what.to_string())
+    }
+
+    /// Filesystems by device, e.g. `("/dev/sda1", "ext4")`, sorted by device.
+    pub fn filesystems(&self) -> Result<Vec<(String, String)>> {
+        let mut list: Vec<_> = self
+            .bounded("listing filesystems", |g| g.list_filesystems())?
+            .into_iter()
+            .collect();
+        list.sort();
+        Ok(list)
+    }
+
+    pub fn mount(&self, device: &str, mountpoint: &str, readonly: bool) -> Result<()> {
+        let options = if readonly { "ro" } else { "" };
+        self.bounded(&format!("mounting {device} on {mountpoint}"), |g| {
+            g.mount_options(options, device, mountpoint)
+        })
+    }
+
+    pub fn umount_all(&self) -> Result<()> {
+        self.bounded("unmounting filesystems", |g| g.umount_all())
+    }
+
+    pub fn findfs_uuid(&self, uuid: &str) -> Result<String> {
+        self.bounded(&format!("finding the filesystem with UUID {uuid}"), |g| {
+            g.findfs_uuid(uuid)
+        })
+    }
+
+    pub fn findfs_label(&self, label: &str) -> Result<String> {
+        self.bounded(&format!("finding the filesystem labelled {label}"), |g| {
+            g.findfs_label(label)
+        })
+    }
+
+    pub fn is_dir(&self, path: &str) -> Result<bool> {
+        self.bounded(&format!("checking {path}"), |g| {
+            g.is_dir(
+                path,
+                guestfs::IsDirOptArgs {
+                    followsymlinks: Some(false),
+                },
+            )
+        })
+    }
+
+    pub fn exists(&self, path: &str) -> Result<bool> {
+        self.bounded(&format!("checking {path}"), |g| g.exists(path))
+    }
+
+    pub fn is_symlink(&self, path: &str) -> Result<bool> {
+        self.bounded(&format!("checking {path}"), |g| g.is_symlink(path))
+    }
+
+    /// Paths matching a glob inside the guest, sorted.
+    pub fn glob(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut paths = self.bounded(&format!("listing {pattern}"), |g| {
+            g.glob_expand(
+                pattern,
+                GlobExpandOptArgs {
+                    directoryslash: Some(false),
+                },
+            )
+        })?;
+        paths.sort();
+        Ok(paths)
+    }
+
+    /// Names in a directory (empty when it does not exist).
+    pub fn list_dir(&self, dir: &str) -> Result<Vec<String>> {
+        if !self.is_dir(dir)? {
+            return Ok(Vec::new());
+        }
+        let mut names = self.bounded(&format!("listing {dir}"), |g| g.ls(dir))?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// A configuration file's bytes: `None` when it does not exist. Refuses symlinks, anything that is
+    /// not a regular file, and files over [`MAX_CONFIG_FILE`], so that a hostile image cannot send the
+    /// tool elsewhere or exhaust its memory.
+    pub fn read_config_file(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        if !self.exists(path)? && !self.is_symlink(path)? {
+            return Ok(None);
+        }
+        if self.is_symlink(path)? {
+            let target = self
+                .bounded(&format!("reading link {path}"), |g| g.readlink(path))
+                .unwrap_or_default();
+            bail!("{path} in the guest is a symbolic link (to `{target}`); cloudimg edits only regular files, replace it with a file first");
+        }
+        if !self.bounded(&format!("checking {path}"), |g| {
+            g.is_file(
+                path,
+                IsFileOptArgs {
+                    followsymlinks: Some(false),
+                },
+            )
+        })? {
+            bail!("{path} in the guest is not a regular file");
+        }
+        let size = self
+            .bounded(&format!("checking {path}"), |g| g.lstatns(path))?
+            .st_size;
+        if size > MAX_CONFIG_FILE {
+            bail!("{path} in the guest is {size} bytes, larger than the {MAX_CONFIG_FILE} bytes a configuration file may have");
+        }
+        self.bounded(&format!("reading {path} in the guest"), |g| {
+            g.read_file(path)
+        })
+        .map(Some)
+    }
+
+    /// Replaces (or creates) `path` with `content` through a temporary file in the same directory and a
+    /// rename, so the file is never half-written. An existing file's mode, owner and SELinux label are
+    /// kept; a new file takes them from `like` (a sibling configuration file), else root-owned 0644.
+    pub fn replace_file(&self, path: &str, content: &[u8], like: &str) -> Result<()> {
+        let attrs = match self.attributes(path)? {
+            Some(a) => a,
+            None => self.attributes(like)?.unwrap_or(Attributes {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                selinux: None,
+            }),
+        };
+        let dir = path
+            .rsplit_once('/')
+            .map(|(d, _)| if d.is_empty() { "/" } else { d })
+            .unwrap_or("/");
+        self.bounded(&format!("creating {dir} in the guest"), |g| g.mkdir_p(dir))?;
+        let temp = format!("{dir}/.cloudimg-new");
+        self.bounded(&format!("writing {temp} in the guest"), |g| {
+            g.write(&temp, content)
+        })?;
+        self.bounded(&format!("setting the owner of {temp}"), |g| {
+            g.chown(attrs.uid as i32, attrs.gid as i32, &temp)
+        })?;
+        self.bounded(&format!("setting the mode of {temp}"), |g| {
+            g.chmod((attrs.mode & 0o7777) as i32, &temp)
+        })?;
+        if let Some(label) = &attrs.selinux {
+            self.bounded(&format!("setting the SELinux label of {temp}"), |g| {
+                g.lsetxattr("security.selinux", label, label.len() as i32, &temp)
+            })?;
+        }
+        self.bounded(&format!("renaming {temp} to {path} in the guest"), |g| {
+            g.rename(&temp, path)
+        })
+    }
+
+    fn attributes(&self, path: &str) -> Result<Option<Attributes>> {
+        if !self.exists(path)? {
+            return Ok(None);
+        }
+        let st = self.bounded(&format!("reading the attributes of {path}"), |g| {
+            g.lstatns(path)
+        })?;
+        let selinux = self
+            .g
+            .lgetxattr(path, "security.selinux")
+            .ok()
+            .map(|raw| {
+                String::from_utf8_lossy(&raw)
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
+            .filter(|l| !l.is_empty());
+        Ok(Some(Attributes {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            selinux,
+        }))
+    }
+
+    pub fn remove_tree(&self, path: &str) -> Result<()> {
+        self.bounded(&format!("removing {path} in the guest"), |g| g.rm_rf(path))
+    }
+
+    /// Unmounts, then shuts the appliance down and checks that it flushed every write.
+    pub fn shutdown(self) -> Result<()> {
+        self.umount_all()?;
+        self.bounded(
+            "shutting the appliance down (flushing writes to the disk)",
+            |g| g.shutdown(),
+        )
+    }
+}
+
+fn explain_launch_failure(err: anyhow::Error, opts: &LaunchOptions) -> anyhow::Error {
+    let text = format!("{err:#}");
+    let hint = if text.contains("did not finish within") {
+        match opts.accel {
+            Accel::Kvm => "the appliance hung; KVM may not work on this host: try --accel tcg, or a longer --timeout",
+            Accel::Tcg => "software emulation is slow on a busy host: try a longer --timeout, and run `libguestfs-test-tool` to see where it stops",
+        }
+    } else if text.contains("supermin") || text.contains("appliance") && text.contains("kernel") {
+        "the appliance could not be built: run `update-guestfs-appliance` (Debian/Ubuntu) or `libguestfs-test-tool`; on Ubuntu the host kernel must be readable: `sudo chmod 0644 /boot/vmlinuz-*`"
+    } else {
+        "run `libguestfs-test-tool` to see why the appliance does not start"
+    };
+    anyhow!("{text}; {hint}")
+}

@@ -1,0 +1,276 @@
+//! Finding the root filesystem without libguestfs inspection (which costs ~10 s under TCG): mount
+//! each Linux filesystem read-only and keep those that hold an operating system's `/etc`. `/usr` and
+//! `/var`, when `/etc/fstab` puts them on filesystems of their own, are mounted too, since cloud-init's
+//! code and its instance state live there.
+
+use anyhow::{bail, Context, Result};
+
+use crate::guest::Guest;
+
+/// Filesystem types a Linux root can have.
+const ROOT_TYPES: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs"];
+
+/// An operating system root found in the image.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Root {
+    pub device: String,
+    pub fs_type: String,
+    /// `PRETTY_NAME` from os-release, when there is one.
+    pub os: Option<String>,
+}
+
+/// Every filesystem that holds an OS root.
+pub fn find_roots(guest: &Guest) -> Result<Vec<Root>> {
+    let mut roots = Vec::new();
+    for (device, fs_type) in guest.filesystems()? {
+        if !ROOT_TYPES.contains(&fs_type.as_str()) {
+            continue;
+        }
+        // A filesystem that will not mount (damaged, or a btrfs volume whose root is a subvolume
+        // listed separately) is simply not a root.
+        if guest.mount(&device, "/", true).is_err() {
+            continue;
+        }
+        let found = looks_like_root(guest);
+        let os = found.as_ref().ok().and_then(|_| os_name(guest));
+        guest.umount_all()?;
+        if found? {
+            roots.push(Root {
+                device,
+                fs_type,
+                os,
+            });
+        }
+    }
+    Ok(roots)
+}
+
+fn looks_like_root(guest: &Guest) -> Result<bool> {
+    Ok(guest.is_dir("/etc")?
+        && (guest.exists("/etc/os-release")?
+            || guest.exists("/etc/fstab")?
+            || guest.is_symlink("/etc/os-release")?))
+}
+
+fn os_name(guest: &Guest) -> Option<String> {
+    let text = ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .find_map(|p| guest.read_config_file(p).ok().flatten())?;
+    os_release_field(&String::from_utf8_lossy(&text), "PRETTY_NAME")
+}
+
+/// A field of an os-release file, unquoted.
+pub fn os_release_field(text: &str, field: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(field)?.strip_prefix('=')?;
+        Some(
+            value
+                .trim()
+                .trim_matches('"')
+                .trim_matches('\'')
+                .to_string(),
+        )
+    })
+}
+
+/// Picks the root: the only one, or the one the user named with `--root`.
+pub fn choose_root(roots: Vec<Root>, named: Option<&str>) -> Result<Root> {
+    let listing = || {
+        roots
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} ({}{})",
+                    r.device,
+                    r.fs_type,
+                    r.os.as_ref().map(|o| format!(", {o}")).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(named) = named {
+        return roots
+            .iter()
+            .find(|r| r.device == named)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "--root {named} is not an operating system root in this image; roots found: {}",
+                    if roots.is_empty() {
+                        "none".into()
+                    } else {
+                        listing()
+                    }
+                )
+            });
+    }
+    match roots.len() {
+        0 => bail!("no operating system found in the image (no Linux filesystem holds /etc)"),
+        1 => Ok(roots.into_iter().next().expect("one root")),
+        _ => bail!(
+            "the image holds several operating systems: {}; name one with --root DEVICE",
+            listing()
+        ),
+    }
+}
+
+/// Mounts the chosen root at `/`, then `/usr` and `/var` when fstab puts them elsewhere.
+pub fn mount_root(guest: &Guest, root: &Root, readonly: bool) -> Result<Vec<String>> {
+    guest.mount(&root.device, "/", readonly)?;
+    let mut notes = Vec::new();
+    let Some(fstab) = guest.read_config_file("/etc/fstab")? else {
+        return Ok(notes);
+    };
+    for entry in fstab_entries(&String::from_utf8_lossy(&fstab)) {
+        if !matches!(entry.mountpoint.as_str(), "/usr" | "/var") {
+            continue;
+        }
+        let device = match resolve_spec(guest, &entry.spec) {
+            Ok(d) => d,
+            Err(e) => {
+                notes.push(format!(
+                    "could not mount {} from /etc/fstab ({}): {e:#}",
+                    entry.mountpoint, entry.spec
+                ));
+                continue;
+            }
+        };
+        guest.mount(&device, &entry.mountpoint, readonly)?;
+    }
+    Ok(notes)
+}
+
+fn resolve_spec(guest: &Guest, spec: &str) -> Result<String> {
+    if let Some(uuid) = spec.strip_prefix("UUID=") {
+        guest.findfs_uuid(uuid.trim_matches('"'))
+    } else if let Some(label) = spec.strip_prefix("LABEL=") {
+        guest.findfs_label(label.trim_matches('"'))
+    } else if let Some(name) = spec.strip_prefix("/dev/mapper/") {
+        lvm_path_from_mapper(name).with_context(|| format!("{spec} is not an LVM volume name"))
+    } else if spec.starts_with("/dev/") && spec.matches('/').count() == 3 {
+        Ok(spec.to_string())
+    } else {
+        bail!("cloudimg cannot resolve `{spec}` inside the appliance")
+    }
+}
+
+/// `/dev/mapper/vg--name-lv` names `/dev/vg-name/lv` (a dash inside a name is doubled).
+fn lvm_path_from_mapper(name: &str) -> Option<String> {
+    let bytes = name.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1)) {
+            (b'-', Some(b'-')) => i += 2,
+            (b'-', _) => {
+                let (vg, lv) = (&name[..i], &name[i + 1..]);
+                return Some(format!(
+                    "/dev/{}/{}",
+                    vg.replace("--", "-"),
+                    lv.replace("--", "-")
+                ));
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// One line of /etc/fstab.
+#[derive(Debug, PartialEq)]
+pub struct FstabEntry {
+    pub spec: String,
+    pub mountpoint: String,
+}
+
+pub fn fstab_entries(text: &str) -> Vec<FstabEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split('#').next()?.trim();
+            let mut fields = line.split_whitespace();
+            Some(FstabEntry {
+                spec: fields.next()?.to_string(),
+                mountpoint: fields.next()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(device: &str) -> Root {
+        Root {
+            device: device.into(),
+            fs_type: "ext4".into(),
+            os: Some("Debian GNU/Linux 12 (bookworm)".into()),
+        }
+    }
+
+    #[test]
+    fn one_root_is_chosen_several_need_a_name() {
+        assert_eq!(
+            choose_root(vec![root("/dev/sda1")], None).unwrap().device,
+            "/dev/sda1"
+        );
+        let err = choose_root(vec![root("/dev/sda1"), root("/dev/sdb1")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/dev/sda1 (ext4, Debian GNU/Linux 12 (bookworm)), /dev/sdb1")
+                && err.contains("--root"),
+            "{err}"
+        );
+        assert_eq!(
+            choose_root(
+                vec![root("/dev/sda1"), root("/dev/sdb1")],
+                Some("/dev/sdb1")
+            )
+            .unwrap()
+            .device,
+            "/dev/sdb1"
+        );
+        assert!(choose_root(vec![root("/dev/sda1")], Some("/dev/sdz9")).is_err());
+        assert!(choose_root(vec![], None)
+            .unwrap_err()
+            .to_string()
+            .contains("no operating system"));
+    }
+
+    #[test]
+    fn fstab_lines_and_mapper_names_are_parsed() {
+        let entries = fstab_entries("# c\nUUID=ab-cd / ext4 defaults 0 1\n\n/dev/mapper/vg--data-var /var xfs defaults 0 0 # x\n");
+        assert_eq!(
+            entries,
+            vec![
+                FstabEntry {
+                    spec: "UUID=ab-cd".into(),
+                    mountpoint: "/".into()
+                },
+                FstabEntry {
+                    spec: "/dev/mapper/vg--data-var".into(),
+                    mountpoint: "/var".into()
+                },
+            ]
+        );
+        assert_eq!(
+            lvm_path_from_mapper("vg--data-var").as_deref(),
+            Some("/dev/vg-data/var")
+        );
+        assert_eq!(
+            lvm_path_from_mapper("rootvg-root").as_deref(),
+            Some("/dev/rootvg/root")
+        );
+        assert_eq!(
+            lvm_path_from_mapper("a--b-c--d").as_deref(),
+            Some("/dev/a-b/c-d")
+        );
+        assert_eq!(lvm_path_from_mapper("nodash"), None);
+        assert_eq!(
+            os_release_field("NAME=x\nPRETTY_NAME=\"Ubuntu 24.04 LTS\"\n", "PRETTY_NAME")
+                .as_deref(),
+            Some("Ubuntu 24.04 LTS")
+        );
+    }
+}
