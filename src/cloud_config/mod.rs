@@ -4,3 +4,10 @@ pub mod credentials;
 pub mod edit;
 pub mod merge;
 pub mod yaml11;
+
+/// cloud-init's main configuration file.
+pub const CLOUD_CFG: &str = "/etc/cloud/cloud.cfg";
+/// Its drop-in directory; files in it override `cloud.cfg`.
+pub const CLOUD_CFG_D: &str = "/etc/cloud/cloud.cfg.d";
+/// The drop-in `--drop-in` writes; `99-` so that it sorts after the usual distribution files.
+pub const DROP_IN: &str = "/etc/cloud/cloud.cfg.d/99-cloudimg.cfg";

@@ -1,0 +1,287 @@
+//! Whether the edit will really give a password login, judged on the files as they will be: every
+//! finding names what stands in the way and how to fix it.
+
+use crate::cloud_config::credentials::{self, CloudInitVersion, UserOutcome};
+use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::DROP_IN;
+use crate::sshd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The password login would not work: nothing is written unless the user insists.
+    Error,
+    Warning,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    pub message: String,
+    pub fix: String,
+}
+
+/// What the edit is meant to achieve.
+pub struct Intent<'a> {
+    pub user: &'a str,
+    /// Whether a stored password value stands for the requested password, and is of the requested kind.
+    pub is_ours: &'a dyn Fn(&credentials::Stored) -> bool,
+    pub expire: bool,
+    pub ssh_pwauth: Option<bool>,
+    /// The file cloudimg edits.
+    pub target: &'a str,
+}
+
+/// The image as the checks see it, after the edit.
+pub struct Image<'a> {
+    /// cloud-init's files from lowest to highest priority.
+    pub files: &'a [ConfigFile],
+    pub version: CloudInitVersion,
+    pub default_user: Option<&'a str>,
+    /// sshd's configuration files; `None` when the image has no `/etc/ssh/sshd_config`.
+    pub sshd: Option<&'a sshd::Files>,
+    pub booted_before: bool,
+}
+
+/// The effective configuration facts that reports show.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Effective {
+    #[serde(flatten)]
+    pub outcome: UserOutcome,
+    pub set_passwords_runs: bool,
+    pub sshd: Option<sshd::Decision>,
+}
+
+pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
+    let merged = merge::effective(image.files);
+    let outcome = credentials::outcome(&merged, image.version, intent.user, image.default_user);
+    let mut findings = Vec::new();
+    let overridden = |path: &[&str]| -> Option<String> {
+        merge::deciding_file(image.files, path)
+            .filter(|f| f.path != intent.target)
+            .map(|f| f.path.clone())
+    };
+    let fix_for = |culprit: &str, key: &str| {
+        if intent.target != DROP_IN && culprit < DROP_IN {
+            format!("use --drop-in, which writes {DROP_IN}, read after {culprit}")
+        } else {
+            format!("remove `{key}` from {culprit}")
+        }
+    };
+
+    match &outcome.password {
+        Some(stored) if (intent.is_ours)(stored) => {}
+        _ => {
+            let key = outcome.password_key.unwrap_or("password");
+            let path: Vec<&str> = key.split('.').collect();
+            let (message, fix) = match overridden(&path) {
+                Some(culprit) => (
+                    format!("cloud-init would not set this password: {culprit} sets `{key}`, which takes precedence"),
+                    fix_for(&culprit, key),
+                ),
+                None => (
+                    format!("cloud-init {} would not set this password for `{}` (it would use `{key}`)", image.version, intent.user),
+                    "report this image layout as a cloudimg bug".to_string(),
+                ),
+            };
+            findings.push(Finding {
+                severity: Severity::Error,
+                message,
+                fix,
+            });
+        }
+    }
+    if outcome.expire != intent.expire {
+        let culprit =
+            overridden(&["chpasswd", "expire"]).unwrap_or_else(|| intent.target.to_string());
+        findings.push(Finding {
+            severity: Severity::Error,
+            message: format!(
+                "{culprit} sets `chpasswd.expire: {}`, which wins over this edit",
+                outcome.expire
+            ),
+            fix: fix_for(&culprit, "chpasswd.expire"),
+        });
+    }
+    if let Some(wanted) = intent.ssh_pwauth {
+        if outcome.ssh_pwauth != Some(wanted) {
+            let culprit = overridden(&["ssh_pwauth"]).unwrap_or_else(|| intent.target.to_string());
+            findings.push(Finding {
+                severity: Severity::Error,
+                message: format!("{culprit} sets `ssh_pwauth`, which wins over this edit"),
+                fix: fix_for(&culprit, "ssh_pwauth"),
+            });
+        }
+    }
+    let set_passwords_runs = credentials::runs_set_passwords(&merged);
+    if !set_passwords_runs {
+        findings.push(Finding {
+            severity: Severity::Error,
+            message: "cloud-init's set_passwords module is in none of the module lists, so no password would be set".into(),
+            fix: "add `- set_passwords` to `cloud_config_modules` in /etc/cloud/cloud.cfg".into(),
+        });
+    }
+
+    let sshd_decision = image.sshd.map(|files| {
+        sshd::password_authentication(&sshd::after_cloud_init(
+            files,
+            outcome.ssh_pwauth,
+            image.version,
+        ))
+    });
+    match (&sshd_decision, intent.ssh_pwauth) {
+        (None, _) => findings.push(Finding {
+            severity: Severity::Warning,
+            message: format!("the image has no {}: the password will work on the console, not over SSH", sshd::MAIN_CONFIG),
+            fix: "install openssh-server in the image if you need SSH".into(),
+        }),
+        // When cloud-init itself would write `no`, the ssh_pwauth finding above already says why.
+        (Some(d), Some(true)) if !d.password_authentication && outcome.ssh_pwauth == Some(true) => findings.push(Finding {
+            severity: Severity::Error,
+            message: format!(
+                "sshd would still refuse passwords: {} sets PasswordAuthentication no and sshd reads it before the setting cloud-init {} writes",
+                d.set_by.as_deref().unwrap_or("its configuration"),
+                image.version
+            ),
+            fix: "remove that line from the image, or pass --ssh-pwauth unchanged to accept console-only password login".into(),
+        }),
+        (Some(d), None) if !d.password_authentication => findings.push(Finding {
+            severity: Severity::Warning,
+            message: format!(
+                "sshd refuses passwords ({} sets PasswordAuthentication no): the password will work on the console only",
+                d.set_by.as_deref().unwrap_or("its configuration")
+            ),
+            fix: "drop --ssh-pwauth unchanged to let cloud-init enable SSH password login".into(),
+        }),
+        _ => {}
+    }
+    if image.booted_before {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            message: "the image has been booted before (/var/lib/cloud holds instance state): cloud-init will not run set_passwords again for that same instance, only for new ones".into(),
+            fix: "pass --clean-instance-state to clear it, as `cloud-init clean` would".into(),
+        });
+    }
+    if outcome.password_key != Some("password")
+        && merged.get("password").is_some_and(|v| v.is_truthy())
+        && image.default_user == Some(intent.user)
+    {
+        let file = overridden(&["password"]).unwrap_or_else(|| intent.target.to_string());
+        findings.push(Finding {
+            severity: Severity::Warning,
+            message: format!("{file} still has a top-level `password`, which cloud-init ignores because `chpasswd` lists passwords"),
+            fix: format!("remove `password` from {file}"),
+        });
+    }
+    (
+        Effective {
+            outcome,
+            set_passwords_runs,
+            sshd: sshd_decision,
+        },
+        findings,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud_config::credentials::Stored;
+    use crate::cloud_config::yaml11::parse;
+
+    fn file(path: &str, text: &str) -> ConfigFile {
+        ConfigFile {
+            path: path.into(),
+            root: parse(text).unwrap().root,
+        }
+    }
+
+    const BASE: &str =
+        "cloud_config_modules: [set-passwords]\nsystem_info: {default_user: {name: debian}}\n";
+    const OURS: &str = "chpasswd:\n  expire: false\n  users:\n  - {name: debian, password: $6$s$h, type: hash}\nssh_pwauth: true\n";
+
+    fn run(
+        files: &[ConfigFile],
+        sshd_main: Option<&str>,
+        target: &str,
+    ) -> (Effective, Vec<Finding>) {
+        let sshd: Option<sshd::Files> =
+            sshd_main.map(|t| [(sshd::MAIN_CONFIG.to_string(), t.to_string())].into());
+        let is_ours = |s: &Stored| s == &Stored::Hash("$6$s$h".into());
+        let image = Image {
+            files,
+            version: "23.4".parse().unwrap(),
+            default_user: Some("debian"),
+            sshd: sshd.as_ref(),
+            booted_before: false,
+        };
+        let intent = Intent {
+            user: "debian",
+            is_ours: &is_ours,
+            expire: false,
+            ssh_pwauth: Some(true),
+            target,
+        };
+        check(&image, &intent)
+    }
+
+    #[test]
+    fn a_clean_edit_has_no_findings() {
+        let files = [file("/etc/cloud/cloud.cfg", &format!("{BASE}{OURS}"))];
+        let (effective, findings) = run(
+            &files,
+            Some("Include /etc/ssh/sshd_config.d/*.conf\n"),
+            "/etc/cloud/cloud.cfg",
+        );
+        assert_eq!(findings, vec![]);
+        assert_eq!(effective.outcome.password_kind, "hash");
+        assert!(effective.sshd.unwrap().password_authentication);
+    }
+
+    #[test]
+    fn a_later_drop_in_that_overrides_is_an_error_naming_it() {
+        let files = [
+            file("/etc/cloud/cloud.cfg", &format!("{BASE}{OURS}")),
+            file(
+                "/etc/cloud/cloud.cfg.d/50-lock.cfg",
+                "ssh_pwauth: false\nchpasswd: {expire: true}\n",
+            ),
+        ];
+        let (_, findings) = run(&files, Some(""), "/etc/cloud/cloud.cfg");
+        let errors: Vec<_> = findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.message.as_str())
+            .collect();
+        assert_eq!(errors.len(), 2, "{findings:?}");
+        assert!(errors.iter().all(|m| m.contains("50-lock.cfg")));
+        assert!(findings[0].fix.contains("--drop-in"));
+        let (_, findings) = run(&files, Some(""), DROP_IN);
+        assert!(
+            findings[0]
+                .fix
+                .contains("remove `chpasswd.expire` from /etc/cloud/cloud.cfg.d/50-lock.cfg"),
+            "{findings:?}"
+        );
+    }
+
+    #[test]
+    fn missing_module_sshd_refusal_and_no_sshd_are_reported() {
+        let files = [file(
+            "/etc/cloud/cloud.cfg",
+            &format!("system_info: {{default_user: {{name: debian}}}}\n{OURS}"),
+        )];
+        let (_, findings) = run(
+            &files,
+            Some("Include /etc/ssh/sshd_config.d/*.conf\n"),
+            "/etc/cloud/cloud.cfg",
+        );
+        assert!(findings
+            .iter()
+            .any(|f| f.message.contains("set_passwords module")));
+        let files = [file("/etc/cloud/cloud.cfg", &format!("{BASE}{OURS}"))];
+        let (_, findings) = run(&files, None, "/etc/cloud/cloud.cfg");
+        assert_eq!(findings.len(), 1);
+        assert_eq!(findings[0].severity, Severity::Warning);
+    }
+}

@@ -1,0 +1,205 @@
+//! Producing the output image: the edits go to a qcow2 overlay on top of the untouched input, and one
+//! `qemu-img convert` pass writes a standalone image to a temporary file beside the destination,
+//! which is flushed and renamed into place only when everything succeeded.
+
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cleanup;
+use crate::image_file::Format;
+
+/// Creates `overlay`, a qcow2 whose backing file is `input` with its format stated, so that neither
+/// qemu nor libguestfs probes it and the input is only ever opened read-only.
+pub fn create_overlay(input: &Path, format: Format, overlay: &Path) -> Result<()> {
+    let input =
+        std::path::absolute(input).with_context(|| format!("resolving {}", input.display()))?;
+    run_qemu_img(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
+            .arg(&input)
+            .arg(overlay),
+        "creating the working overlay",
+    )
+}
+
+/// Writes the overlay's contents (input plus edits) to `dest` as a standalone image.
+pub fn convert(overlay: &Path, format: Format, compress: bool, dest: &Path) -> Result<()> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-f", "qcow2", "-O", format.as_str()]);
+    if format == Format::Qcow2 {
+        cmd.args(["-o", "compat=1.1"]);
+        if compress {
+            cmd.arg("-c");
+        }
+    }
+    run_qemu_img(
+        cmd.arg(overlay).arg(dest),
+        &format!("writing the output image {}", dest.display()),
+    )
+}
+
+fn run_qemu_img(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("{what}: running qemu-img (is qemu-utils installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{what}: qemu-img failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A temporary file beside the destination that becomes the destination on [`Pending::commit`] and
+/// disappears otherwise (including on Ctrl-C, through [`cleanup`]).
+pub struct Pending {
+    temp: Option<tempfile::TempPath>,
+    dest: PathBuf,
+}
+
+impl Pending {
+    pub fn beside(dest: &Path) -> Result<Self> {
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = dest
+            .file_name()
+            .with_context(|| format!("{} names no file", dest.display()))?;
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{}.", name.to_string_lossy()))
+            .suffix(".cloudimg-partial")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?
+            .into_temp_path();
+        cleanup::register(&temp);
+        Ok(Pending {
+            temp: Some(temp),
+            dest: dest.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.temp.as_ref().expect("present until commit")
+    }
+
+    /// Flushes the file, gives it `mode` (and the owner of `like`, for in-place edits), and renames it
+    /// over the destination; `replace` allows an existing destination to be replaced.
+    pub fn commit(mut self, mode: u32, like: Option<&Path>, replace: bool) -> Result<()> {
+        let temp = self.temp.take().expect("present until commit");
+        let file = File::open(&temp).with_context(|| format!("opening {}", temp.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", temp.display()))?;
+        if let Some(like) = like {
+            let meta =
+                std::fs::metadata(like).with_context(|| format!("reading {}", like.display()))?;
+            std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
+                .with_context(|| format!("setting the owner of {}", temp.display()))?;
+        }
+        file.sync_all()
+            .with_context(|| format!("flushing {} to disk", temp.display()))?;
+        let dest = self.dest.clone();
+        let result = if replace {
+            temp.persist(&dest).map_err(|e| e.error)
+        } else {
+            persist_noclobber(temp, &dest)
+        };
+        result.with_context(|| format!("moving the finished image to {}", dest.display()))?;
+        cleanup::unregister(&self.dest);
+        if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("flushing directory {}", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn persist_noclobber(temp: tempfile::TempPath, dest: &Path) -> std::io::Result<()> {
+    // A hard link fails if the destination exists, which makes "keep an existing output" atomic.
+    std::fs::hard_link(&temp, dest)?;
+    drop(temp);
+    Ok(())
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(temp) = &self.temp {
+            cleanup::unregister(temp);
+        }
+    }
+}
+
+/// The mode a newly created file gets under the current umask (0666 & !umask).
+pub fn default_file_mode() -> u32 {
+    // SAFETY: umask(2) only swaps the process's mask; it is read and restored at once.
+    let mask = unsafe {
+        let old = libc::umask(0o022);
+        libc::umask(old);
+        old
+    };
+    0o666 & !(mask as u32)
+}
+
+/// Whether two paths are the same file (by device and inode when both exist, else by absolute path).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(ma), Ok(mb)) => ma.dev() == mb.dev() && ma.ino() == mb.ino(),
+        _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_keeps_an_existing_destination_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.img");
+        std::fs::write(&dest, b"old").unwrap();
+        let pending = Pending::beside(&dest).unwrap();
+        std::fs::write(pending.path(), b"new").unwrap();
+        assert!(pending.commit(0o644, None, false).is_err());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "the temporary file is gone"
+        );
+
+        let pending = Pending::beside(&dest).unwrap();
+        std::fs::write(pending.path(), b"new").unwrap();
+        pending.commit(0o640, None, true).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+    }
+
+    #[test]
+    fn a_dropped_pending_output_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let pending = Pending::beside(&dir.path().join("out.img")).unwrap();
+        std::fs::write(pending.path(), b"partial").unwrap();
+        drop(pending);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn same_file_sees_through_links_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"x").unwrap();
+        std::fs::hard_link(&a, dir.path().join("b")).unwrap();
+        assert!(same_file(&a, &dir.path().join("b")));
+        assert!(same_file(&a, &dir.path().join("./a")));
+        assert!(!same_file(&a, &dir.path().join("c")));
+    }
+}
