@@ -37,25 +37,14 @@ pub struct HostKvm {
 
 impl HostKvm {
     pub fn probe() -> Self {
-        let device_usable = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
-        let cpu_virtualization =
-            std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| cpu_flags_allow_kvm(&info));
-        HostKvm {
-            device_usable,
-            cpu_virtualization,
-        }
+        let device_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let cpu_virtualization = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| cpu_flags_allow_kvm(&info));
+        HostKvm { device_usable, cpu_virtualization }
     }
 }
 
 fn cpu_flags_allow_kvm(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
 /// Chooses the accelerator, with the reason when KVM was not chosen.
@@ -92,25 +81,14 @@ mod tests {
             (Requested::Tcg, true, true, Some(Accel::Tcg)),
         ];
         for (requested, device_usable, cpu_virtualization, expected) in table {
-            let host = HostKvm {
-                device_usable,
-                cpu_virtualization,
-            };
-            assert_eq!(
-                choose(requested, &host).ok().map(|(a, _)| a),
-                expected,
-                "{requested:?} {host:?}"
-            );
+            let host = HostKvm { device_usable, cpu_virtualization };
+            assert_eq!(choose(requested, &host).ok().map(|(a, _)| a), expected, "{requested:?} {host:?}");
         }
     }
 
     #[test]
     fn cpu_flags_are_read_from_cpuinfo() {
-        assert!(cpu_flags_allow_kvm(
-            "processor: 0\nflags\t\t: fpu vme vmx sse\n"
-        ));
-        assert!(!cpu_flags_allow_kvm(
-            "flags\t\t: fpu hypervisor sse\nmodel name: vmx-like\n"
-        ));
+        assert!(cpu_flags_allow_kvm("processor: 0\nflags\t\t: fpu vme vmx sse\n"));
+        assert!(!cpu_flags_allow_kvm("flags\t\t: fpu hypervisor sse\nmodel name: vmx-like\n"));
     }
 }

@@ -57,9 +57,7 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
     let outcome = credentials::outcome(&merged, image.version, intent.user, image.default_user);
     let mut findings = Vec::new();
     let overridden = |path: &[&str]| -> Option<String> {
-        merge::deciding_file(image.files, path)
-            .filter(|f| f.path != intent.target)
-            .map(|f| f.path.clone())
+        merge::deciding_file(image.files, path).filter(|f| f.path != intent.target).map(|f| f.path.clone())
     };
     let fix_for = |culprit: &str, key: &str| {
         if intent.target != DROP_IN && culprit < DROP_IN {
@@ -80,26 +78,21 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
                     fix_for(&culprit, key),
                 ),
                 None => (
-                    format!("cloud-init {} would not set this password for `{}` (it would use `{key}`)", image.version, intent.user),
+                    format!(
+                        "cloud-init {} would not set this password for `{}` (it would use `{key}`)",
+                        image.version, intent.user
+                    ),
                     "report this image layout as a cloudimg bug".to_string(),
                 ),
             };
-            findings.push(Finding {
-                severity: Severity::Error,
-                message,
-                fix,
-            });
+            findings.push(Finding { severity: Severity::Error, message, fix });
         }
     }
     if outcome.expire != intent.expire {
-        let culprit =
-            overridden(&["chpasswd", "expire"]).unwrap_or_else(|| intent.target.to_string());
+        let culprit = overridden(&["chpasswd", "expire"]).unwrap_or_else(|| intent.target.to_string());
         findings.push(Finding {
             severity: Severity::Error,
-            message: format!(
-                "{culprit} sets `chpasswd.expire: {}`, which wins over this edit",
-                outcome.expire
-            ),
+            message: format!("{culprit} sets `chpasswd.expire: {}`, which wins over this edit", outcome.expire),
             fix: fix_for(&culprit, "chpasswd.expire"),
         });
     }
@@ -117,18 +110,15 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
     if !set_passwords_runs {
         findings.push(Finding {
             severity: Severity::Error,
-            message: "cloud-init's set_passwords module is in none of the module lists, so no password would be set".into(),
+            message: "cloud-init's set_passwords module is in none of the module lists, so no password would be set"
+                .into(),
             fix: "add `- set_passwords` to `cloud_config_modules` in /etc/cloud/cloud.cfg".into(),
         });
     }
 
-    let sshd_decision = image.sshd.map(|files| {
-        sshd::password_authentication(&sshd::after_cloud_init(
-            files,
-            outcome.ssh_pwauth,
-            image.version,
-        ))
-    });
+    let sshd_decision = image
+        .sshd
+        .map(|files| sshd::password_authentication(&sshd::after_cloud_init(files, outcome.ssh_pwauth, image.version)));
     match (&sshd_decision, intent.ssh_pwauth) {
         (None, _) => findings.push(Finding {
             severity: Severity::Warning,
@@ -169,18 +159,13 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
         let file = overridden(&["password"]).unwrap_or_else(|| intent.target.to_string());
         findings.push(Finding {
             severity: Severity::Warning,
-            message: format!("{file} still has a top-level `password`, which cloud-init ignores because `chpasswd` lists passwords"),
+            message: format!(
+                "{file} still has a top-level `password`, which cloud-init ignores because `chpasswd` lists passwords"
+            ),
             fix: format!("remove `password` from {file}"),
         });
     }
-    (
-        Effective {
-            outcome,
-            set_passwords_runs,
-            sshd: sshd_decision,
-        },
-        findings,
-    )
+    (Effective { outcome, set_passwords_runs, sshd: sshd_decision }, findings)
 }
 
 #[cfg(test)]
@@ -190,23 +175,15 @@ mod tests {
     use crate::cloud_config::yaml11::parse;
 
     fn file(path: &str, text: &str) -> ConfigFile {
-        ConfigFile {
-            path: path.into(),
-            root: parse(text).unwrap().root,
-        }
+        ConfigFile { path: path.into(), root: parse(text).unwrap().root }
     }
 
-    const BASE: &str =
-        "cloud_config_modules: [set-passwords]\nsystem_info: {default_user: {name: debian}}\n";
-    const OURS: &str = "chpasswd:\n  expire: false\n  users:\n  - {name: debian, password: $6$s$h, type: hash}\nssh_pwauth: true\n";
+    const BASE: &str = "cloud_config_modules: [set-passwords]\nsystem_info: {default_user: {name: debian}}\n";
+    const OURS: &str =
+        "chpasswd:\n  expire: false\n  users:\n  - {name: debian, password: $6$s$h, type: hash}\nssh_pwauth: true\n";
 
-    fn run(
-        files: &[ConfigFile],
-        sshd_main: Option<&str>,
-        target: &str,
-    ) -> (Effective, Vec<Finding>) {
-        let sshd: Option<sshd::Files> =
-            sshd_main.map(|t| [(sshd::MAIN_CONFIG.to_string(), t.to_string())].into());
+    fn run(files: &[ConfigFile], sshd_main: Option<&str>, target: &str) -> (Effective, Vec<Finding>) {
+        let sshd: Option<sshd::Files> = sshd_main.map(|t| [(sshd::MAIN_CONFIG.to_string(), t.to_string())].into());
         let is_ours = |s: &Stored| s == &Stored::Hash("$6$s$h".into());
         let image = Image {
             files,
@@ -215,24 +192,15 @@ mod tests {
             sshd: sshd.as_ref(),
             booted_before: false,
         };
-        let intent = Intent {
-            user: "debian",
-            is_ours: &is_ours,
-            expire: false,
-            ssh_pwauth: Some(true),
-            target,
-        };
+        let intent = Intent { user: "debian", is_ours: &is_ours, expire: false, ssh_pwauth: Some(true), target };
         check(&image, &intent)
     }
 
     #[test]
     fn a_clean_edit_has_no_findings() {
         let files = [file("/etc/cloud/cloud.cfg", &format!("{BASE}{OURS}"))];
-        let (effective, findings) = run(
-            &files,
-            Some("Include /etc/ssh/sshd_config.d/*.conf\n"),
-            "/etc/cloud/cloud.cfg",
-        );
+        let (effective, findings) =
+            run(&files, Some("Include /etc/ssh/sshd_config.d/*.conf\n"), "/etc/cloud/cloud.cfg");
         assert_eq!(findings, vec![]);
         assert_eq!(effective.outcome.password_kind, "hash");
         assert!(effective.sshd.unwrap().password_authentication);
@@ -242,43 +210,26 @@ mod tests {
     fn a_later_drop_in_that_overrides_is_an_error_naming_it() {
         let files = [
             file("/etc/cloud/cloud.cfg", &format!("{BASE}{OURS}")),
-            file(
-                "/etc/cloud/cloud.cfg.d/50-lock.cfg",
-                "ssh_pwauth: false\nchpasswd: {expire: true}\n",
-            ),
+            file("/etc/cloud/cloud.cfg.d/50-lock.cfg", "ssh_pwauth: false\nchpasswd: {expire: true}\n"),
         ];
         let (_, findings) = run(&files, Some(""), "/etc/cloud/cloud.cfg");
-        let errors: Vec<_> = findings
-            .iter()
-            .filter(|f| f.severity == Severity::Error)
-            .map(|f| f.message.as_str())
-            .collect();
+        let errors: Vec<_> =
+            findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.message.as_str()).collect();
         assert_eq!(errors.len(), 2, "{findings:?}");
         assert!(errors.iter().all(|m| m.contains("50-lock.cfg")));
         assert!(findings[0].fix.contains("--drop-in"));
         let (_, findings) = run(&files, Some(""), DROP_IN);
         assert!(
-            findings[0]
-                .fix
-                .contains("remove `chpasswd.expire` from /etc/cloud/cloud.cfg.d/50-lock.cfg"),
+            findings[0].fix.contains("remove `chpasswd.expire` from /etc/cloud/cloud.cfg.d/50-lock.cfg"),
             "{findings:?}"
         );
     }
 
     #[test]
     fn missing_module_sshd_refusal_and_no_sshd_are_reported() {
-        let files = [file(
-            "/etc/cloud/cloud.cfg",
-            &format!("system_info: {{default_user: {{name: debian}}}}\n{OURS}"),
-        )];
-        let (_, findings) = run(
-            &files,
-            Some("Include /etc/ssh/sshd_config.d/*.conf\n"),
-            "/etc/cloud/cloud.cfg",
-        );
-        assert!(findings
-            .iter()
-            .any(|f| f.message.contains("set_passwords module")));
+        let files = [file("/etc/cloud/cloud.cfg", &format!("system_info: {{default_user: {{name: debian}}}}\n{OURS}"))];
+        let (_, findings) = run(&files, Some("Include /etc/ssh/sshd_config.d/*.conf\n"), "/etc/cloud/cloud.cfg");
+        assert!(findings.iter().any(|f| f.message.contains("set_passwords module")));
         let files = [file("/etc/cloud/cloud.cfg", &format!("{BASE}{OURS}"))];
         let (_, findings) = run(&files, None, "/etc/cloud/cloud.cfg");
         assert_eq!(findings.len(), 1);

@@ -25,18 +25,12 @@ pub fn install_signal_handler() {
 
 /// Registers a path (file or directory) that must not survive the process.
 pub fn register(path: &Path) {
-    TEMPORARIES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(path.to_path_buf());
+    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
 }
 
 /// Forgets a path once it has been removed or renamed into place.
 pub fn unregister(path: &Path) {
-    TEMPORARIES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|p| p != path);
+    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != path);
 }
 
 fn remove_temporaries() {
@@ -53,11 +47,7 @@ pub fn kill_children() {
         return;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -72,12 +62,7 @@ pub fn kill_children() {
 
 /// The parent pid from a `/proc/PID/stat` line; the command name may contain spaces and parentheses.
 fn parent_pid(stat: &str) -> Option<u32> {
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Kills the children if it is not disarmed within `limit`; the blocked call then fails and the caller
@@ -99,11 +84,7 @@ impl Watchdog {
                 kill_children();
             }
         });
-        Watchdog {
-            disarm: Some(disarm),
-            fired,
-            thread: Some(thread),
-        }
+        Watchdog { disarm: Some(disarm), fired, thread: Some(thread) }
     }
 
     pub fn fired(&self) -> bool {
@@ -133,10 +114,7 @@ mod tests {
 
     #[test]
     fn watchdog_kills_a_hanging_child_and_says_so() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let dog = Watchdog::arm(Duration::from_millis(200));
         let status = child.wait().unwrap();
         assert!(!status.success());

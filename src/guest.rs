@@ -21,11 +21,7 @@ fn gerr(err: guestfs::Error) -> anyhow::Error {
     let message = debug
         .split_once("message: \"")
         .and_then(|(_, rest)| rest.rsplit_once("\", errno:"))
-        .map(|(m, _)| {
-            m.replace("\\\"", "\"")
-                .replace("\\n", " ")
-                .replace("\\\\", "\\")
-        })
+        .map(|(m, _)| m.replace("\\\"", "\"").replace("\\n", " ").replace("\\\\", "\\"))
         .unwrap_or(debug);
     anyhow!("{}", message.trim())
 }
@@ -71,16 +67,12 @@ impl Guest {
         g.set_trace(false).map_err(gerr)?;
         g.set_verbose(opts.debug).map_err(gerr)?;
         g.set_network(false).map_err(gerr)?;
-        g.set_tmpdir(Some(&opts.tmpdir.to_string_lossy()))
-            .map_err(gerr)?;
+        g.set_tmpdir(Some(&opts.tmpdir.to_string_lossy())).map_err(gerr)?;
         if opts.accel == Accel::Tcg {
             g.set_backend_setting("force_tcg", "1").map_err(gerr)?;
         }
         for drive in drives {
-            let path = drive
-                .path
-                .to_str()
-                .with_context(|| format!("{} is not a UTF-8 path", drive.path.display()))?;
+            let path = drive.path.to_str().with_context(|| format!("{} is not a UTF-8 path", drive.path.display()))?;
             g.add_drive(
                 path,
                 AddDriveOptArgs {
@@ -101,10 +93,7 @@ impl Guest {
             .map_err(gerr)
             .with_context(|| format!("attaching {}", drive.path.display()))?;
         }
-        let guest = Guest {
-            g,
-            timeout: opts.timeout,
-        };
+        let guest = Guest { g, timeout: opts.timeout };
         guest
             .bounded("launching the libguestfs appliance", |g| g.launch())
             .map_err(|e| explain_launch_failure(e, opts))?;
@@ -112,37 +101,25 @@ impl Guest {
     }
 
     /// Runs one guest call under the watchdog, so that a hung appliance becomes an error.
-    fn bounded<T>(
-        &self,
-        what: &str,
-        call: impl FnOnce(&Handle) -> Result<T, guestfs::Error>,
-    ) -> Result<T> {
+    fn bounded<T>(&self, what: &str, call: impl FnOnce(&Handle) -> Result<T, guestfs::Error>) -> Result<T> {
         let dog = Watchdog::arm(self.timeout);
         let result = call(&self.g);
         if dog.fired() {
-            bail!(
-                "{what} did not finish within {} s and was stopped",
-                self.timeout.as_secs()
-            );
+            bail!("{what} did not finish within {} s and was stopped", self.timeout.as_secs());
         }
         result.map_err(gerr).context(what.to_string())
     }
 
     /// Filesystems by device, e.g. `("/dev/sda1", "ext4")`, sorted by device.
     pub fn filesystems(&self) -> Result<Vec<(String, String)>> {
-        let mut list: Vec<_> = self
-            .bounded("listing filesystems", |g| g.list_filesystems())?
-            .into_iter()
-            .collect();
+        let mut list: Vec<_> = self.bounded("listing filesystems", |g| g.list_filesystems())?.into_iter().collect();
         list.sort();
         Ok(list)
     }
 
     pub fn mount(&self, device: &str, mountpoint: &str, readonly: bool) -> Result<()> {
         let options = if readonly { "ro" } else { "" };
-        self.bounded(&format!("mounting {device} on {mountpoint}"), |g| {
-            g.mount_options(options, device, mountpoint)
-        })
+        self.bounded(&format!("mounting {device} on {mountpoint}"), |g| g.mount_options(options, device, mountpoint))
     }
 
     pub fn umount_all(&self) -> Result<()> {
@@ -150,25 +127,16 @@ impl Guest {
     }
 
     pub fn findfs_uuid(&self, uuid: &str) -> Result<String> {
-        self.bounded(&format!("finding the filesystem with UUID {uuid}"), |g| {
-            g.findfs_uuid(uuid)
-        })
+        self.bounded(&format!("finding the filesystem with UUID {uuid}"), |g| g.findfs_uuid(uuid))
     }
 
     pub fn findfs_label(&self, label: &str) -> Result<String> {
-        self.bounded(&format!("finding the filesystem labelled {label}"), |g| {
-            g.findfs_label(label)
-        })
+        self.bounded(&format!("finding the filesystem labelled {label}"), |g| g.findfs_label(label))
     }
 
     pub fn is_dir(&self, path: &str) -> Result<bool> {
         self.bounded(&format!("checking {path}"), |g| {
-            g.is_dir(
-                path,
-                guestfs::IsDirOptArgs {
-                    followsymlinks: Some(false),
-                },
-            )
+            g.is_dir(path, guestfs::IsDirOptArgs { followsymlinks: Some(false) })
         })
     }
 
@@ -183,12 +151,7 @@ impl Guest {
     /// Paths matching a glob inside the guest, sorted.
     pub fn glob(&self, pattern: &str) -> Result<Vec<String>> {
         let mut paths = self.bounded(&format!("listing {pattern}"), |g| {
-            g.glob_expand(
-                pattern,
-                GlobExpandOptArgs {
-                    directoryslash: Some(false),
-                },
-            )
+            g.glob_expand(pattern, GlobExpandOptArgs { directoryslash: Some(false) })
         })?;
         paths.sort();
         Ok(paths)
@@ -212,31 +175,19 @@ impl Guest {
             return Ok(None);
         }
         if self.is_symlink(path)? {
-            let target = self
-                .bounded(&format!("reading link {path}"), |g| g.readlink(path))
-                .unwrap_or_default();
+            let target = self.bounded(&format!("reading link {path}"), |g| g.readlink(path)).unwrap_or_default();
             bail!("{path} in the guest is a symbolic link (to `{target}`); cloudimg edits only regular files, replace it with a file first");
         }
-        if !self.bounded(&format!("checking {path}"), |g| {
-            g.is_file(
-                path,
-                IsFileOptArgs {
-                    followsymlinks: Some(false),
-                },
-            )
-        })? {
+        if !self
+            .bounded(&format!("checking {path}"), |g| g.is_file(path, IsFileOptArgs { followsymlinks: Some(false) }))?
+        {
             bail!("{path} in the guest is not a regular file");
         }
-        let size = self
-            .bounded(&format!("checking {path}"), |g| g.lstatns(path))?
-            .st_size;
+        let size = self.bounded(&format!("checking {path}"), |g| g.lstatns(path))?.st_size;
         if size > MAX_CONFIG_FILE {
             bail!("{path} in the guest is {size} bytes, larger than the {MAX_CONFIG_FILE} bytes a configuration file may have");
         }
-        self.bounded(&format!("reading {path} in the guest"), |g| {
-            g.read_file(path)
-        })
-        .map(Some)
+        self.bounded(&format!("reading {path} in the guest"), |g| g.read_file(path)).map(Some)
     }
 
     /// Replaces (or creates) `path` with `content` through a temporary file in the same directory and a
@@ -245,61 +196,35 @@ impl Guest {
     pub fn replace_file(&self, path: &str, content: &[u8], like: &str) -> Result<()> {
         let attrs = match self.attributes(path)? {
             Some(a) => a,
-            None => self.attributes(like)?.unwrap_or(Attributes {
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                selinux: None,
-            }),
+            None => self.attributes(like)?.unwrap_or(Attributes { mode: 0o644, uid: 0, gid: 0, selinux: None }),
         };
-        let dir = path
-            .rsplit_once('/')
-            .map(|(d, _)| if d.is_empty() { "/" } else { d })
-            .unwrap_or("/");
+        let dir = path.rsplit_once('/').map(|(d, _)| if d.is_empty() { "/" } else { d }).unwrap_or("/");
         self.bounded(&format!("creating {dir} in the guest"), |g| g.mkdir_p(dir))?;
         let temp = format!("{dir}/.cloudimg-new");
-        self.bounded(&format!("writing {temp} in the guest"), |g| {
-            g.write(&temp, content)
-        })?;
-        self.bounded(&format!("setting the owner of {temp}"), |g| {
-            g.chown(attrs.uid as i32, attrs.gid as i32, &temp)
-        })?;
-        self.bounded(&format!("setting the mode of {temp}"), |g| {
-            g.chmod((attrs.mode & 0o7777) as i32, &temp)
-        })?;
+        self.bounded(&format!("writing {temp} in the guest"), |g| g.write(&temp, content))?;
+        self.bounded(&format!("setting the owner of {temp}"), |g| g.chown(attrs.uid as i32, attrs.gid as i32, &temp))?;
+        self.bounded(&format!("setting the mode of {temp}"), |g| g.chmod((attrs.mode & 0o7777) as i32, &temp))?;
         if let Some(label) = &attrs.selinux {
             self.bounded(&format!("setting the SELinux label of {temp}"), |g| {
                 g.lsetxattr("security.selinux", label, label.len() as i32, &temp)
             })?;
         }
-        self.bounded(&format!("renaming {temp} to {path} in the guest"), |g| {
-            g.rename(&temp, path)
-        })
+        self.bounded(&format!("renaming {temp} to {path} in the guest"), |g| g.rename(&temp, path))
     }
 
     fn attributes(&self, path: &str) -> Result<Option<Attributes>> {
         if !self.exists(path)? {
             return Ok(None);
         }
-        let st = self.bounded(&format!("reading the attributes of {path}"), |g| {
-            g.lstatns(path)
-        })?;
+        let st = self.bounded(&format!("reading the attributes of {path}"), |g| g.lstatns(path))?;
+        // Listing all attributes, rather than asking for the one, keeps a missing label from being an error.
         let selinux = self
-            .g
-            .lgetxattr(path, "security.selinux")
-            .ok()
-            .map(|raw| {
-                String::from_utf8_lossy(&raw)
-                    .trim_end_matches('\0')
-                    .to_string()
-            })
+            .bounded(&format!("reading the extended attributes of {path}"), |g| g.lgetxattrs(path))?
+            .into_iter()
+            .find(|x| x.attrname == "security.selinux")
+            .map(|x| String::from_utf8_lossy(&x.attrval).trim_end_matches('\0').to_string())
             .filter(|l| !l.is_empty());
-        Ok(Some(Attributes {
-            mode: st.st_mode,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            selinux,
-        }))
+        Ok(Some(Attributes { mode: st.st_mode, uid: st.st_uid, gid: st.st_gid, selinux }))
     }
 
     pub fn remove_tree(&self, path: &str) -> Result<()> {
@@ -309,10 +234,7 @@ impl Guest {
     /// Unmounts, then shuts the appliance down and checks that it flushed every write.
     pub fn shutdown(self) -> Result<()> {
         self.umount_all()?;
-        self.bounded(
-            "shutting the appliance down (flushing writes to the disk)",
-            |g| g.shutdown(),
-        )
+        self.bounded("shutting the appliance down (flushing writes to the disk)", |g| g.shutdown())
     }
 }
 

@@ -61,10 +61,7 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
         bail!("{} is a directory, not a disk image", path.display());
     }
     if file_type.is_char_device() || file_type.is_fifo() || file_type.is_socket() {
-        bail!(
-            "{} is a device, pipe or socket, not a disk image file",
-            path.display()
-        );
+        bail!("{} is a device, pipe or socket, not a disk image file", path.display());
     }
     let mut head = Vec::with_capacity(HEADER_READ);
     File::open(path)
@@ -72,11 +69,7 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
         .take(HEADER_READ as u64)
         .read_to_end(&mut head)
         .with_context(|| format!("reading {}", path.display()))?;
-    let size = if file_type.is_block_device() {
-        head.len() as u64
-    } else {
-        meta.len()
-    };
+    let size = if file_type.is_block_device() { head.len() as u64 } else { meta.len() };
     classify(&head, size).with_context(|| format!("{} cannot be used", path.display()))
 }
 
@@ -89,7 +82,10 @@ pub fn classify(head: &[u8], file_size: u64) -> Result<ImageInfo> {
         return qcow2(head, file_size);
     }
     if let Some(name) = foreign_format(head) {
-        bail!("it is a {name} image; convert it first, e.g. `qemu-img convert -f {} -O qcow2 IN OUT.qcow2`", name.to_lowercase());
+        bail!(
+            "it is a {name} image; convert it first, e.g. `qemu-img convert -f {} -O qcow2 IN OUT.qcow2`",
+            name.to_lowercase()
+        );
     }
     raw(head, file_size)
 }
@@ -134,10 +130,8 @@ fn qcow2(h: &[u8], file_size: u64) -> Result<ImageInfo> {
     let refcount_offset = be64(h, 48).ok_or_else(truncated)?;
     let refcount_clusters = u64::from(be32(h, 56).ok_or_else(truncated)?);
     let cluster_size = 1u64 << cluster_bits;
-    let within =
-        |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= file_size);
-    if !within(l1_offset, l1_size * 8) || !within(refcount_offset, refcount_clusters * cluster_size)
-    {
+    let within = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= file_size);
+    if !within(l1_offset, l1_size * 8) || !within(refcount_offset, refcount_clusters * cluster_size) {
         bail!("the file is truncated: its qcow2 tables point beyond its end ({file_size} bytes)");
     }
     if version == 3 {
@@ -150,17 +144,10 @@ fn qcow2(h: &[u8], file_size: u64) -> Result<ImageInfo> {
         }
         let unknown = incompatible & !QCOW2_KNOWN_INCOMPATIBLE;
         if unknown != 0 {
-            bail!(
-                "the qcow2 uses incompatible features this tool does not know (bits {unknown:#x})"
-            );
+            bail!("the qcow2 uses incompatible features this tool does not know (bits {unknown:#x})");
         }
     }
-    Ok(ImageInfo {
-        format: Format::Qcow2,
-        virtual_size,
-        file_size,
-        qcow2_version: Some(version),
-    })
+    Ok(ImageInfo { format: Format::Qcow2, virtual_size, file_size, qcow2_version: Some(version) })
 }
 
 fn has_data_file_extension(h: &[u8]) -> bool {
@@ -202,23 +189,12 @@ fn foreign_format(h: &[u8]) -> Option<&'static str> {
 const SECTOR: u64 = 512;
 
 fn raw(h: &[u8], file_size: u64) -> Result<ImageInfo> {
-    let info = ImageInfo {
-        format: Format::Raw,
-        virtual_size: file_size,
-        file_size,
-        qcow2_version: None,
-    };
+    let info = ImageInfo { format: Format::Raw, virtual_size: file_size, file_size, qcow2_version: None };
     let mbr_signature = h.get(510..512) == Some(&[0x55, 0xaa]);
     if h.get(512..520) == Some(b"EFI PART") {
         let alternate_lba = u64::from_le_bytes(h[512 + 32..512 + 40].try_into().expect("8 bytes"));
-        let last_usable_lba =
-            u64::from_le_bytes(h[512 + 48..512 + 56].try_into().expect("8 bytes"));
-        if last_usable_lba
-            .max(alternate_lba)
-            .saturating_add(1)
-            .saturating_mul(SECTOR)
-            > file_size
-        {
+        let last_usable_lba = u64::from_le_bytes(h[512 + 48..512 + 56].try_into().expect("8 bytes"));
+        if last_usable_lba.max(alternate_lba).saturating_add(1).saturating_mul(SECTOR) > file_size {
             bail!("the file is truncated: its GPT partition table describes a disk larger than the file ({file_size} bytes)");
         }
         return Ok(info);
@@ -286,10 +262,7 @@ mod tests {
     #[test]
     fn a_plain_qcow2_is_accepted() {
         let info = classify(&qcow2_header(3), 0x40000).unwrap();
-        assert_eq!(
-            (info.format, info.virtual_size, info.qcow2_version),
-            (Format::Qcow2, 1 << 30, Some(3))
-        );
+        assert_eq!((info.format, info.virtual_size, info.qcow2_version), (Format::Qcow2, 1 << 30, Some(3)));
     }
 
     #[test]

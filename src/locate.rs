@@ -35,11 +35,7 @@ pub fn find_roots(guest: &Guest) -> Result<Vec<Root>> {
         let os = found.as_ref().ok().and_then(|_| os_name(guest));
         guest.umount_all()?;
         if found? {
-            roots.push(Root {
-                device,
-                fs_type,
-                os,
-            });
+            roots.push(Root { device, fs_type, os });
         }
     }
     Ok(roots)
@@ -47,15 +43,12 @@ pub fn find_roots(guest: &Guest) -> Result<Vec<Root>> {
 
 fn looks_like_root(guest: &Guest) -> Result<bool> {
     Ok(guest.is_dir("/etc")?
-        && (guest.exists("/etc/os-release")?
-            || guest.exists("/etc/fstab")?
-            || guest.is_symlink("/etc/os-release")?))
+        && (guest.exists("/etc/os-release")? || guest.exists("/etc/fstab")? || guest.is_symlink("/etc/os-release")?))
 }
 
 fn os_name(guest: &Guest) -> Option<String> {
-    let text = ["/etc/os-release", "/usr/lib/os-release"]
-        .iter()
-        .find_map(|p| guest.read_config_file(p).ok().flatten())?;
+    let text =
+        ["/etc/os-release", "/usr/lib/os-release"].iter().find_map(|p| guest.read_config_file(p).ok().flatten())?;
     os_release_field(&String::from_utf8_lossy(&text), "PRETTY_NAME")
 }
 
@@ -63,13 +56,7 @@ fn os_name(guest: &Guest) -> Option<String> {
 pub fn os_release_field(text: &str, field: &str) -> Option<String> {
     text.lines().find_map(|line| {
         let value = line.strip_prefix(field)?.strip_prefix('=')?;
-        Some(
-            value
-                .trim()
-                .trim_matches('"')
-                .trim_matches('\'')
-                .to_string(),
-        )
+        Some(value.trim().trim_matches('"').trim_matches('\'').to_string())
     })
 }
 
@@ -79,39 +66,23 @@ pub fn choose_root(roots: Vec<Root>, named: Option<&str>) -> Result<Root> {
         roots
             .iter()
             .map(|r| {
-                format!(
-                    "{} ({}{})",
-                    r.device,
-                    r.fs_type,
-                    r.os.as_ref().map(|o| format!(", {o}")).unwrap_or_default()
-                )
+                format!("{} ({}{})", r.device, r.fs_type, r.os.as_ref().map(|o| format!(", {o}")).unwrap_or_default())
             })
             .collect::<Vec<_>>()
             .join(", ")
     };
     if let Some(named) = named {
-        return roots
-            .iter()
-            .find(|r| r.device == named)
-            .cloned()
-            .with_context(|| {
-                format!(
-                    "--root {named} is not an operating system root in this image; roots found: {}",
-                    if roots.is_empty() {
-                        "none".into()
-                    } else {
-                        listing()
-                    }
-                )
-            });
+        return roots.iter().find(|r| r.device == named).cloned().with_context(|| {
+            format!(
+                "--root {named} is not an operating system root in this image; roots found: {}",
+                if roots.is_empty() { "none".into() } else { listing() }
+            )
+        });
     }
     match roots.len() {
         0 => bail!("no operating system found in the image (no Linux filesystem holds /etc)"),
         1 => Ok(roots.into_iter().next().expect("one root")),
-        _ => bail!(
-            "the image holds several operating systems: {}; name one with --root DEVICE",
-            listing()
-        ),
+        _ => bail!("the image holds several operating systems: {}; name one with --root DEVICE", listing()),
     }
 }
 
@@ -129,10 +100,7 @@ pub fn mount_root(guest: &Guest, root: &Root, readonly: bool) -> Result<Vec<Stri
         let device = match resolve_spec(guest, &entry.spec) {
             Ok(d) => d,
             Err(e) => {
-                notes.push(format!(
-                    "could not mount {} from /etc/fstab ({}): {e:#}",
-                    entry.mountpoint, entry.spec
-                ));
+                notes.push(format!("could not mount {} from /etc/fstab ({}): {e:#}", entry.mountpoint, entry.spec));
                 continue;
             }
         };
@@ -164,11 +132,7 @@ fn lvm_path_from_mapper(name: &str) -> Option<String> {
             (b'-', Some(b'-')) => i += 2,
             (b'-', _) => {
                 let (vg, lv) = (&name[..i], &name[i + 1..]);
-                return Some(format!(
-                    "/dev/{}/{}",
-                    vg.replace("--", "-"),
-                    lv.replace("--", "-")
-                ));
+                return Some(format!("/dev/{}/{}", vg.replace("--", "-"), lv.replace("--", "-")));
             }
             _ => i += 1,
         }
@@ -188,10 +152,7 @@ pub fn fstab_entries(text: &str) -> Vec<FstabEntry> {
         .filter_map(|line| {
             let line = line.split('#').next()?.trim();
             let mut fields = line.split_whitespace();
-            Some(FstabEntry {
-                spec: fields.next()?.to_string(),
-                mountpoint: fields.next()?.to_string(),
-            })
+            Some(FstabEntry { spec: fields.next()?.to_string(), mountpoint: fields.next()?.to_string() })
         })
         .collect()
 }
@@ -201,75 +162,43 @@ mod tests {
     use super::*;
 
     fn root(device: &str) -> Root {
-        Root {
-            device: device.into(),
-            fs_type: "ext4".into(),
-            os: Some("Debian GNU/Linux 12 (bookworm)".into()),
-        }
+        Root { device: device.into(), fs_type: "ext4".into(), os: Some("Debian GNU/Linux 12 (bookworm)".into()) }
     }
 
     #[test]
     fn one_root_is_chosen_several_need_a_name() {
-        assert_eq!(
-            choose_root(vec![root("/dev/sda1")], None).unwrap().device,
-            "/dev/sda1"
-        );
-        let err = choose_root(vec![root("/dev/sda1"), root("/dev/sdb1")], None)
-            .unwrap_err()
-            .to_string();
+        assert_eq!(choose_root(vec![root("/dev/sda1")], None).unwrap().device, "/dev/sda1");
+        let err = choose_root(vec![root("/dev/sda1"), root("/dev/sdb1")], None).unwrap_err().to_string();
         assert!(
-            err.contains("/dev/sda1 (ext4, Debian GNU/Linux 12 (bookworm)), /dev/sdb1")
-                && err.contains("--root"),
+            err.contains("/dev/sda1 (ext4, Debian GNU/Linux 12 (bookworm)), /dev/sdb1") && err.contains("--root"),
             "{err}"
         );
         assert_eq!(
-            choose_root(
-                vec![root("/dev/sda1"), root("/dev/sdb1")],
-                Some("/dev/sdb1")
-            )
-            .unwrap()
-            .device,
+            choose_root(vec![root("/dev/sda1"), root("/dev/sdb1")], Some("/dev/sdb1")).unwrap().device,
             "/dev/sdb1"
         );
         assert!(choose_root(vec![root("/dev/sda1")], Some("/dev/sdz9")).is_err());
-        assert!(choose_root(vec![], None)
-            .unwrap_err()
-            .to_string()
-            .contains("no operating system"));
+        assert!(choose_root(vec![], None).unwrap_err().to_string().contains("no operating system"));
     }
 
     #[test]
     fn fstab_lines_and_mapper_names_are_parsed() {
-        let entries = fstab_entries("# c\nUUID=ab-cd / ext4 defaults 0 1\n\n/dev/mapper/vg--data-var /var xfs defaults 0 0 # x\n");
+        let entries = fstab_entries(
+            "# c\nUUID=ab-cd / ext4 defaults 0 1\n\n/dev/mapper/vg--data-var /var xfs defaults 0 0 # x\n",
+        );
         assert_eq!(
             entries,
             vec![
-                FstabEntry {
-                    spec: "UUID=ab-cd".into(),
-                    mountpoint: "/".into()
-                },
-                FstabEntry {
-                    spec: "/dev/mapper/vg--data-var".into(),
-                    mountpoint: "/var".into()
-                },
+                FstabEntry { spec: "UUID=ab-cd".into(), mountpoint: "/".into() },
+                FstabEntry { spec: "/dev/mapper/vg--data-var".into(), mountpoint: "/var".into() },
             ]
         );
-        assert_eq!(
-            lvm_path_from_mapper("vg--data-var").as_deref(),
-            Some("/dev/vg-data/var")
-        );
-        assert_eq!(
-            lvm_path_from_mapper("rootvg-root").as_deref(),
-            Some("/dev/rootvg/root")
-        );
-        assert_eq!(
-            lvm_path_from_mapper("a--b-c--d").as_deref(),
-            Some("/dev/a-b/c-d")
-        );
+        assert_eq!(lvm_path_from_mapper("vg--data-var").as_deref(), Some("/dev/vg-data/var"));
+        assert_eq!(lvm_path_from_mapper("rootvg-root").as_deref(), Some("/dev/rootvg/root"));
+        assert_eq!(lvm_path_from_mapper("a--b-c--d").as_deref(), Some("/dev/a-b/c-d"));
         assert_eq!(lvm_path_from_mapper("nodash"), None);
         assert_eq!(
-            os_release_field("NAME=x\nPRETTY_NAME=\"Ubuntu 24.04 LTS\"\n", "PRETTY_NAME")
-                .as_deref(),
+            os_release_field("NAME=x\nPRETTY_NAME=\"Ubuntu 24.04 LTS\"\n", "PRETTY_NAME").as_deref(),
             Some("Ubuntu 24.04 LTS")
         );
     }

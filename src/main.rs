@@ -1,1 +1,70 @@
-fn main() {}
+//! The `cloudimg` binary: parse, run, report. Everything else is in the library.
+
+use std::io::Write;
+
+use clap::Parser;
+
+use cloudimg::cli::{Cli, Command};
+use cloudimg::customize;
+use cloudimg::exit_codes;
+use cloudimg::report::Reporter;
+use cloudimg::settings::{Customize, Verbosity};
+
+fn main() {
+    let cli = Cli::parse();
+    cloudimg::cleanup::install_signal_handler();
+    let code = match cli.command {
+        Command::Customize(args) => run_customize(args),
+    };
+    std::process::exit(code);
+}
+
+fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
+    let settings = match Customize::from_args(args) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let report = Reporter::new(settings.verbosity, settings.json);
+    match customize::run(&settings, &report) {
+        Ok((summary, diff)) => {
+            if settings.json {
+                let mut out = std::io::stdout().lock();
+                let _ = serde_json::to_writer_pretty(&mut out, &summary);
+                let _ = writeln!(out);
+            } else if settings.verbosity > Verbosity::Quiet {
+                print_summary(&summary, diff.as_deref());
+            }
+            exit_codes::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn print_summary(summary: &customize::Summary, diff: Option<&str>) {
+    let e = &summary.effective;
+    if summary.dry_run {
+        match diff {
+            Some(d) if !d.is_empty() => print!("{d}"),
+            _ => println!("{} already has these settings; nothing would change.", summary.file),
+        }
+    } else if !summary.changed {
+        println!("{} already had these settings; the output has the same configuration.", summary.file);
+    }
+    println!(
+        "user {}: password ({}) via {}, expire {}, ssh_pwauth {}, sshd PasswordAuthentication {}",
+        summary.user,
+        e.outcome.password_kind,
+        summary.form.describe(),
+        e.outcome.expire,
+        e.outcome.ssh_pwauth.map_or("unchanged".to_string(), |b| b.to_string()),
+        e.sshd.as_ref().map_or("n/a (no sshd)", |d| if d.password_authentication { "yes" } else { "no" }),
+    );
+    if let Some(output) = &summary.output {
+        println!("Wrote {} in {:.1} s.", output.display(), summary.elapsed_seconds);
+    }
+}
+
+fn fail(error: &anyhow::Error) -> i32 {
+    eprintln!("cloudimg: error: {error:#}");
+    exit_codes::code_of(error)
+}

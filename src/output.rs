@@ -15,8 +15,7 @@ use crate::image_file::Format;
 /// Creates `overlay`, a qcow2 whose backing file is `input` with its format stated, so that neither
 /// qemu nor libguestfs probes it and the input is only ever opened read-only.
 pub fn create_overlay(input: &Path, format: Format, overlay: &Path) -> Result<()> {
-    let input =
-        std::path::absolute(input).with_context(|| format!("resolving {}", input.display()))?;
+    let input = std::path::absolute(input).with_context(|| format!("resolving {}", input.display()))?;
     run_qemu_img(
         Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
@@ -36,21 +35,13 @@ pub fn convert(overlay: &Path, format: Format, compress: bool, dest: &Path) -> R
             cmd.arg("-c");
         }
     }
-    run_qemu_img(
-        cmd.arg(overlay).arg(dest),
-        &format!("writing the output image {}", dest.display()),
-    )
+    run_qemu_img(cmd.arg(overlay).arg(dest), &format!("writing the output image {}", dest.display()))
 }
 
 fn run_qemu_img(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("{what}: running qemu-img (is qemu-utils installed?)"))?;
+    let out = cmd.output().with_context(|| format!("{what}: running qemu-img (is qemu-utils installed?)"))?;
     if !out.status.success() {
-        bail!(
-            "{what}: qemu-img failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{what}: qemu-img failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -68,9 +59,7 @@ impl Pending {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let name = dest
-            .file_name()
-            .with_context(|| format!("{} names no file", dest.display()))?;
+        let name = dest.file_name().with_context(|| format!("{} names no file", dest.display()))?;
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{}.", name.to_string_lossy()))
             .suffix(".cloudimg-partial")
@@ -78,10 +67,7 @@ impl Pending {
             .with_context(|| format!("creating a temporary file in {}", dir.display()))?
             .into_temp_path();
         cleanup::register(&temp);
-        Ok(Pending {
-            temp: Some(temp),
-            dest: dest.to_path_buf(),
-        })
+        Ok(Pending { temp: Some(temp), dest: dest.to_path_buf() })
     }
 
     pub fn path(&self) -> &Path {
@@ -96,19 +82,13 @@ impl Pending {
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("setting the mode of {}", temp.display()))?;
         if let Some(like) = like {
-            let meta =
-                std::fs::metadata(like).with_context(|| format!("reading {}", like.display()))?;
+            let meta = std::fs::metadata(like).with_context(|| format!("reading {}", like.display()))?;
             std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
                 .with_context(|| format!("setting the owner of {}", temp.display()))?;
         }
-        file.sync_all()
-            .with_context(|| format!("flushing {} to disk", temp.display()))?;
+        file.sync_all().with_context(|| format!("flushing {} to disk", temp.display()))?;
         let dest = self.dest.clone();
-        let result = if replace {
-            temp.persist(&dest).map_err(|e| e.error)
-        } else {
-            persist_noclobber(temp, &dest)
-        };
+        let result = if replace { temp.persist(&dest).map_err(|e| e.error) } else { persist_noclobber(temp, &dest) };
         result.with_context(|| format!("moving the finished image to {}", dest.display()))?;
         cleanup::unregister(&self.dest);
         if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -167,20 +147,13 @@ mod tests {
         std::fs::write(pending.path(), b"new").unwrap();
         assert!(pending.commit(0o644, None, false).is_err());
         assert_eq!(std::fs::read(&dest).unwrap(), b"old");
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "the temporary file is gone"
-        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "the temporary file is gone");
 
         let pending = Pending::beside(&dest).unwrap();
         std::fs::write(pending.path(), b"new").unwrap();
         pending.commit(0o640, None, true).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"new");
-        assert_eq!(
-            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
-            0o640
-        );
+        assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o640);
     }
 
     #[test]

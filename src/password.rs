@@ -53,8 +53,8 @@ impl Source {
     pub fn read(&self) -> Result<Secret> {
         match self {
             Source::File(path) => {
-                let file = std::fs::File::open(path)
-                    .with_context(|| format!("opening password file {}", path.display()))?;
+                let file =
+                    std::fs::File::open(path).with_context(|| format!("opening password file {}", path.display()))?;
                 first_line(std::io::BufReader::new(file))
                     .with_context(|| format!("reading password file {}", path.display()))
             }
@@ -62,8 +62,7 @@ impl Source {
                 rpassword::prompt_password("Password for the image: ")
                     .context("reading the password from the terminal")?,
             ),
-            Source::Stdin => first_line(std::io::stdin().lock())
-                .context("reading the password from standard input"),
+            Source::Stdin => first_line(std::io::stdin().lock()).context("reading the password from standard input"),
             Source::Random { .. } => Ok(random_password()),
             Source::Visible(secret) => Ok(secret.clone()),
         }
@@ -72,9 +71,7 @@ impl Source {
 
 fn first_line(mut reader: impl BufRead) -> Result<Secret> {
     let mut line = String::new();
-    reader
-        .read_line(&mut line)
-        .context("the password must be UTF-8 text")?;
+    reader.read_line(&mut line).context("the password must be UTF-8 text")?;
     let line = line.strip_suffix('\n').unwrap_or(&line);
     let line = line.strip_suffix('\r').unwrap_or(line);
     Secret::new(line.to_string())
@@ -102,12 +99,7 @@ pub fn save_random(secret: &Secret, path: &Path) -> Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| {
-            format!(
-                "creating password file {} (it must not exist yet)",
-                path.display()
-            )
-        })?;
+        .with_context(|| format!("creating password file {} (it must not exist yet)", path.display()))?;
     writeln!(file, "{}", secret.expose())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing password file {}", path.display()))
@@ -132,11 +124,8 @@ pub fn matches(secret: &Secret, stored: &str) -> bool {
     if !stored.starts_with("$5$") && !stored.starts_with("$6$") {
         return stored == secret.expose();
     }
-    sha_crypt::PasswordHashRef::new(stored).is_ok_and(|hash| {
-        ShaCrypt::default()
-            .verify_password(secret.expose().as_bytes(), hash)
-            .is_ok()
-    })
+    sha_crypt::PasswordHashRef::new(stored)
+        .is_ok_and(|hash| ShaCrypt::default().verify_password(secret.expose().as_bytes(), hash).is_ok())
 }
 
 #[cfg(test)]
@@ -194,10 +183,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pw");
         save_random(&random_password(), &path).unwrap();
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(save_random(&random_password(), &path).is_err());
     }
 }

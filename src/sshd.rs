@@ -33,10 +33,7 @@ pub fn password_authentication(files: &Files) -> Decision {
             password_authentication: value.eq_ignore_ascii_case("yes"),
             set_by: Some(set_by),
         })
-        .unwrap_or(Decision {
-            password_authentication: true,
-            set_by: None,
-        })
+        .unwrap_or(Decision { password_authentication: true, set_by: None })
 }
 
 fn first_value(files: &Files, path: &str, option: &str, depth: usize) -> Option<(String, String)> {
@@ -52,11 +49,8 @@ fn first_value(files: &Files, path: &str, option: &str, depth: usize) -> Option<
             "match" => return None,
             "include" => {
                 for pattern in args.split_whitespace() {
-                    let pattern = if pattern.starts_with('/') {
-                        pattern.to_string()
-                    } else {
-                        format!("/etc/ssh/{pattern}")
-                    };
+                    let pattern =
+                        if pattern.starts_with('/') { pattern.to_string() } else { format!("/etc/ssh/{pattern}") };
                     let Ok(glob) = glob::Pattern::new(&pattern) else {
                         continue;
                     };
@@ -84,22 +78,13 @@ fn split_option(line: &str) -> Option<(&str, &str)> {
     if line.is_empty() || line.starts_with('#') {
         return None;
     }
-    let end = line
-        .find(|c: char| c.is_whitespace() || c == '=')
-        .unwrap_or(line.len());
+    let end = line.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(line.len());
     let (keyword, rest) = line.split_at(end);
-    Some((
-        keyword,
-        rest.trim_start().trim_start_matches('=').trim_start(),
-    ))
+    Some((keyword, rest.trim_start().trim_start_matches('=').trim_start()))
 }
 
 /// The files as cloud-init `version` leaves them after applying `ssh_pwauth` (`None`: unchanged).
-pub fn after_cloud_init(
-    files: &Files,
-    ssh_pwauth: Option<bool>,
-    version: CloudInitVersion,
-) -> Files {
+pub fn after_cloud_init(files: &Files, ssh_pwauth: Option<bool>, version: CloudInitVersion) -> Files {
     let Some(on) = ssh_pwauth else {
         return files.clone();
     };
@@ -108,11 +93,8 @@ pub fn after_cloud_init(
     let includes_drop_ins = files.get(MAIN_CONFIG).is_some_and(|t| {
         t.lines().any(|l| matches!(split_option(l), Some((k, a)) if k.eq_ignore_ascii_case("include") && a.split_whitespace().any(|p| p == DROP_IN_INCLUDE)))
     });
-    let target = if version >= CloudInitVersion::SSHD_DROP_IN && includes_drop_ins {
-        CLOUD_INIT_DROP_IN
-    } else {
-        MAIN_CONFIG
-    };
+    let target =
+        if version >= CloudInitVersion::SSHD_DROP_IN && includes_drop_ins { CLOUD_INIT_DROP_IN } else { MAIN_CONFIG };
     let text = out.entry(target.to_string()).or_default();
     *text = set_option_everywhere(text, "PasswordAuthentication", value);
     out
@@ -143,39 +125,25 @@ mod tests {
     use super::*;
 
     fn files(entries: &[(&str, &str)]) -> Files {
-        entries
-            .iter()
-            .map(|(p, t)| (p.to_string(), t.to_string()))
-            .collect()
+        entries.iter().map(|(p, t)| (p.to_string(), t.to_string())).collect()
     }
 
-    const UBUNTU_MAIN: &str = "Include /etc/ssh/sshd_config.d/*.conf\n#PasswordAuthentication yes\nKbdInteractiveAuthentication no\n";
-    const UBUNTU_60: (&str, &str) = (
-        "/etc/ssh/sshd_config.d/60-cloudimg-settings.conf",
-        "PasswordAuthentication no\n",
-    );
+    const UBUNTU_MAIN: &str =
+        "Include /etc/ssh/sshd_config.d/*.conf\n#PasswordAuthentication yes\nKbdInteractiveAuthentication no\n";
+    const UBUNTU_60: (&str, &str) = ("/etc/ssh/sshd_config.d/60-cloudimg-settings.conf", "PasswordAuthentication no\n");
 
     #[test]
     fn first_value_wins_and_drop_ins_come_first_at_the_include() {
         let f = files(&[(MAIN_CONFIG, UBUNTU_MAIN), UBUNTU_60]);
         let d = password_authentication(&f);
         assert!(!d.password_authentication);
-        assert_eq!(
-            d.set_by.as_deref(),
-            Some("/etc/ssh/sshd_config.d/60-cloudimg-settings.conf:1")
-        );
+        assert_eq!(d.set_by.as_deref(), Some("/etc/ssh/sshd_config.d/60-cloudimg-settings.conf:1"));
     }
 
     #[test]
     fn defaults_to_yes_and_ignores_match_blocks() {
         let f = files(&[(MAIN_CONFIG, "Match User x\n  PasswordAuthentication no\n")]);
-        assert_eq!(
-            password_authentication(&f),
-            Decision {
-                password_authentication: true,
-                set_by: None
-            }
-        );
+        assert_eq!(password_authentication(&f), Decision { password_authentication: true, set_by: None });
         let f = files(&[(MAIN_CONFIG, "passwordauthentication=No\n")]);
         assert!(!password_authentication(&f).password_authentication);
     }
@@ -184,32 +152,20 @@ mod tests {
     fn new_cloud_init_wins_over_ubuntus_drop_in_but_old_cloud_init_does_not() {
         let f = files(&[(MAIN_CONFIG, UBUNTU_MAIN), UBUNTU_60]);
         let new = after_cloud_init(&f, Some(true), "22.4.2".parse().unwrap());
-        assert_eq!(
-            new.get(CLOUD_INIT_DROP_IN).map(String::as_str),
-            Some("PasswordAuthentication yes\n")
-        );
+        assert_eq!(new.get(CLOUD_INIT_DROP_IN).map(String::as_str), Some("PasswordAuthentication yes\n"));
         assert!(password_authentication(&new).password_authentication);
 
         let old = after_cloud_init(&f, Some(true), "22.2".parse().unwrap());
-        assert!(old
-            .get(MAIN_CONFIG)
-            .unwrap()
-            .ends_with("PasswordAuthentication yes\n"));
+        assert!(old.get(MAIN_CONFIG).unwrap().ends_with("PasswordAuthentication yes\n"));
         let d = password_authentication(&old);
-        assert!(
-            !d.password_authentication,
-            "Ubuntu's 60- drop-in is read first"
-        );
+        assert!(!d.password_authentication, "Ubuntu's 60- drop-in is read first");
     }
 
     #[test]
     fn without_an_include_cloud_init_edits_the_main_file_in_place() {
         let f = files(&[(MAIN_CONFIG, "PasswordAuthentication no\nUsePAM yes\n")]);
         let after = after_cloud_init(&f, Some(true), "23.1".parse().unwrap());
-        assert_eq!(
-            after[MAIN_CONFIG],
-            "PasswordAuthentication yes\nUsePAM yes\n"
-        );
+        assert_eq!(after[MAIN_CONFIG], "PasswordAuthentication yes\nUsePAM yes\n");
         assert_eq!(after_cloud_init(&f, None, "23.1".parse().unwrap()), f);
     }
 }

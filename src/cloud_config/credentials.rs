@@ -45,8 +45,10 @@ impl fmt::Display for CloudInitVersion {
 /// Reads the version from cloud-init's `cloudinit/version.py`, in the forms used since 0.7.
 pub fn version_from_version_py(text: &str) -> Option<CloudInitVersion> {
     static RE: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(r#"(?m)^\s*(?:__VERSION__\s*=\s*|version\s*=\s*vr\.StrictVersion\()["']([0-9]+\.[0-9]+(?:\.[0-9]+)?)"#)
-            .expect("valid pattern")
+        Regex::new(
+            r#"(?m)^\s*(?:__VERSION__\s*=\s*|version\s*=\s*vr\.StrictVersion\()["']([0-9]+\.[0-9]+(?:\.[0-9]+)?)"#,
+        )
+        .expect("valid pattern")
     });
     RE.captures(text)?.get(1)?.as_str().parse().ok()
 }
@@ -97,12 +99,7 @@ impl Form {
 
 /// Chooses the form that `version` honours; `list_in_use` says whether the configuration already has
 /// a `chpasswd.list` (which makes cloud-init ignore the top-level `password`).
-pub fn form_for(
-    version: CloudInitVersion,
-    default_user: bool,
-    plaintext: bool,
-    list_in_use: bool,
-) -> Result<Form> {
+pub fn form_for(version: CloudInitVersion, default_user: bool, plaintext: bool, list_in_use: bool) -> Result<Form> {
     if version < CloudInitVersion::HASHES && !plaintext {
         bail!(
             "cloud-init {version} in this image cannot take a password hash (that needs 17.1 or later); \
@@ -145,42 +142,20 @@ pub fn entries(
         Some(_) => bail!("`chpasswd` is not a mapping; fix it by hand first"),
     };
     let combined = merge::effective(&[
-        ConfigFile {
-            path: String::new(),
-            root: lower.clone(),
-        },
-        ConfigFile {
-            path: String::new(),
-            root: target.clone(),
-        },
+        ConfigFile { path: String::new(), root: lower.clone() },
+        ConfigFile { path: String::new(), root: target.clone() },
     ]);
     let list_in_use = merge::lookup(&combined, &["chpasswd", "list"]).is_some_and(Value::is_truthy);
-    let form = form_for(
-        version,
-        req.default_user,
-        matches!(req.stored, Stored::Plain(_)),
-        list_in_use,
-    )?;
-    let inherited = |key: &str| {
-        target_chpasswd
-            .get(key)
-            .or_else(|| merge::lookup(lower, &["chpasswd", key]))
-            .cloned()
-    };
+    let form = form_for(version, req.default_user, matches!(req.stored, Stored::Plain(_)), list_in_use)?;
+    let inherited = |key: &str| target_chpasswd.get(key).or_else(|| merge::lookup(lower, &["chpasswd", key])).cloned();
 
     let mut chpasswd = target_chpasswd.clone();
     let mut out = Vec::new();
     match form {
         Form::TopLevelPassword => {
-            let keep = target
-                .get("password")
-                .and_then(Value::as_str)
-                .is_some_and(|p| (req.already_set)(p));
+            let keep = target.get("password").and_then(Value::as_str).is_some_and(|p| (req.already_set)(p));
             if !keep {
-                out.push((
-                    "password".to_string(),
-                    Value::Str(req.stored.text().to_string()),
-                ));
+                out.push(("password".to_string(), Value::Str(req.stored.text().to_string())));
             }
         }
         Form::ChpasswdUsers => {
@@ -209,24 +184,12 @@ fn upsert_user_entry(mut users: Vec<Value>, req: &Request) -> Vec<Value> {
     entry.insert("name", Value::Str(req.user.to_string()));
     entry.insert("password", Value::Str(req.stored.text().to_string()));
     entry.insert("type", Value::Str(req.stored.type_name().to_string()));
-    let is_ours = |v: &Value| {
-        v.as_map()
-            .and_then(|m| m.get("name"))
-            .and_then(Value::as_str)
-            == Some(req.user)
-    };
+    let is_ours = |v: &Value| v.as_map().and_then(|m| m.get("name")).and_then(Value::as_str) == Some(req.user);
     match users.iter().position(is_ours) {
         Some(i) => {
             let existing = users[i].as_map().cloned().unwrap_or_default();
-            let same_type = existing
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or("hash")
-                == req.stored.type_name();
-            let same_password = existing
-                .get("password")
-                .and_then(Value::as_str)
-                .is_some_and(|p| (req.already_set)(p));
+            let same_type = existing.get("type").and_then(Value::as_str).unwrap_or("hash") == req.stored.type_name();
+            let same_password = existing.get("password").and_then(Value::as_str).is_some_and(|p| (req.already_set)(p));
             if !(same_type && same_password && existing.get("type").is_some()) {
                 users[i] = Value::Map(entry);
             }
@@ -242,21 +205,10 @@ fn upsert_user_entry(mut users: Vec<Value>, req: &Request) -> Vec<Value> {
 fn upsert_list_line(list: Value, req: &Request) -> Result<Value> {
     let (mut lines, as_string): (Vec<String>, bool) = match list {
         Value::Null => (Vec::new(), true),
-        Value::Str(s) => (
-            s.lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(str::to_string)
-                .collect(),
-            true,
-        ),
-        Value::Seq(items) => (
-            items
-                .iter()
-                .map(|v| v.as_str().map(str::to_string))
-                .collect::<Option<_>>()
-                .unwrap_or_default(),
-            false,
-        ),
+        Value::Str(s) => (s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect(), true),
+        Value::Seq(items) => {
+            (items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<_>>().unwrap_or_default(), false)
+        }
         _ => bail!("`chpasswd.list` is neither text nor a list; fix it by hand first"),
     };
     let ours = format!("{}:{}", req.user, req.stored.text());
@@ -268,11 +220,7 @@ fn upsert_list_line(list: Value, req: &Request) -> Result<Value> {
     }
     let mut seen = false;
     lines.retain(|l| !l.starts_with(&prefix) || !std::mem::replace(&mut seen, true));
-    Ok(if as_string {
-        Value::Str(lines.join("\n"))
-    } else {
-        Value::Seq(lines.into_iter().map(Value::Str).collect())
-    })
+    Ok(if as_string { Value::Str(lines.join("\n")) } else { Value::Seq(lines.into_iter().map(Value::Str).collect()) })
 }
 
 /// What cloud-init's `set_passwords` will do for one user.
@@ -291,26 +239,12 @@ pub struct UserOutcome {
     pub ssh_pwauth: Option<bool>,
 }
 
-static HASHED: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^\$(1|2a|2y|5|6)(\$.+){2}").expect("valid pattern"));
+static HASHED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\$(1|2a|2y|5|6)(\$.+){2}").expect("valid pattern"));
 
 /// Emulates `set_passwords` on the merged configuration for `user`.
-pub fn outcome(
-    effective: &Mapping,
-    version: CloudInitVersion,
-    user: &str,
-    default_user: Option<&str>,
-) -> UserOutcome {
-    let chpasswd = effective
-        .get("chpasswd")
-        .and_then(Value::as_map)
-        .cloned()
-        .unwrap_or_default();
-    let users = if version >= CloudInitVersion::CHPASSWD_USERS {
-        chpasswd.get("users").cloned()
-    } else {
-        None
-    };
+pub fn outcome(effective: &Mapping, version: CloudInitVersion, user: &str, default_user: Option<&str>) -> UserOutcome {
+    let chpasswd = effective.get("chpasswd").and_then(Value::as_map).cloned().unwrap_or_default();
+    let users = if version >= CloudInitVersion::CHPASSWD_USERS { chpasswd.get("users").cloned() } else { None };
     let list = chpasswd.get("list").filter(|v| v.is_truthy()).cloned();
     let classify = |text: &str, declared: Option<&str>| -> (Option<Stored>, &'static str) {
         match (text, declared) {
@@ -337,10 +271,7 @@ pub fn outcome(
     if let Some(list) = &list {
         let lines: Vec<String> = match list {
             Value::Str(s) => s.lines().map(str::to_string).collect(),
-            Value::Seq(items) => items
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect(),
+            Value::Seq(items) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
             _ => Vec::new(),
         };
         for line in lines {
@@ -392,10 +323,7 @@ fn is_true_like(v: &Value) -> bool {
 fn is_false_like(v: &Value) -> bool {
     match v {
         Value::Bool(b) => !*b,
-        Value::Str(s) => matches!(
-            s.to_ascii_lowercase().as_str(),
-            "false" | "0" | "off" | "no"
-        ),
+        Value::Str(s) => matches!(s.to_ascii_lowercase().as_str(), "false" | "0" | "off" | "no"),
         Value::Int(i) => *i == 0,
         _ => false,
     }
@@ -404,13 +332,7 @@ fn is_false_like(v: &Value) -> bool {
 /// Whether a module list of the merged configuration runs `set_passwords` (spelt with `_` or `-`,
 /// alone or as `[name, frequency]`).
 pub fn runs_set_passwords(effective: &Mapping) -> bool {
-    [
-        "cloud_init_modules",
-        "cloud_config_modules",
-        "cloud_final_modules",
-    ]
-    .iter()
-    .any(|list| {
+    ["cloud_init_modules", "cloud_config_modules", "cloud_final_modules"].iter().any(|list| {
         matches!(effective.get(list), Some(Value::Seq(items)) if items.iter().any(|item| {
             let name = match item {
                 Value::Str(s) => Some(s.as_str()),
@@ -424,9 +346,7 @@ pub fn runs_set_passwords(effective: &Mapping) -> bool {
 
 /// The default user's name (`system_info.default_user.name`), when the configuration creates one.
 pub fn default_user(effective: &Mapping) -> Option<String> {
-    let name = merge::lookup(effective, &["system_info", "default_user", "name"])?
-        .as_str()?
-        .to_string();
+    let name = merge::lookup(effective, &["system_info", "default_user", "name"])?.as_str()?.to_string();
     let created = match effective.get("users") {
         None => true,
         Some(Value::Seq(items)) => items.iter().any(|u| u.as_str() == Some("default")),
@@ -460,30 +380,24 @@ mod tests {
         ];
         for (version, default_user, plaintext, list, expected) in cases {
             let got = form_for(v(version), default_user, plaintext, list).ok();
-            assert_eq!(
-                got, expected,
-                "{version} default={default_user} plain={plaintext} list={list}"
-            );
+            assert_eq!(got, expected, "{version} default={default_user} plain={plaintext} list={list}");
         }
     }
 
     #[test]
     fn version_py_forms_are_read() {
         assert_eq!(
-            version_from_version_py(
-                "__VERSION__ = \"22.4.2\"\n_PACKAGED_VERSION = \"@@PACKAGED_VERSION@@\"\n"
-            ),
+            version_from_version_py("__VERSION__ = \"22.4.2\"\n_PACKAGED_VERSION = \"@@PACKAGED_VERSION@@\"\n"),
             Some(v("22.4.2"))
         );
-        assert_eq!(version_from_version_py("from distutils import version as vr\n\ndef version():\n    return vr.StrictVersion(\"0.7.5\")\n"), None);
         assert_eq!(
-            version_from_version_py("version = vr.StrictVersion(\"0.7.5\")\n"),
-            Some(v("0.7.5"))
+            version_from_version_py(
+                "from distutils import version as vr\n\ndef version():\n    return vr.StrictVersion(\"0.7.5\")\n"
+            ),
+            None
         );
-        assert_eq!(
-            version_from_version_py("__VERSION__ = '17.1'\n"),
-            Some(v("17.1"))
-        );
+        assert_eq!(version_from_version_py("version = vr.StrictVersion(\"0.7.5\")\n"), Some(v("0.7.5")));
+        assert_eq!(version_from_version_py("__VERSION__ = '17.1'\n"), Some(v("17.1")));
         assert!("22".parse::<CloudInitVersion>().is_err());
     }
 
@@ -502,77 +416,35 @@ mod tests {
     fn users_entries_replace_the_same_user_and_keep_others() {
         let target = parse("chpasswd:\n  expire: true\n  users:\n    - {name: other, password: x, type: text}\n    - {name: debian, password: old}\n    - {name: debian, password: older}\n").unwrap().root;
         let never = |_: &str| false;
-        let (form, entries) = entries(
-            &target,
-            &Mapping::default(),
-            v("23.1"),
-            &request("debian", "$6$s$h", &never),
-        )
-        .unwrap();
+        let (form, entries) =
+            entries(&target, &Mapping::default(), v("23.1"), &request("debian", "$6$s$h", &never)).unwrap();
         assert_eq!(form, Form::ChpasswdUsers);
-        let chpasswd = entries
-            .iter()
-            .find(|(k, _)| k == "chpasswd")
-            .unwrap()
-            .1
-            .as_map()
-            .unwrap()
-            .clone();
-        let Value::Seq(users) = chpasswd.get("users").unwrap() else {
-            panic!()
-        };
+        let chpasswd = entries.iter().find(|(k, _)| k == "chpasswd").unwrap().1.as_map().unwrap().clone();
+        let Value::Seq(users) = chpasswd.get("users").unwrap() else { panic!() };
         assert_eq!(users.len(), 2);
-        assert_eq!(
-            merge::lookup(users[1].as_map().unwrap(), &["password"]),
-            Some(&Value::Str("$6$s$h".into()))
-        );
-        assert_eq!(
-            merge::lookup(users[1].as_map().unwrap(), &["type"]),
-            Some(&Value::Str("hash".into()))
-        );
+        assert_eq!(merge::lookup(users[1].as_map().unwrap(), &["password"]), Some(&Value::Str("$6$s$h".into())));
+        assert_eq!(merge::lookup(users[1].as_map().unwrap(), &["type"]), Some(&Value::Str("hash".into())));
         assert_eq!(chpasswd.get("expire"), Some(&Value::Bool(false)));
         assert!(entries.contains(&("ssh_pwauth".into(), Value::Bool(true))));
     }
 
     #[test]
     fn a_drop_in_carries_over_lower_priority_list_entries() {
-        let lower = parse("chpasswd:\n  list: |\n    other:pw\n    debian:old\n")
-            .unwrap()
-            .root;
+        let lower = parse("chpasswd:\n  list: |\n    other:pw\n    debian:old\n").unwrap().root;
         let never = |_: &str| false;
-        let (form, entries) = entries(
-            &Mapping::default(),
-            &lower,
-            v("20.1"),
-            &request("debian", "$6$s$h", &never),
-        )
-        .unwrap();
+        let (form, entries) =
+            entries(&Mapping::default(), &lower, v("20.1"), &request("debian", "$6$s$h", &never)).unwrap();
         assert_eq!(form, Form::ChpasswdList);
-        let chpasswd = entries
-            .iter()
-            .find(|(k, _)| k == "chpasswd")
-            .unwrap()
-            .1
-            .as_map()
-            .unwrap()
-            .clone();
-        assert_eq!(
-            chpasswd.get("list"),
-            Some(&Value::Str("other:pw\ndebian:$6$s$h".into()))
-        );
+        let chpasswd = entries.iter().find(|(k, _)| k == "chpasswd").unwrap().1.as_map().unwrap().clone();
+        assert_eq!(chpasswd.get("list"), Some(&Value::Str("other:pw\ndebian:$6$s$h".into())));
     }
 
     #[test]
     fn a_hash_that_already_matches_is_kept() {
         let target = parse("password: $6$old$hash\n").unwrap().root;
         let always = |_: &str| true;
-        let (form, entries) = entries(
-            &target,
-            &Mapping::default(),
-            v("20.1"),
-            &request("debian", "$6$new$hash", &always),
-        )
-        .unwrap();
+        let (form, entries) =
+            entries(&target, &Mapping::default(), v("20.1"), &request("debian", "$6$new$hash", &always)).unwrap();
         assert_eq!(form, Form::TopLevelPassword);
         assert!(!entries.iter().any(|(k, _)| k == "password"));
     }
@@ -580,19 +452,9 @@ mod tests {
     #[test]
     fn outcome_follows_set_passwords_rules() {
         let cfg = |t: &str| parse(t).unwrap().root;
-        let top = outcome(
-            &cfg("password: $6$a$b\nssh_pwauth: yes\n"),
-            v("22.4"),
-            "debian",
-            Some("debian"),
-        );
+        let top = outcome(&cfg("password: $6$a$b\nssh_pwauth: yes\n"), v("22.4"), "debian", Some("debian"));
         assert_eq!(
-            (
-                top.password_kind,
-                top.password_key,
-                top.expire,
-                top.ssh_pwauth
-            ),
+            (top.password_kind, top.password_key, top.expire, top.ssh_pwauth),
             ("hash", Some("password"), true, Some(true))
         );
         let ignored = outcome(
@@ -602,58 +464,27 @@ mod tests {
             Some("debian"),
         );
         assert_eq!((ignored.password_kind, ignored.expire), ("none", false));
-        let old = outcome(
-            &cfg("password: $6$a$b\n"),
-            v("0.7.5"),
-            "debian",
-            Some("debian"),
-        );
+        let old = outcome(&cfg("password: $6$a$b\n"), v("0.7.5"), "debian", Some("debian"));
         assert_eq!(old.password_kind, "text");
-        let users_before_22_3 = outcome(
-            &cfg("chpasswd: {users: [{name: debian, password: x}]}\n"),
-            v("22.2"),
-            "debian",
-            Some("debian"),
-        );
+        let users_before_22_3 =
+            outcome(&cfg("chpasswd: {users: [{name: debian, password: x}]}\n"), v("22.2"), "debian", Some("debian"));
         assert_eq!(users_before_22_3.password_kind, "none");
-        let unchanged = outcome(
-            &cfg("ssh_pwauth: unchanged\n"),
-            v("22.4"),
-            "debian",
-            Some("debian"),
-        );
+        let unchanged = outcome(&cfg("ssh_pwauth: unchanged\n"), v("22.4"), "debian", Some("debian"));
         assert_eq!(unchanged.ssh_pwauth, None);
     }
 
     #[test]
     fn module_lists_and_default_user_are_read_from_real_files() {
-        for (file, user) in [
-            ("debian-12-22.4.2", "debian"),
-            ("ubuntu-26", "ubuntu"),
-            ("rocky-26", "rocky"),
-        ] {
-            let text =
-                std::fs::read_to_string(format!("fixtures/cloud-cfg/{file}.cloud.cfg")).unwrap();
+        for (file, user) in [("debian-12-22.4.2", "debian"), ("ubuntu-26", "ubuntu"), ("rocky-26", "rocky")] {
+            let text = std::fs::read_to_string(format!("fixtures/cloud-cfg/{file}.cloud.cfg")).unwrap();
             let root = parse(&text).unwrap().root;
             assert!(runs_set_passwords(&root), "{file}");
             assert_eq!(default_user(&root).as_deref(), Some(user), "{file}");
         }
-        assert!(!runs_set_passwords(
-            &parse("cloud_config_modules: [ssh, [runcmd, always]]\n")
-                .unwrap()
-                .root
-        ));
-        assert!(runs_set_passwords(
-            &parse("cloud_config_modules: [[set-passwords, always]]\n")
-                .unwrap()
-                .root
-        ));
+        assert!(!runs_set_passwords(&parse("cloud_config_modules: [ssh, [runcmd, always]]\n").unwrap().root));
+        assert!(runs_set_passwords(&parse("cloud_config_modules: [[set-passwords, always]]\n").unwrap().root));
         assert_eq!(
-            default_user(
-                &parse("users: [alice]\nsystem_info: {default_user: {name: x}}\n")
-                    .unwrap()
-                    .root
-            ),
+            default_user(&parse("users: [alice]\nsystem_info: {default_user: {name: x}}\n").unwrap().root),
             None
         );
     }

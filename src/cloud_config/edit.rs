@@ -44,10 +44,7 @@ pub fn set_top_level(text: &str, changes: &[(String, Value)]) -> Result<Edited> 
         }
     }
     if changed_keys.is_empty() {
-        return Ok(Edited {
-            text: text.to_string(),
-            changed_keys,
-        });
+        return Ok(Edited { text: text.to_string(), changed_keys });
     }
     replacements.sort_by_key(|(first, _, _)| std::cmp::Reverse(*first));
     for (first, end, rendered) in replacements {
@@ -56,15 +53,11 @@ pub fn set_top_level(text: &str, changes: &[(String, Value)]) -> Result<Edited> 
     let mut new_text = lines.concat();
     new_text.push_str(&appended);
     verify(&new_text, &expected)?;
-    Ok(Edited {
-        text: new_text,
-        changed_keys,
-    })
+    Ok(Edited { text: new_text, changed_keys })
 }
 
 fn verify(new_text: &str, expected: &Mapping) -> Result<()> {
-    let reparsed = yaml11::parse(new_text)
-        .context("the edited text no longer parses (this is a bug in cloudimg)")?;
+    let reparsed = yaml11::parse(new_text).context("the edited text no longer parses (this is a bug in cloudimg)")?;
     if &reparsed.root != expected {
         bail!("the edited text does not read back as intended (this is a bug in cloudimg); nothing was written");
     }
@@ -83,17 +76,13 @@ mod tests {
     fn replaces_an_entry_in_place_and_keeps_comments_around_it() {
         let text = "# top\na: 1 # why a\nssh_pwauth: false\n\n# about b\nb:\n  - x\n";
         let edited = set_top_level(text, &[change("ssh_pwauth", Value::Bool(true))]).unwrap();
-        assert_eq!(
-            edited.text,
-            "# top\na: 1 # why a\nssh_pwauth: true\n\n# about b\nb:\n  - x\n"
-        );
+        assert_eq!(edited.text, "# top\na: 1 # why a\nssh_pwauth: true\n\n# about b\nb:\n  - x\n");
         assert_eq!(edited.changed_keys, vec!["ssh_pwauth"]);
     }
 
     #[test]
     fn appends_new_entries_and_adds_a_missing_final_newline() {
-        let edited =
-            set_top_level("a: 1", &[change("password", Value::Str("yes".into()))]).unwrap();
+        let edited = set_top_level("a: 1", &[change("password", Value::Str("yes".into()))]).unwrap();
         assert_eq!(edited.text, "a: 1\npassword: 'yes'\n");
     }
 
@@ -124,15 +113,8 @@ mod tests {
 
     #[test]
     fn flow_style_roots_are_refused_rather_than_rewritten() {
-        let err = set_top_level(
-            "{a: 1, ssh_pwauth: false}\n",
-            &[change("ssh_pwauth", Value::Bool(true))],
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("not a plain block mapping"),
-            "{err}"
-        );
+        let err = set_top_level("{a: 1, ssh_pwauth: false}\n", &[change("ssh_pwauth", Value::Bool(true))]).unwrap_err();
+        assert!(err.to_string().contains("not a plain block mapping"), "{err}");
     }
 
     #[test]

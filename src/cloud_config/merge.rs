@@ -19,17 +19,15 @@ pub fn is_drop_in_name(name: &str) -> bool {
     name.ends_with(".cfg")
 }
 
-/// Files from lowest to highest priority: `cloud.cfg` first, then drop-ins sorted by name.
-pub fn priority_order(base: ConfigFile, mut drop_ins: Vec<ConfigFile>) -> Vec<ConfigFile> {
-    drop_ins.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    std::iter::once(base).chain(drop_ins).collect()
+/// Orders files from lowest to highest priority: `cloud.cfg` first, then drop-ins by name (bytewise,
+/// as Python sorts them). Since drop-in paths extend `cloud.cfg`'s, that is plain path order.
+pub fn sort_by_priority(files: &mut [ConfigFile]) {
+    files.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
 }
 
 /// The merged configuration of files given from lowest to highest priority.
 pub fn effective(files: &[ConfigFile]) -> Mapping {
-    files.iter().fold(Mapping::default(), |merged, file| {
-        overlay(&merged, &file.root)
-    })
+    files.iter().fold(Mapping::default(), |merged, file| overlay(&merged, &file.root))
 }
 
 fn overlay(lower: &Mapping, higher: &Mapping) -> Mapping {
@@ -69,49 +67,25 @@ mod tests {
     use crate::cloud_config::yaml11::parse;
 
     fn file(path: &str, text: &str) -> ConfigFile {
-        ConfigFile {
-            path: path.into(),
-            root: parse(text).unwrap().root,
-        }
+        ConfigFile { path: path.into(), root: parse(text).unwrap().root }
     }
 
     #[test]
     fn later_drop_ins_win_and_mappings_merge_deeply() {
-        let files = priority_order(
-            file(
-                "/etc/cloud/cloud.cfg",
-                "a: 1\nchpasswd: {expire: true, list: [x]}\nl: [1, 2]\n",
-            ),
-            vec![
-                file(
-                    "/etc/cloud/cloud.cfg.d/90-z.cfg",
-                    "chpasswd: {expire: false}\nl: [3]\n",
-                ),
-                file(
-                    "/etc/cloud/cloud.cfg.d/10-a.cfg",
-                    "a: 2\nchpasswd: {expire: maybe}\n",
-                ),
-            ],
-        );
+        let mut files = vec![
+            file("/etc/cloud/cloud.cfg.d/90-z.cfg", "chpasswd: {expire: false}\nl: [3]\n"),
+            file("/etc/cloud/cloud.cfg", "a: 1\nchpasswd: {expire: true, list: [x]}\nl: [1, 2]\n"),
+            file("/etc/cloud/cloud.cfg.d/10-a.cfg", "a: 2\nchpasswd: {expire: maybe}\n"),
+        ];
+        sort_by_priority(&mut files);
+        assert_eq!(files[0].path, "/etc/cloud/cloud.cfg");
         let merged = effective(&files);
         assert_eq!(merged.get("a"), Some(&Value::Int(2)));
-        assert_eq!(
-            lookup(&merged, &["chpasswd", "expire"]),
-            Some(&Value::Bool(false))
-        );
-        assert_eq!(
-            lookup(&merged, &["chpasswd", "list"]),
-            Some(&Value::Seq(vec![Value::Str("x".into())]))
-        );
+        assert_eq!(lookup(&merged, &["chpasswd", "expire"]), Some(&Value::Bool(false)));
+        assert_eq!(lookup(&merged, &["chpasswd", "list"]), Some(&Value::Seq(vec![Value::Str("x".into())])));
         assert_eq!(merged.get("l"), Some(&Value::Seq(vec![Value::Int(3)])));
-        assert_eq!(
-            deciding_file(&files, &["chpasswd", "expire"]).unwrap().path,
-            "/etc/cloud/cloud.cfg.d/90-z.cfg"
-        );
-        assert_eq!(
-            deciding_file(&files, &["a"]).unwrap().path,
-            "/etc/cloud/cloud.cfg.d/10-a.cfg"
-        );
+        assert_eq!(deciding_file(&files, &["chpasswd", "expire"]).unwrap().path, "/etc/cloud/cloud.cfg.d/90-z.cfg");
+        assert_eq!(deciding_file(&files, &["a"]).unwrap().path, "/etc/cloud/cloud.cfg.d/10-a.cfg");
     }
 
     #[test]

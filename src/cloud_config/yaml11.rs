@@ -45,10 +45,7 @@ impl PartialEq for Mapping {
 
 impl Mapping {
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.0
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(key))
-            .map(|(_, v)| v)
+        self.0.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
     }
 
     fn get_value(&self, key: &Value) -> Option<&Value> {
@@ -147,11 +144,7 @@ pub fn parse(text: &str) -> Result<Document> {
         Some(other) => bail!("the top level is a {}, not a mapping", kind_name(&other)),
     };
     let (spans, editable_layout) = loader.finish_spans(text);
-    Ok(Document {
-        root,
-        spans,
-        editable_layout,
-    })
+    Ok(Document { root, spans, editable_layout })
 }
 
 fn kind_name(v: &Value) -> &'static str {
@@ -191,12 +184,7 @@ impl<'a> Loader<'a> {
     fn next(&mut self) -> Result<(Event, Marker)> {
         self.parser.next_token().map_err(|e| {
             let m = e.marker();
-            anyhow::anyhow!(
-                "invalid YAML at line {}, column {}: {}",
-                m.line(),
-                m.col() + 1,
-                e.info()
-            )
+            anyhow::anyhow!("invalid YAML at line {}, column {}: {}", m.line(), m.col() + 1, e.info())
         })
     }
 
@@ -210,10 +198,7 @@ impl<'a> Loader<'a> {
                 Event::DocumentStart => {
                     documents += 1;
                     if documents > 1 {
-                        bail!(
-                            "line {}: a second YAML document; cloud-init reads exactly one",
-                            marker.line()
-                        );
+                        bail!("line {}: a second YAML document; cloud-init reads exactly one", marker.line());
                     }
                 }
                 Event::StreamEnd => return Ok(root),
@@ -232,23 +217,20 @@ impl<'a> Loader<'a> {
 
     fn node(&mut self, event: Event, marker: Marker, depth: usize) -> Result<Value> {
         if depth > MAX_DEPTH {
-            bail!(
-                "line {}: YAML nested deeper than {MAX_DEPTH} levels",
-                marker.line()
-            );
+            bail!("line {}: YAML nested deeper than {MAX_DEPTH} levels", marker.line());
         }
         self.count_node(1)?;
         let (value, anchor) = match event {
             Event::Alias(id) => {
-                let value = self.anchors.get(&id).cloned().with_context(|| {
-                    format!("line {}: alias to an unknown anchor", marker.line())
-                })?;
+                let value = self
+                    .anchors
+                    .get(&id)
+                    .cloned()
+                    .with_context(|| format!("line {}: alias to an unknown anchor", marker.line()))?;
                 self.count_node(node_count(&value))?;
                 return Ok(value);
             }
-            Event::Scalar(text, style, anchor, tag) => {
-                (resolve_scalar(&text, style, tag.as_ref(), marker)?, anchor)
-            }
+            Event::Scalar(text, style, anchor, tag) => (resolve_scalar(&text, style, tag.as_ref(), marker)?, anchor),
             Event::SequenceStart(anchor, tag) => {
                 check_collection_tag(tag.as_ref(), "seq", marker)?;
                 let mut items = Vec::new();
@@ -284,8 +266,7 @@ impl<'a> Loader<'a> {
                 }
                 break;
             }
-            let is_merge_key =
-                matches!(&event, Event::Scalar(t, TScalarStyle::Plain, _, None) if t == "<<");
+            let is_merge_key = matches!(&event, Event::Scalar(t, TScalarStyle::Plain, _, None) if t == "<<");
             let key = self.node(event, marker, depth + 1)?;
             if matches!(key, Value::Seq(_) | Value::Map(_)) {
                 bail!("line {}: a list or mapping used as a key", marker.line());
@@ -299,8 +280,7 @@ impl<'a> Loader<'a> {
             if depth == 0 {
                 if let Value::Str(k) = &key {
                     self.root_keys.retain(|(existing, _, _)| existing != k);
-                    self.root_keys
-                        .push((k.clone(), marker.line(), marker.col()));
+                    self.root_keys.push((k.clone(), marker.line(), marker.col()));
                 }
             }
             map.insert_value(key, value);
@@ -331,41 +311,29 @@ impl<'a> Loader<'a> {
 
     fn finish_spans(&self, text: &str) -> (Vec<KeySpan>, bool) {
         let lines: Vec<&str> = text.lines().collect();
-        let first_content = lines.iter().map(|l| l.trim_start()).find(|l| {
-            !l.is_empty() && !l.starts_with('#') && !l.starts_with("---") && !l.starts_with('%')
-        });
+        let first_content = lines
+            .iter()
+            .map(|l| l.trim_start())
+            .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("---") && !l.starts_with('%'));
         let flow_root = first_content.is_some_and(|l| l.starts_with('{'));
         let all_col0 = self.root_keys.iter().all(|(_, _, col)| *col == 0);
         let editable = !flow_root && all_col0;
         if !editable {
             return (Vec::new(), false);
         }
-        let mut starts: Vec<(String, usize)> = self
-            .root_keys
-            .iter()
-            .map(|(k, line, _)| (k.clone(), line - 1))
-            .collect();
+        let mut starts: Vec<(String, usize)> =
+            self.root_keys.iter().map(|(k, line, _)| (k.clone(), line - 1)).collect();
         starts.sort_by_key(|(_, line)| *line);
-        let doc_end = document_end_line(
-            &lines,
-            self.root_end_line
-                .map_or(lines.len(), |l| l.saturating_sub(1)),
-        );
+        let doc_end = document_end_line(&lines, self.root_end_line.map_or(lines.len(), |l| l.saturating_sub(1)));
         let spans = starts
             .iter()
             .enumerate()
             .map(|(i, (key, first))| {
                 let mut end = starts.get(i + 1).map(|(_, l)| *l).unwrap_or(doc_end);
-                while end > first + 1
-                    && is_separator_line(lines.get(end - 1).copied().unwrap_or(""))
-                {
+                while end > first + 1 && is_separator_line(lines.get(end - 1).copied().unwrap_or("")) {
                     end -= 1;
                 }
-                KeySpan {
-                    key: key.clone(),
-                    first_line: *first,
-                    end_line: end,
-                }
+                KeySpan { key: key.clone(), first_line: *first, end_line: end }
             })
             .collect();
         (spans, true)
@@ -375,12 +343,8 @@ impl<'a> Loader<'a> {
 /// The parser ends a block mapping at the next token, which may sit lines after the last value, or
 /// at a `...` end marker; the text after an end marker is not part of any key's entry.
 fn document_end_line(lines: &[&str], parser_end: usize) -> usize {
-    let end_marker = lines
-        .iter()
-        .position(|l| *l == "..." || l.starts_with("... "));
-    end_marker
-        .unwrap_or(lines.len())
-        .min(lines.len().max(parser_end))
+    let end_marker = lines.iter().position(|l| *l == "..." || l.starts_with("... "));
+    end_marker.unwrap_or(lines.len()).min(lines.len().max(parser_end))
 }
 
 fn is_separator_line(line: &str) -> bool {
@@ -390,13 +354,7 @@ fn is_separator_line(line: &str) -> bool {
 fn node_count(v: &Value) -> usize {
     match v {
         Value::Seq(items) => 1 + items.iter().map(node_count).sum::<usize>(),
-        Value::Map(m) => {
-            1 + m
-                .0
-                .iter()
-                .map(|(k, v)| node_count(k) + node_count(v))
-                .sum::<usize>()
-        }
+        Value::Map(m) => 1 + m.0.iter().map(|(k, v)| node_count(k) + node_count(v)).sum::<usize>(),
         _ => 1,
     }
 }
@@ -406,9 +364,7 @@ const CORE_TAG_PREFIX: &str = "tag:yaml.org,2002:";
 fn core_tag(tag: Option<&Tag>) -> Option<String> {
     tag.map(|t| {
         let full = format!("{}{}", t.handle, t.suffix);
-        full.strip_prefix(CORE_TAG_PREFIX)
-            .map(str::to_string)
-            .unwrap_or(full)
+        full.strip_prefix(CORE_TAG_PREFIX).map(str::to_string).unwrap_or(full)
     })
 }
 
@@ -416,19 +372,12 @@ fn check_collection_tag(tag: Option<&Tag>, expected: &str, marker: Marker) -> Re
     match core_tag(tag) {
         None => Ok(()),
         Some(t) if t == expected || (expected == "map" && (t == "omap" || t == "set")) => Ok(()),
-        Some(t) => bail!(
-            "line {}: tag `{t}` is not one that PyYAML's safe loader accepts here",
-            marker.line()
-        ),
+        Some(t) => bail!("line {}: tag `{t}` is not one that PyYAML's safe loader accepts here", marker.line()),
     }
 }
 
-static BOOL_TRUE: &[&str] = &[
-    "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON",
-];
-static BOOL_FALSE: &[&str] = &[
-    "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF",
-];
+static BOOL_TRUE: &[&str] = &["yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"];
+static BOOL_FALSE: &[&str] = &["no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"];
 static NULLS: &[&str] = &["", "~", "null", "Null", "NULL"];
 
 // PyYAML's implicit resolver patterns (resolver.py), anchored.
@@ -460,49 +409,27 @@ pub fn resolve_plain(text: &str) -> Value {
     } else if NULLS.contains(&text) {
         Value::Null
     } else if INT_RE.is_match(text) {
-        parse_int(text).unwrap_or_else(|| Value::Other {
-            kind: "integer",
-            text: text.to_string(),
-        })
+        parse_int(text).unwrap_or_else(|| Value::Other { kind: "integer", text: text.to_string() })
     } else if FLOAT_RE.is_match(text) {
         Value::Float(canonical_float(text))
     } else if TIMESTAMP_RE.is_match(text) {
-        Value::Other {
-            kind: "timestamp",
-            text: text.to_string(),
-        }
+        Value::Other { kind: "timestamp", text: text.to_string() }
     } else if text == "=" {
-        Value::Other {
-            kind: "value",
-            text: text.to_string(),
-        }
+        Value::Other { kind: "value", text: text.to_string() }
     } else {
         Value::Str(text.to_string())
     }
 }
 
-fn resolve_scalar(
-    text: &str,
-    style: TScalarStyle,
-    tag: Option<&Tag>,
-    marker: Marker,
-) -> Result<Value> {
+fn resolve_scalar(text: &str, style: TScalarStyle, tag: Option<&Tag>, marker: Marker) -> Result<Value> {
     match core_tag(tag).as_deref() {
         None if style == TScalarStyle::Plain => Ok(resolve_plain(text)),
         None | Some("str") => Ok(Value::Str(text.to_string())),
         Some("bool") | Some("int") | Some("float") | Some("null") => Ok(resolve_plain(text)),
-        Some(kind @ ("binary" | "timestamp")) => Ok(Value::Other {
-            kind: if kind == "binary" {
-                "binary"
-            } else {
-                "timestamp"
-            },
-            text: text.to_string(),
-        }),
-        Some(t) => bail!(
-            "line {}: tag `{t}` is not one that PyYAML's safe loader accepts",
-            marker.line()
-        ),
+        Some(kind @ ("binary" | "timestamp")) => {
+            Ok(Value::Other { kind: if kind == "binary" { "binary" } else { "timestamp" }, text: text.to_string() })
+        }
+        Some(t) => bail!("line {}: tag `{t}` is not one that PyYAML's safe loader accepts", marker.line()),
     }
 }
 
@@ -522,9 +449,7 @@ fn parse_int(text: &str) -> Option<Value> {
     } else if let Some(oct) = digits.strip_prefix('0') {
         i128::from_str_radix(oct, 8).ok()?
     } else if digits.contains(':') {
-        digits.split(':').try_fold(0i128, |acc, part| {
-            acc.checked_mul(60)?.checked_add(part.parse::<i128>().ok()?)
-        })?
+        digits.split(':').try_fold(0i128, |acc, part| acc.checked_mul(60)?.checked_add(part.parse::<i128>().ok()?))?
     } else {
         digits.parse::<i128>().ok()?
     };
@@ -537,21 +462,14 @@ fn canonical_float(text: &str) -> String {
         return ".nan".into();
     }
     if cleaned.ends_with("inf") {
-        return if cleaned.starts_with('-') {
-            "-.inf"
-        } else {
-            ".inf"
-        }
-        .into();
+        return if cleaned.starts_with('-') { "-.inf" } else { ".inf" }.into();
     }
     let value = if cleaned.contains(':') {
         let (sign, body) = match cleaned.strip_prefix('-') {
             Some(rest) => (-1.0, rest),
             None => (1.0, cleaned.trim_start_matches('+')),
         };
-        sign * body.split(':').fold(0.0, |acc, part| {
-            acc * 60.0 + part.parse::<f64>().unwrap_or(0.0)
-        })
+        sign * body.split(':').fold(0.0, |acc, part| acc * 60.0 + part.parse::<f64>().unwrap_or(0.0))
     } else {
         cleaned.parse::<f64>().unwrap_or(f64::NAN)
     };
@@ -654,10 +572,7 @@ fn render_scalar(value: &Value) -> String {
         Value::Int(i) => i.to_string(),
         Value::Float(f) => f.clone(),
         Value::Str(s) => quote_str(s),
-        Value::Other {
-            kind: "binary",
-            text,
-        } => format!("!!binary {}", quote_str(text)),
+        Value::Other { kind: "binary", text } => format!("!!binary {}", quote_str(text)),
         Value::Other { text, .. } => text.clone(),
         Value::Seq(_) => "[]".into(),
         Value::Map(_) => "{}".into(),
@@ -690,13 +605,7 @@ mod tests {
             ("1.0e+3", Value::Float("1000.0".into())),
             (".NaN", Value::Float(".nan".into())),
             ("-.inf", Value::Float("-.inf".into())),
-            (
-                "2001-12-14",
-                Value::Other {
-                    kind: "timestamp",
-                    text: "2001-12-14".into(),
-                },
-            ),
+            ("2001-12-14", Value::Other { kind: "timestamp", text: "2001-12-14".into() }),
             ("$6$abc", Value::Str("$6$abc".into())),
         ];
         for (text, expected) in cases {
@@ -744,11 +653,7 @@ mod tests {
         let text = "# head\na: 1\nb:\n  c: 2\n  # inner\n\n# about d\nd: [1, 2]\n";
         let doc = parse(text).unwrap();
         assert!(doc.editable_layout);
-        let spans: Vec<_> = doc
-            .spans
-            .iter()
-            .map(|s| (s.key.as_str(), s.first_line, s.end_line))
-            .collect();
+        let spans: Vec<_> = doc.spans.iter().map(|s| (s.key.as_str(), s.first_line, s.end_line)).collect();
         assert_eq!(spans, vec![("a", 1, 2), ("b", 2, 5), ("d", 7, 8)]);
     }
 
@@ -796,17 +701,10 @@ mod tests {
         user.insert("type", Value::Str("hash".into()));
         let mut chpasswd = Mapping::default();
         chpasswd.insert("expire", Value::Bool(false));
-        chpasswd.insert(
-            "users",
-            Value::Seq(vec![Value::Map(user.clone()), Value::Map(user)]),
-        );
+        chpasswd.insert("users", Value::Seq(vec![Value::Map(user.clone()), Value::Map(user)]));
         chpasswd.insert("list", Value::Seq(vec![Value::Str("a:b".into())]));
         let value = Value::Map(chpasswd);
         let text = render_entry("chpasswd", &value, 0);
-        assert_eq!(
-            parse(&text).unwrap().root.get("chpasswd"),
-            Some(&value),
-            "{text}"
-        );
+        assert_eq!(parse(&text).unwrap().root.get("chpasswd"), Some(&value), "{text}");
     }
 }

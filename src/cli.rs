@@ -1,0 +1,197 @@
+//! The command line as typed: clap definitions only. `settings` turns it into what will be done.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::accel;
+use crate::exit_codes;
+use crate::image_file::Format;
+
+#[derive(Debug, Parser)]
+#[command(name = "cloudimg", version, about = "Prepare cloud images offline for OpenStack", after_help = exit_codes::HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Give an image a working password login through its own cloud-init
+    #[command(after_long_help = CUSTOMIZE_EXAMPLES, after_help = "Examples and exit statuses: cloudimg customize --help")]
+    Customize(CustomizeArgs),
+}
+
+const CUSTOMIZE_EXAMPLES: &str = "\
+Examples:
+  # Image builders: a new image whose default user logs in with the password in pw.txt
+  cloudimg customize debian-12.qcow2 -o debian-12-pw.qcow2 --password-file pw.txt
+
+  # Pipelines: password from a secret on stdin, machine-readable report, raw output for Ceph
+  printf '%s\\n' \"$PW\" | cloudimg customize in.qcow2 -o out.raw --output-format raw --password-stdin --json
+
+  # A generated password, saved to a new file readable only by you
+  cloudimg customize in.qcow2 -o out.qcow2 --random-password --random-password-file out.pw
+
+  # See what would change, with the secret masked; writes nothing
+  cloudimg customize in.qcow2 --dry-run --password-file pw.txt
+
+  # One-off reset of an existing image file, in place (atomic: old or new image, never half)
+  cloudimg customize vm.qcow2 --in-place --password-file pw.txt --clean-instance-state
+
+What is written: /etc/cloud/cloud.cfg (or, with --drop-in, /etc/cloud/cloud.cfg.d/99-cloudimg.cfg)
+gets a SHA-512 crypt hash of the password in the form the image's cloud-init version reads
+(chpasswd.users from 22.3, the top-level password or chpasswd.list from 17.1), chpasswd.expire: false
+and ssh_pwauth: true. Everything else in the file stays byte for byte. cloudimg then checks the
+drop-ins in /etc/cloud/cloud.cfg.d, the module lists and sshd's configuration, and refuses to write
+an image in which the login would not work.
+
+The input is never modified (unless --in-place), its format is read from its header (qcow2 or raw;
+never probed), and qcow2 files with backing or external data files are refused.
+";
+
+/// How `ssh_pwauth` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SshPwauth {
+    /// Enable SSH password authentication (cloud-init writes PasswordAuthentication yes)
+    True,
+    /// Disable it (console login only)
+    False,
+    /// Leave the image's setting alone
+    Unchanged,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("password").required(true).args(["password_file", "password_stdin", "random_password", "visible_password"])))]
+pub struct CustomizeArgs {
+    /// The image to customize (qcow2 or raw)
+    pub input: PathBuf,
+
+    /// Where to write the new image; it must not exist unless --force
+    #[arg(short, long, value_name = "OUTPUT", required_unless_present_any = ["in_place", "dry_run"], conflicts_with = "in_place")]
+    pub output: Option<PathBuf>,
+
+    /// Edit INPUT itself (a new image replaces it atomically at the end)
+    #[arg(long)]
+    pub in_place: bool,
+
+    /// Read the password from the first line of FILE
+    #[arg(long, value_name = "FILE", help_heading = "Password")]
+    pub password_file: Option<PathBuf>,
+
+    /// Read the password from the first line of standard input (no echo on a terminal)
+    #[arg(long, help_heading = "Password")]
+    pub password_stdin: bool,
+
+    /// Generate a random password and print it once on stderr
+    #[arg(long, help_heading = "Password")]
+    pub random_password: bool,
+
+    /// With --random-password: save it to FILE (created with mode 0600) instead of printing it
+    #[arg(long, value_name = "FILE", help_heading = "Password")]
+    pub random_password_file: Option<PathBuf>,
+
+    /// Take the password from the command line, where other users can see it (ps, shell history)
+    #[arg(long, value_name = "PASSWORD", help_heading = "Password")]
+    pub visible_password: Option<String>,
+
+    /// The user whose password is set [default: the image's cloud-init default user]
+    #[arg(long, value_name = "NAME", help_heading = "What to write")]
+    pub user: Option<String>,
+
+    /// Store the password in clear text instead of a hash (needed for cloud-init older than 17.1)
+    #[arg(long, help_heading = "What to write")]
+    pub plaintext: bool,
+
+    /// Make the user change the password at first login (chpasswd.expire: true)
+    #[arg(long, help_heading = "What to write")]
+    pub expire: bool,
+
+    /// Whether cloud-init enables SSH password authentication
+    #[arg(long, value_enum, default_value_t = SshPwauth::True, value_name = "WHEN", help_heading = "What to write")]
+    pub ssh_pwauth: SshPwauth,
+
+    /// Write /etc/cloud/cloud.cfg.d/99-cloudimg.cfg instead of editing /etc/cloud/cloud.cfg
+    #[arg(long, help_heading = "What to write")]
+    pub drop_in: bool,
+
+    /// Remove cloud-init's instance state (as `cloud-init clean` does) so that a disk that was booted
+    /// before sets the password again on its next boot
+    #[arg(long, help_heading = "What to write")]
+    pub clean_instance_state: bool,
+
+    /// Write even when the checks find that the password login would not work
+    #[arg(long, help_heading = "What to write")]
+    pub allow_ineffective: bool,
+
+    /// The root filesystem's device, when the image holds several operating systems
+    #[arg(long, value_name = "DEVICE", help_heading = "Image")]
+    pub root: Option<String>,
+
+    /// The cloud-init version to write for, when it cannot be read from the image
+    #[arg(long, value_name = "X.Y[.Z]", help_heading = "Image")]
+    pub cloud_init_version: Option<String>,
+
+    /// Output format [default: qcow2; with --in-place, the input's format]
+    #[arg(long, value_enum, help_heading = "Output")]
+    pub output_format: Option<Format>,
+
+    /// Compress the qcow2 output
+    #[arg(long, help_heading = "Output")]
+    pub compress: bool,
+
+    /// Replace OUTPUT if it exists
+    #[arg(long, help_heading = "Output")]
+    pub force: bool,
+
+    /// Do everything up to writing, show the change as a diff (secret masked), write nothing
+    #[arg(long, help_heading = "Output")]
+    pub dry_run: bool,
+
+    /// Print a JSON report on stdout (progress goes to stderr)
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+
+    /// Print only errors and warnings
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// More detail; twice (-vv) adds libguestfs's appliance messages (never its call trace, which
+    /// would show file contents)
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Accelerator for the libguestfs appliance
+    #[arg(long, value_enum, default_value_t = accel::Requested::Auto, help_heading = "Appliance")]
+    pub accel: accel::Requested,
+
+    /// Give up on an appliance step after this many seconds
+    #[arg(long, default_value_t = 600, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Appliance")]
+    pub timeout: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cloudimg").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn exactly_one_password_source_and_an_output_are_required() {
+        assert!(parse(&["customize", "in.img", "-o", "out.img", "--password-file", "pw"]).is_ok());
+        assert!(parse(&["customize", "in.img", "-o", "out.img"]).is_err());
+        assert!(parse(&["customize", "in.img", "-o", "out.img", "--password-file", "pw", "--password-stdin"]).is_err());
+        assert!(parse(&["customize", "in.img", "--password-file", "pw"]).is_err());
+        assert!(parse(&["customize", "in.img", "--dry-run", "--password-file", "pw"]).is_ok());
+        assert!(parse(&["customize", "in.img", "--in-place", "-o", "x", "--password-stdin"]).is_err());
+        assert!(parse(&["customize", "in.img", "-o", "o", "--password-stdin", "--timeout", "0"]).is_err());
+    }
+}

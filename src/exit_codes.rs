@@ -1,0 +1,83 @@
+//! Exit statuses, documented in `--help` and README.md.
+
+use std::fmt;
+
+pub const SUCCESS: i32 = 0;
+/// An unexpected failure (I/O error, bug).
+pub const FAILURE: i32 = 1;
+/// Bad command line (clap uses 2 as well).
+pub const USAGE: i32 = 2;
+/// The input file was refused before opening it: not a disk image, truncated, a backing or external
+/// data file, unknown qcow2 features, the output is the input.
+pub const BAD_INPUT: i32 = 3;
+/// The guest cannot be edited: no OS root, several roots, no cloud-init, unreadable or invalid
+/// configuration, unsupported cloud-init version.
+pub const BAD_GUEST: i32 = 4;
+/// The checks found that the password login would not work (see the message); nothing was written.
+pub const INEFFECTIVE: i32 = 5;
+/// The libguestfs appliance failed to start or timed out.
+pub const APPLIANCE: i32 = 6;
+/// The output could not be written, or exists already (use --force).
+pub const OUTPUT: i32 = 7;
+/// Interrupted by a signal; temporary files were removed.
+pub const INTERRUPTED: i32 = crate::cleanup::INTERRUPTED_EXIT;
+
+/// Text for `--help`.
+pub const HELP: &str = "\
+Exit status:
+  0    success (with --dry-run: the edit would be made)
+  1    unexpected failure
+  2    bad command line
+  3    input refused (not a disk image, truncated, backing/data file, output is the input)
+  4    guest cannot be edited (no OS, several OS roots, no cloud-init, invalid cloud.cfg)
+  5    the password login would not work (overridden settings, sshd); nothing written
+  6    the libguestfs appliance failed to start or timed out
+  7    the output exists (use --force) or could not be written
+  130  interrupted; temporary files removed";
+
+/// An error with the exit status it should end the program with.
+#[derive(Debug)]
+pub struct Coded {
+    pub code: i32,
+    pub error: anyhow::Error,
+}
+
+impl fmt::Display for Coded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for Coded {}
+
+/// Tags errors with an exit status: `result.map_err(with_code(BAD_INPUT))?`.
+pub fn with_code(code: i32) -> impl FnOnce(anyhow::Error) -> anyhow::Error {
+    move |error| {
+        if error.chain().any(|e| e.downcast_ref::<Coded>().is_some()) {
+            error
+        } else {
+            anyhow::Error::new(Coded { code, error })
+        }
+    }
+}
+
+/// The exit status for an error: the innermost tag, else [`FAILURE`].
+pub fn code_of(error: &anyhow::Error) -> i32 {
+    error.chain().find_map(|e| e.downcast_ref::<Coded>()).map_or(FAILURE, |c| c.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn codes_survive_added_context_and_the_first_tag_wins() {
+        let err = with_code(BAD_INPUT)(anyhow::anyhow!("not an image"));
+        let err = with_code(OUTPUT)(err);
+        let err = Err::<(), _>(err).context("customizing x.img").unwrap_err();
+        assert_eq!(code_of(&err), BAD_INPUT);
+        assert_eq!(format!("{err:#}"), "customizing x.img: not an image");
+        assert_eq!(code_of(&anyhow::anyhow!("plain")), FAILURE);
+    }
+}

@@ -1,0 +1,195 @@
+//! What will be done, checked and decided once from what was typed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::accel;
+use crate::cli::{CustomizeArgs, SshPwauth};
+use crate::cloud_config::credentials::CloudInitVersion;
+use crate::cloud_config::{CLOUD_CFG, DROP_IN};
+use crate::exit_codes::{with_code, BAD_INPUT, OUTPUT, USAGE};
+use crate::image_file::Format;
+use crate::output;
+use crate::password::{Secret, Source};
+
+/// Where the result goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// A new image file; `format` `None` means qcow2.
+    NewFile {
+        path: PathBuf,
+        format: Option<Format>,
+        compress: bool,
+        replace: bool,
+    },
+    /// Replace the input atomically; `format` `None` keeps the input's.
+    InPlace {
+        format: Option<Format>,
+        compress: bool,
+    },
+    DryRun,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    Quiet,
+    Normal,
+    Verbose,
+    /// Also libguestfs's appliance messages.
+    Debug,
+}
+
+#[derive(Debug)]
+pub struct Customize {
+    pub input: PathBuf,
+    pub output: Output,
+    pub password: Source,
+    pub user: Option<String>,
+    pub plaintext: bool,
+    pub expire: bool,
+    pub ssh_pwauth: Option<bool>,
+    /// The cloud-init file to edit.
+    pub target: &'static str,
+    pub clean_instance_state: bool,
+    pub allow_ineffective: bool,
+    pub root: Option<String>,
+    pub cloud_init_version: Option<CloudInitVersion>,
+    pub accel: accel::Requested,
+    pub timeout: Duration,
+    pub verbosity: Verbosity,
+    pub json: bool,
+}
+
+impl Customize {
+    pub fn from_args(args: CustomizeArgs) -> Result<Self> {
+        if args.random_password_file.is_some() && !args.random_password {
+            return Err(with_code(USAGE)(anyhow::anyhow!("--random-password-file goes with --random-password")));
+        }
+        let password = if let Some(path) = args.password_file {
+            Source::File(path)
+        } else if args.password_stdin {
+            Source::Stdin
+        } else if args.random_password {
+            Source::Random { save_to: args.random_password_file }
+        } else if let Some(visible) = args.visible_password {
+            Source::Visible(Secret::new(visible).map_err(with_code(USAGE))?)
+        } else {
+            unreachable!("clap requires one password source")
+        };
+        let output = if args.dry_run {
+            Output::DryRun
+        } else if args.in_place {
+            Output::InPlace { format: args.output_format, compress: args.compress }
+        } else {
+            let path = args.output.expect("clap requires -o without --in-place or --dry-run");
+            check_output_path(&args.input, &path, args.force)?;
+            Output::NewFile { path, format: args.output_format, compress: args.compress, replace: args.force }
+        };
+        let cloud_init_version = args.cloud_init_version.map(|v| v.parse()).transpose().map_err(with_code(USAGE))?;
+        let verbosity = match (args.quiet, args.verbose) {
+            (true, _) => Verbosity::Quiet,
+            (false, 0) => Verbosity::Normal,
+            (false, 1) => Verbosity::Verbose,
+            (false, _) => Verbosity::Debug,
+        };
+        Ok(Customize {
+            input: args.input,
+            output,
+            password,
+            user: args.user,
+            plaintext: args.plaintext,
+            expire: args.expire,
+            ssh_pwauth: match args.ssh_pwauth {
+                SshPwauth::True => Some(true),
+                SshPwauth::False => Some(false),
+                SshPwauth::Unchanged => None,
+            },
+            target: if args.drop_in { DROP_IN } else { CLOUD_CFG },
+            clean_instance_state: args.clean_instance_state,
+            allow_ineffective: args.allow_ineffective,
+            root: args.root,
+            cloud_init_version,
+            accel: args.accel,
+            timeout: Duration::from_secs(args.timeout),
+            verbosity,
+            json: args.json,
+        })
+    }
+}
+
+fn check_output_path(input: &std::path::Path, path: &std::path::Path, force: bool) -> Result<()> {
+    if output::same_file(input, path) {
+        return Err(with_code(BAD_INPUT)(anyhow::anyhow!(
+            "the output {} is the input; use --in-place to edit the input itself",
+            path.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(with_code(OUTPUT)(anyhow::anyhow!("the output {} is a directory", path.display())));
+    }
+    if !force && path.symlink_metadata().is_ok() {
+        return Err(with_code(OUTPUT)(anyhow::anyhow!(
+            "the output {} exists; use --force to replace it",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::exit_codes::code_of;
+    use clap::Parser;
+
+    fn settings(args: &[&str]) -> Result<Customize> {
+        let cli = Cli::try_parse_from(["cloudimg", "customize"].iter().chain(args)).unwrap();
+        let Command::Customize(args) = cli.command;
+        Customize::from_args(args)
+    }
+
+    #[test]
+    fn outputs_and_sources_are_decided_once() {
+        let s = settings(&[
+            "in.img",
+            "-o",
+            "/nonexistent/out.img",
+            "--password-stdin",
+            "--ssh-pwauth",
+            "unchanged",
+            "--drop-in",
+            "-vv",
+        ])
+        .unwrap();
+        assert_eq!(s.password, Source::Stdin);
+        assert_eq!(s.ssh_pwauth, None);
+        assert_eq!(s.target, DROP_IN);
+        assert_eq!(s.verbosity, Verbosity::Debug);
+        assert!(matches!(s.output, Output::NewFile { replace: false, .. }));
+        assert_eq!(settings(&["in.img", "--dry-run", "-o", "x", "--password-stdin"]).unwrap().output, Output::DryRun);
+    }
+
+    #[test]
+    fn bad_combinations_get_their_exit_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.img");
+        std::fs::write(&input, b"x").unwrap();
+        let input = input.to_str().unwrap();
+        let same = settings(&[input, "-o", input, "--password-stdin"]).unwrap_err();
+        assert_eq!(code_of(&same), BAD_INPUT);
+        let existing = dir.path().join("out.img");
+        std::fs::write(&existing, b"x").unwrap();
+        let exists = settings(&[input, "-o", existing.to_str().unwrap(), "--password-stdin"]).unwrap_err();
+        assert_eq!(code_of(&exists), OUTPUT);
+        assert!(settings(&[input, "-o", existing.to_str().unwrap(), "--password-stdin", "--force"]).is_ok());
+        let lonely = settings(&[input, "--dry-run", "--password-stdin", "--random-password-file", "f"]).unwrap_err();
+        assert_eq!(code_of(&lonely), USAGE);
+        assert_eq!(
+            code_of(&settings(&[input, "--dry-run", "--password-stdin", "--cloud-init-version", "x"]).unwrap_err()),
+            USAGE
+        );
+    }
+}
