@@ -1,0 +1,363 @@
+//! Test support: phony guest images built with libguestfs (once, cached by recipe), a separate
+//! read-only handle to read results back, and PyYAML / system crypt as independent judges.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use guestfs::{AddDriveOptArgs, Handle, MkfsOptArgs};
+
+pub const DEBIAN_CFG: &str = include_str!("../../fixtures/cloud-cfg/debian-12-22.4.2.cloud.cfg");
+pub const UBUNTU_CFG: &str = include_str!("../../fixtures/cloud-cfg/ubuntu-26.cloud.cfg");
+pub const ROCKY_CFG: &str = include_str!("../../fixtures/cloud-cfg/rocky-26.cloud.cfg");
+const RECIPE: &str = include_str!("mod.rs");
+
+/// sshd_config as Debian 12 and Ubuntu ship it (the parts that matter): drop-ins first.
+pub const SSHD_WITH_INCLUDE: &str =
+    "Include /etc/ssh/sshd_config.d/*.conf\n\n#PasswordAuthentication yes\nKbdInteractiveAuthentication no\nUsePAM yes\n";
+/// Ubuntu cloud images' drop-in (facts in shared/fixtures/README.md).
+pub const UBUNTU_60_CLOUDIMG: &str = "PasswordAuthentication no\n";
+pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\nops:x:1001:1001::/home/ops:/bin/bash\n";
+
+/// The phony guests, by name. Each is a qcow2 file in the cache directory.
+pub struct Fixtures {
+    pub dir: PathBuf,
+}
+
+impl Fixtures {
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.qcow2"))
+    }
+}
+
+/// Layouts: (name, size in MiB, builder).
+type Build = fn(&Handle, &str);
+const LAYOUTS: &[(&str, i64, Build)] = &[
+    ("debian-ext4", 256, build_debian_ext4),
+    ("ubuntu-gpt-efi-boot", 512, build_ubuntu_gpt),
+    ("rocky-lvm-xfs", 1024, build_rocky_lvm_xfs),
+    ("ubuntu-btrfs-subvol", 512, build_ubuntu_btrfs),
+    ("no-os", 64, build_no_os),
+    ("two-roots", 256, build_two_roots),
+];
+
+/// Builds the fixtures once per recipe (this file and the cloud.cfg fixtures), shared by all test
+/// binaries through a lock; one appliance launch builds them all.
+pub fn fixtures() -> &'static Fixtures {
+    static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (RECIPE, DEBIAN_CFG, UBUNTU_CFG, ROCKY_CFG).hash(&mut hasher);
+        let root = std::env::var_os("CLOUDIMG_FIXTURE_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures"));
+        let dir = root.join(format!("{:016x}", hasher.finish()));
+        std::fs::create_dir_all(&root).unwrap();
+        let lock = std::fs::File::create(root.join(".lock")).unwrap();
+        // SAFETY: flock on a file we own; released when `lock` is dropped.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        if !dir.join("done").exists() {
+            let building = root.join("building");
+            let _ = std::fs::remove_dir_all(&building);
+            std::fs::create_dir_all(&building).unwrap();
+            build_all(&building);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&building, &dir).unwrap();
+            std::fs::write(dir.join("done"), b"").unwrap();
+        }
+        Fixtures { dir }
+    })
+}
+
+/// The accelerator the tests' own handles use: the same choice the tool makes.
+pub fn force_tcg() -> bool {
+    let (accel, _) =
+        cloudimg::accel::choose(cloudimg::accel::Requested::Auto, &cloudimg::accel::HostKvm::probe()).unwrap();
+    accel == cloudimg::accel::Accel::Tcg
+}
+
+fn handle() -> Handle {
+    let g = Handle::create().expect("libguestfs handle");
+    if force_tcg() {
+        g.set_backend_setting("force_tcg", "1").unwrap();
+    }
+    g
+}
+
+fn build_all(dir: &Path) {
+    let g = handle();
+    for (name, mib, _) in LAYOUTS {
+        let raw = dir.join(format!("{name}.raw"));
+        std::fs::File::create(&raw).unwrap().set_len((*mib as u64) << 20).unwrap();
+        g.add_drive(raw.to_str().unwrap(), drive_opts(false, "raw")).unwrap();
+    }
+    g.launch().expect("launching the appliance to build fixtures");
+    for (i, (name, _, build)) in LAYOUTS.iter().enumerate() {
+        let device = format!("/dev/sd{}", (b'a' + i as u8) as char);
+        build(&g, &device);
+        g.umount_all().unwrap_or_else(|e| panic!("{name}: {e:?}"));
+    }
+    g.shutdown().expect("flushing fixtures");
+    for (name, _, _) in LAYOUTS {
+        let raw = dir.join(format!("{name}.raw"));
+        let status = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(dir.join(format!("{name}.qcow2")))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::remove_file(raw).unwrap();
+    }
+}
+
+pub fn drive_opts<'a>(readonly: bool, format: &'a str) -> AddDriveOptArgs<'a> {
+    AddDriveOptArgs {
+        readonly: Some(readonly),
+        format: Some(format),
+        iface: None,
+        name: None,
+        label: None,
+        protocol: None,
+        server: None,
+        username: None,
+        secret: None,
+        cachemode: None,
+        discard: None,
+        copyonread: None,
+    }
+}
+
+fn mkfs(g: &Handle, fstype: &str, device: &str, label: Option<&str>) {
+    g.mkfs(fstype, device, MkfsOptArgs { blocksize: None, features: None, inode: None, sectorsize: None, label })
+        .unwrap_or_else(|e| panic!("mkfs {fstype} {device}: {e:?}"));
+}
+
+fn put(g: &Handle, path: &str, content: &str) {
+    let dir = path.rsplit_once('/').unwrap().0;
+    if !dir.is_empty() {
+        g.mkdir_p(dir).unwrap();
+    }
+    g.write(path, content.as_bytes()).unwrap_or_else(|e| panic!("writing {path}: {e:?}"));
+}
+
+/// What every phony OS root has; `cloud_cfg` `None` means no cloud-init.
+fn os_root(g: &Handle, os_release: &str, cloud_cfg: Option<&str>, version_py: Option<(&str, &str)>, fstab: &str) {
+    put(g, "/etc/os-release", os_release);
+    put(g, "/etc/fstab", fstab);
+    put(g, "/etc/passwd", PASSWD);
+    put(g, "/etc/ssh/sshd_config", SSHD_WITH_INCLUDE);
+    g.mkdir_p("/etc/ssh/sshd_config.d").unwrap();
+    g.mkdir_p("/var/lib/cloud").unwrap();
+    if let Some(cfg) = cloud_cfg {
+        put(g, "/etc/cloud/cloud.cfg", cfg);
+        put(
+            g,
+            "/etc/cloud/cloud.cfg.d/05_logging.cfg",
+            "# Logging is not what this fixture is about.\n_log:\n - '[loggers]'\n",
+        );
+        put(
+            g,
+            "/etc/cloud/cloud.cfg.d/README",
+            "# All files with the '.cfg' extension in this directory will be read by\n# cloud-init.\n",
+        );
+    }
+    if let Some((path, version)) = version_py {
+        put(g, path, &format!("__VERSION__ = \"{version}\"\n_PACKAGED_VERSION = \"@@PACKAGED_VERSION@@\"\n"));
+    }
+}
+
+const DEBIAN_RELEASE: &str = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_ID=\"12\"\n";
+const UBUNTU_RELEASE: &str = "PRETTY_NAME=\"Ubuntu 24.04.1 LTS\"\nID=ubuntu\nVERSION_ID=\"24.04\"\n";
+const ROCKY_RELEASE: &str = "PRETTY_NAME=\"Rocky Linux 9.4 (Blue Onyx)\"\nID=\"rocky\"\nVERSION_ID=\"9.4\"\n";
+pub const DEBIAN_VERSION_PY: &str = "/usr/lib/python3/dist-packages/cloudinit/version.py";
+
+fn build_debian_ext4(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    let root = format!("{dev}1");
+    mkfs(g, "ext4", &root, None);
+    g.mount(&root, "/").unwrap();
+    os_root(g, DEBIAN_RELEASE, Some(DEBIAN_CFG), Some((DEBIAN_VERSION_PY, "22.4.2")), "PARTUUID=1 / ext4 rw 0 1\n");
+    g.chmod(0o640, "/etc/cloud/cloud.cfg").unwrap();
+    g.chown(0, 4, "/etc/cloud/cloud.cfg").unwrap();
+}
+
+fn build_ubuntu_gpt(g: &Handle, dev: &str) {
+    g.part_init(dev, "gpt").unwrap();
+    g.part_add(dev, "p", 2048, 133_119).unwrap(); // 64 MiB EFI system partition
+    g.part_add(dev, "p", 133_120, 395_263).unwrap(); // 128 MiB /boot
+    g.part_add(dev, "p", 395_264, -2048).unwrap(); // root
+    g.part_set_gpt_type(dev, 1, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B").unwrap();
+    mkfs(g, "vfat", &format!("{dev}1"), Some("UEFI"));
+    mkfs(g, "ext4", &format!("{dev}2"), Some("BOOT"));
+    mkfs(g, "ext4", &format!("{dev}3"), Some("cloudimg-rootfs"));
+    g.mount(&format!("{dev}2"), "/").unwrap();
+    put(g, "/vmlinuz-6.8.0-49-generic", "not a kernel\n");
+    g.umount_all().unwrap();
+    g.mount(&format!("{dev}3"), "/").unwrap();
+    os_root(
+        g,
+        UBUNTU_RELEASE,
+        Some(UBUNTU_CFG),
+        Some((DEBIAN_VERSION_PY, "24.4.1")),
+        "LABEL=cloudimg-rootfs / ext4 discard,errors=remount-ro 0 1\nLABEL=BOOT /boot ext4 defaults 0 2\nLABEL=UEFI /boot/efi vfat umask=0077 0 1\n",
+    );
+    put(g, "/etc/ssh/sshd_config.d/60-cloudimg-settings.conf", UBUNTU_60_CLOUDIMG);
+}
+
+fn build_rocky_lvm_xfs(g: &Handle, dev: &str) {
+    g.part_init(dev, "mbr").unwrap();
+    g.part_add(dev, "p", 2048, 206_847).unwrap();
+    g.part_add(dev, "p", 206_848, -2048).unwrap();
+    mkfs(g, "ext4", &format!("{dev}1"), None);
+    g.pvcreate(&format!("{dev}2")).unwrap();
+    g.vgcreate("rl", &[&format!("{dev}2")]).unwrap();
+    g.lvcreate("root", "rl", 700).unwrap();
+    mkfs(g, "xfs", "/dev/rl/root", None);
+    g.mount("/dev/rl/root", "/").unwrap();
+    os_root(
+        g,
+        ROCKY_RELEASE,
+        Some(ROCKY_CFG),
+        Some(("/usr/lib/python3.9/site-packages/cloudinit/version.py", "23.4")),
+        "/dev/mapper/rl-root / xfs defaults 0 0\n",
+    );
+    // Rocky's sshd_config says no after the Include; cloud-init 23.4 writes its drop-in, read first.
+    put(g, "/etc/ssh/sshd_config", &format!("{SSHD_WITH_INCLUDE}PasswordAuthentication no\n"));
+}
+
+fn build_ubuntu_btrfs(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    let part = format!("{dev}1");
+    mkfs(g, "btrfs", &part, None);
+    g.mount(&part, "/").unwrap();
+    g.btrfs_subvolume_create("/@", guestfs::BtrfsSubvolumeCreateOptArgs { qgroupid: None }).unwrap();
+    g.umount_all().unwrap();
+    g.mount_options("subvol=@", &part, "/").unwrap();
+    os_root(
+        g,
+        UBUNTU_RELEASE,
+        Some(UBUNTU_CFG),
+        Some((DEBIAN_VERSION_PY, "24.4.1")),
+        "/dev/sda1 / btrfs subvol=@ 0 0\n",
+    );
+}
+
+fn build_no_os(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    mkfs(g, "ext4", &format!("{dev}1"), None);
+    g.mount(&format!("{dev}1"), "/").unwrap();
+    put(g, "/data/readme.txt", "just data\n");
+}
+
+fn build_two_roots(g: &Handle, dev: &str) {
+    g.part_init(dev, "mbr").unwrap();
+    g.part_add(dev, "p", 2048, 260_095).unwrap();
+    g.part_add(dev, "p", 260_096, -2048).unwrap();
+    mkfs(g, "ext4", &format!("{dev}1"), None);
+    mkfs(g, "ext4", &format!("{dev}2"), None);
+    g.mount(&format!("{dev}1"), "/").unwrap();
+    // Invalid YAML: a tab where indentation is expected.
+    os_root(g, DEBIAN_RELEASE, Some("users:\n\t- default\n"), Some((DEBIAN_VERSION_PY, "22.4.2")), "");
+    g.umount_all().unwrap();
+    g.mount(&format!("{dev}2"), "/").unwrap();
+    os_root(g, DEBIAN_RELEASE, None, None, "");
+}
+
+/// Reads files back from several images through one read-only appliance.
+pub struct ReadBack {
+    g: Handle,
+}
+
+impl ReadBack {
+    /// Attaches `images` read-only, in order (the first is /dev/sda).
+    pub fn open(images: &[&Path]) -> ReadBack {
+        let g = handle();
+        for image in images {
+            let format = cloudimg::image_file::inspect(image).unwrap().format.as_str();
+            g.add_drive(image.to_str().unwrap(), drive_opts(true, format)).unwrap();
+        }
+        g.launch().expect("launching the read-back appliance");
+        ReadBack { g }
+    }
+
+    /// The files at `paths` on filesystem `device` (mounted with `options`); `None` where missing.
+    pub fn read(&self, device: &str, options: &str, paths: &[&str]) -> BTreeMap<String, Option<Vec<u8>>> {
+        self.g
+            .mount_options(&format!("ro{}{options}", if options.is_empty() { "" } else { "," }), device, "/")
+            .unwrap_or_else(|e| panic!("mounting {device}: {e:?}"));
+        let out = paths
+            .iter()
+            .map(|p| (p.to_string(), self.g.exists(p).unwrap().then(|| self.g.read_file(p).unwrap())))
+            .collect();
+        self.g.umount_all().unwrap();
+        out
+    }
+
+    /// (mode, uid, gid) of a file.
+    pub fn owner_mode(&self, device: &str, options: &str, path: &str) -> (i64, i64, i64) {
+        self.g
+            .mount_options(&format!("ro{}{options}", if options.is_empty() { "" } else { "," }), device, "/")
+            .unwrap();
+        let st = self.g.lstatns(path).unwrap();
+        self.g.umount_all().unwrap();
+        (st.st_mode & 0o7777, st.st_uid, st.st_gid)
+    }
+}
+
+/// Runs the cloudimg binary.
+pub fn cloudimg(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudimg"));
+    cmd.args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    text(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+/// Parses YAML documents with PyYAML's safe_load (what cloud-init uses) and returns them as JSON.
+pub fn pyyaml(documents: &[String]) -> Vec<serde_json::Value> {
+    let script =
+        "import json, sys, yaml\nprint(json.dumps([yaml.safe_load(d) for d in json.load(sys.stdin)], default=str))";
+    let mut child =
+        Command::new("python3").args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    serde_json::to_writer(child.stdin.take().unwrap(), documents).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "PyYAML failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Checks `password` against `hash` with the system's crypt(3) (glibc/libxcrypt through Python).
+pub fn system_crypt_verifies(password: &str, hash: &str) -> bool {
+    let script = "import crypt, sys, warnings\nwarnings.simplefilter('ignore')\np, h = sys.stdin.read().split('\\0')\nprint(crypt.crypt(p, h) == h)";
+    let mut child = Command::new("python3")
+        .args(["-W", "ignore", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(format!("{password}\0{hash}").as_bytes()).unwrap();
+    text(&child.wait_with_output().unwrap().stdout).trim() == "True"
+}
