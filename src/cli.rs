@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Give an image a working password login through its own cloud-init
-    #[command(after_long_help = CUSTOMIZE_EXAMPLES, after_help = "Examples and exit statuses: cloudimg customize --help")]
+    #[command(after_long_help = format!("{CUSTOMIZE_EXAMPLES}\n{}", exit_codes::HELP), after_help = "Examples and exit statuses: cloudimg customize --help")]
     Customize(CustomizeArgs),
 }
 

@@ -81,7 +81,7 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
     };
     let created_by_cloud_init =
         default_user.as_deref() == Some(user.as_str()) || configured_users(&before).any(|u| u == user);
-    if !created_by_cloud_init && !facts.passwd_users.iter().any(|u| *u == user) {
+    if !created_by_cloud_init && !facts.passwd_users.contains(&user) {
         return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
             "user `{user}` exists neither in the image's /etc/passwd nor in its cloud-init `users`"
         )));
