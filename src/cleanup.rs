@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 static TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Exit status after an interrupting signal (128 + SIGINT, as shells report it).
 pub const INTERRUPTED_EXIT: i32 = 130;
@@ -16,11 +17,18 @@ pub const INTERRUPTED_EXIT: i32 = 130;
 pub fn install_signal_handler() {
     // Failing to install (a handler already exists) only loses the clean-up, not correctness.
     let _ = ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
         kill_children();
         remove_temporaries();
         eprintln!("cloudimg: interrupted; temporary files removed, nothing was written");
         std::process::exit(INTERRUPTED_EXIT);
     });
+}
+
+/// Whether a signal is being handled. Killing the children makes the main thread's current call fail;
+/// that failure is the signal's doing, and the handler, not the main thread, reports it and exits.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// Registers a path (file or directory) that must not survive the process.

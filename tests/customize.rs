@@ -113,6 +113,7 @@ fn customized_images_of_every_layout_read_back_correctly() {
                 "--random-password",
                 "--random-password-file",
                 p(&t("rocky.pw")),
+                "--json",
             ]),
             stdin: None,
             env: vec![],
@@ -130,6 +131,8 @@ fn customized_images_of_every_layout_read_back_correctly() {
                 "--compress",
                 "--visible-password",
                 "plain pw",
+                "--clean-instance-state",
+                "--json",
             ]),
             stdin: None,
             env: vec![],
@@ -221,7 +224,15 @@ fn customized_images_of_every_layout_read_back_correctly() {
     let debian = rb.read("/dev/sda1", "", &[cfg, drop_in]);
     let ubuntu = rb.read("/dev/sdb3", "", &[cfg, drop_in, "/etc/ssh/sshd_config.d/60-cloudimg-settings.conf"]);
     let rocky = rb.read("/dev/rl/root", "", &[cfg]);
-    let btrfs = rb.read("/dev/sdd1", "subvol=@", &[cfg]);
+    let state = [
+        "/var/lib/cloud/instance",
+        "/var/lib/cloud/instances/i-0123/sem/config_set_passwords",
+        "/var/lib/cloud/data/instance-id",
+        "/var/lib/cloud/seed/nocloud/meta-data",
+    ];
+    let btrfs = rb.read("/dev/sdd1", "subvol=@", &[&[cfg][..], &state].concat());
+    let rocky_state = rb.read("/dev/rl/root", "", &state);
+    let rocky_label = rb.selinux_label("/dev/rl/root", cfg);
     let inplace = rb.read("/dev/sde1", "", &[cfg]);
     let debian_again = rb.read("/dev/sdf1", "", &[cfg]);
     let debian_mode = rb.owner_mode("/dev/sda1", "", cfg);
@@ -279,6 +290,23 @@ fn customized_images_of_every_layout_read_back_correctly() {
             );
         }
     }
+    // SELinux label kept on the replaced file.
+    assert_eq!(rocky_label.as_deref(), Some(common::SELINUX_LABEL));
+    // Instance state: Rocky's is reported and kept; the btrfs image's is cleaned, all but the seed.
+    let rocky_report: Value = serde_json::from_slice(&outputs[2].stdout).unwrap();
+    assert!(rocky_report["findings"].as_array().unwrap().iter().any(|f| f["message"]
+        .as_str()
+        .unwrap()
+        .contains("booted before")
+        && f["fix"].as_str().unwrap().contains("--clean-instance-state")));
+    assert!(rocky_state.values().all(Option::is_some), "instance state must stay unless asked");
+    let btrfs_report: Value = serde_json::from_slice(&outputs[3].stdout).unwrap();
+    assert_eq!(btrfs_report["instance_state_cleaned"], json!(true));
+    assert_eq!(btrfs_report["root"]["device"], json!("btrfsvol:/dev/sda1/@"));
+    for gone in &state[..3] {
+        assert!(btrfs[*gone].is_none(), "{gone} survived --clean-instance-state");
+    }
+    assert!(btrfs[state[3]].is_some(), "the seed must be kept");
     let ubuntu_report: Value = serde_json::from_slice(&outputs[1].stdout).unwrap();
     assert_eq!(ubuntu_report["form"], json!("chpasswd_users"));
     assert_eq!(ubuntu_report["file"], json!(drop_in));
@@ -390,4 +418,63 @@ fn settings_that_would_not_work_are_refused() {
         "{diff}"
     );
     assert!(!out.exists());
+}
+
+/// Starts an in-place run and delivers `signal` once a progress line containing `when` appears.
+fn interrupt_in_place(image: &Path, pw: &Path, tmpdir: &Path, when: &str, signal: i32) -> std::process::ExitStatus {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudimg"))
+        .args(["customize", p(image), "--in-place", "--password-file", p(pw)])
+        .env("TMPDIR", tmpdir)
+        // libguestfs keeps its appliance cache under TMPDIR by default; keep it in the usual place,
+        // so that TMPDIR holds only what cloudimg itself creates.
+        .env("LIBGUESTFS_CACHEDIR", "/var/tmp")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.lines() {
+        if line.unwrap().contains(when) {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            break;
+        }
+    }
+    child.wait().unwrap()
+}
+
+#[test]
+fn interrupted_in_place_runs_leave_a_whole_image_and_no_temporaries() {
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let tmpdir = tmp.path().join("tmp");
+    std::fs::create_dir(&tmpdir).unwrap();
+    let image = tmp.path().join("vm.qcow2");
+    std::fs::copy(fx.image("debian-ext4"), &image).unwrap();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, "pw\n").unwrap();
+    let before = sha256(&image);
+
+    // Ctrl-C while the appliance starts: clean exit 130, nothing changed, nothing left anywhere.
+    let status = interrupt_in_place(&image, &pw, &tmpdir, "Launching the appliance", libc::SIGINT);
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(sha256(&image), before);
+    assert_eq!(std::fs::read_dir(&tmpdir).unwrap().count(), 0, "temporary directory left behind");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 3, "only vm.qcow2, pw and tmp remain");
+
+    // kill -9 while cloud.cfg is being written: the image is still the old one, whole.
+    let status = interrupt_in_place(&image, &pw, &tmpdir, "Writing /etc/cloud/cloud.cfg", libc::SIGKILL);
+    assert_eq!(status.code(), None, "killed by a signal");
+    assert_eq!(sha256(&image), before, "the edit happened in the overlay, not in the image");
+    let check =
+        std::process::Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(&image).status().unwrap();
+    assert!(check.success());
+    let partial: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "vm.qcow2" && n != "pw" && n != "tmp")
+        .collect();
+    assert!(partial.iter().all(|n| n.ends_with(".cloudimg-partial")), "unclearly named leftovers: {partial:?}");
 }

@@ -228,6 +228,18 @@ fn build_rocky_lvm_xfs(g: &Handle, dev: &str) {
     );
     // Rocky's sshd_config says no after the Include; cloud-init 23.4 writes its drop-in, read first.
     put(g, "/etc/ssh/sshd_config", &format!("{SSHD_WITH_INCLUDE}PasswordAuthentication no\n"));
+    g.lsetxattr("security.selinux", SELINUX_LABEL, SELINUX_LABEL.len() as i32, "/etc/cloud/cloud.cfg").unwrap();
+    booted_instance(g);
+}
+
+pub const SELINUX_LABEL: &str = "system_u:object_r:etc_t:s0";
+
+/// cloud-init's state after a first boot, and a NoCloud seed that `cloud-init clean` keeps.
+fn booted_instance(g: &Handle) {
+    put(g, "/var/lib/cloud/instances/i-0123/sem/config_set_passwords", "");
+    g.ln_s("/var/lib/cloud/instances/i-0123", "/var/lib/cloud/instance").unwrap();
+    put(g, "/var/lib/cloud/data/instance-id", "i-0123\n");
+    put(g, "/var/lib/cloud/seed/nocloud/meta-data", "instance-id: i-0123\n");
 }
 
 fn build_ubuntu_btrfs(g: &Handle, dev: &str) {
@@ -245,6 +257,7 @@ fn build_ubuntu_btrfs(g: &Handle, dev: &str) {
         Some((DEBIAN_VERSION_PY, "24.4.1")),
         "/dev/sda1 / btrfs subvol=@ 0 0\n",
     );
+    booted_instance(g);
 }
 
 fn build_no_os(g: &Handle, dev: &str) {
@@ -290,12 +303,22 @@ impl ReadBack {
         self.g
             .mount_options(&format!("ro{}{options}", if options.is_empty() { "" } else { "," }), device, "/")
             .unwrap_or_else(|e| panic!("mounting {device}: {e:?}"));
-        let out = paths
-            .iter()
-            .map(|p| (p.to_string(), self.g.exists(p).unwrap().then(|| self.g.read_file(p).unwrap())))
-            .collect();
+        // A directory (or a link to one) is reported as present with no content.
+        let read = |p: &str| match self.g.is_file(p, guestfs::IsFileOptArgs { followsymlinks: Some(true) }).unwrap() {
+            true => self.g.read_file(p).unwrap(),
+            false => Vec::new(),
+        };
+        let out = paths.iter().map(|p| (p.to_string(), self.g.exists(p).unwrap().then(|| read(p)))).collect();
         self.g.umount_all().unwrap();
         out
+    }
+
+    /// The SELinux label of a file, if any.
+    pub fn selinux_label(&self, device: &str, path: &str) -> Option<String> {
+        self.g.mount_ro(device, "/").unwrap();
+        let label = self.g.lgetxattrs(path).unwrap().into_iter().find(|x| x.attrname == "security.selinux");
+        self.g.umount_all().unwrap();
+        label.map(|x| text(&x.attrval).trim_end_matches('\0').to_string())
     }
 
     /// (mode, uid, gid) of a file.
