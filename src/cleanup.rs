@@ -9,6 +9,7 @@ use std::time::Duration;
 
 static TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static MAIN_PARKED: AtomicBool = AtomicBool::new(false);
 
 /// Exit status after an interrupting signal (128 + SIGINT, as shells report it).
 pub const INTERRUPTED_EXIT: i32 = 130;
@@ -18,17 +19,31 @@ pub fn install_signal_handler() {
     // Failing to install (a handler already exists) only loses the clean-up, not correctness.
     let _ = ctrlc::set_handler(|| {
         INTERRUPTED.store(true, Ordering::SeqCst);
-        kill_children();
+        // The main thread may be inside libguestfs, creating files in our temporary directory or
+        // starting qemu: keep killing children until it has parked at a checkpoint (bounded wait).
+        for _ in 0..300 {
+            kill_children();
+            if MAIN_PARKED.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         remove_temporaries();
         eprintln!("cloudimg: interrupted; temporary files removed, nothing was written");
         std::process::exit(INTERRUPTED_EXIT);
     });
 }
 
-/// Whether a signal is being handled. Killing the children makes the main thread's current call fail;
-/// that failure is the signal's doing, and the handler, not the main thread, reports it and exits.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+/// Called by the main thread after each call that a signal can cut short (appliance, qemu-img):
+/// once a signal is being handled, the call's failure is the signal's doing, so the main thread stops
+/// here and leaves the clean-up and the exit to the handler.
+pub fn checkpoint() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        MAIN_PARKED.store(true, Ordering::SeqCst);
+        loop {
+            std::thread::park();
+        }
+    }
 }
 
 /// Registers a path (file or directory) that must not survive the process.

@@ -104,6 +104,7 @@ impl Guest {
     fn bounded<T>(&self, what: &str, call: impl FnOnce(&Handle) -> Result<T, guestfs::Error>) -> Result<T> {
         let dog = Watchdog::arm(self.timeout);
         let result = call(&self.g);
+        crate::cleanup::checkpoint();
         if dog.fired() {
             bail!("{what} did not finish within {} s and was stopped", self.timeout.as_secs());
         }

@@ -65,12 +65,7 @@ fn print_summary(summary: &customize::Summary, diff: Option<&str>) {
 }
 
 fn fail(error: &anyhow::Error) -> i32 {
-    if cloudimg::cleanup::interrupted() {
-        // The signal handler is cleaning up and will exit with its own status.
-        loop {
-            std::thread::park();
-        }
-    }
+    cloudimg::cleanup::checkpoint();
     eprintln!("cloudimg: error: {error:#}");
     exit_codes::code_of(error)
 }

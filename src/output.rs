@@ -40,6 +40,7 @@ pub fn convert(overlay: &Path, format: Format, compress: bool, dest: &Path) -> R
 
 fn run_qemu_img(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().with_context(|| format!("{what}: running qemu-img (is qemu-utils installed?)"))?;
+    cleanup::checkpoint();
     if !out.status.success() {
         bail!("{what}: qemu-img failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
