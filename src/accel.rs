@@ -59,7 +59,7 @@ pub fn choose(requested: Requested, host: &HostKvm) -> Result<(Accel, Option<&'s
     match (requested, problem) {
         (Requested::Tcg, _) => Ok((Accel::Tcg, Some("--accel tcg was given"))),
         (Requested::Kvm, Some(why)) => {
-            bail!("--accel kvm was given but {why}; use --accel tcg or --accel auto")
+            bail!("--accel kvm was given, but {why}; use --accel tcg or --accel auto")
         }
         (_, None) => Ok((Accel::Kvm, None)),
         (Requested::Auto, Some(why)) => Ok((Accel::Tcg, Some(why))),

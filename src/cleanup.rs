@@ -21,7 +21,7 @@ pub fn install_signal_handler() {
         INTERRUPTED.store(true, Ordering::SeqCst);
         // The main thread may be inside libguestfs, creating files in our temporary directory or
         // starting qemu: keep killing children until it has parked at a checkpoint (bounded wait).
-        for _ in 0..300 {
+        for _ in 0..500 {
             kill_children();
             if MAIN_PARKED.load(Ordering::SeqCst) {
                 break;
@@ -59,7 +59,14 @@ pub fn unregister(path: &Path) {
 fn remove_temporaries() {
     let paths = std::mem::take(&mut *TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()));
     for path in paths {
-        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        // A dying libguestfs may still add files to a directory while it is removed: retry briefly.
+        for _ in 0..50 {
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            if path.symlink_metadata().is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

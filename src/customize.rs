@@ -11,11 +11,11 @@ use anyhow::{Context, Result};
 use crate::accel::{self, Accel, HostKvm};
 use crate::checks::{Effective, Finding, Severity};
 use crate::cleanup;
-use crate::cloud_config::credentials::{Form, Stored};
+use crate::cloud_config::credentials::{CloudInitVersion, Form, Stored};
 use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, USAGE};
 use crate::guest::{Drive, Guest, LaunchOptions};
 use crate::guest_config;
-use crate::image_file::{self, Format};
+use crate::image_file::{self, Format, ImageInfo};
 use crate::locate::{self, Root};
 use crate::output::{self, Pending};
 use crate::password::{self, Secret, Source};
@@ -46,7 +46,8 @@ pub struct Summary {
     pub elapsed_seconds: f64,
 }
 
-pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, Option<String>)> {
+/// Runs the pipeline; returns the summary and the masked diff of the cloud-init file.
+pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
     report.phase(&format!("Examining {}", s.input.display()));
     let info = image_file::inspect(&s.input).map_err(with_code(BAD_INPUT))?;
     report.detail(&format!("{} image, virtual size {} bytes", info.format.as_str(), info.virtual_size));
@@ -57,28 +58,12 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, Option<String>)
     let secret = s.password.read().map_err(with_code(USAGE))?;
     let stored =
         if s.plaintext { Stored::Plain(secret.expose().to_string()) } else { Stored::Hash(password::hash(&secret)) };
-    let (accel, why) = accel::choose(s.accel, &HostKvm::probe()).map_err(with_code(APPLIANCE))?;
 
     let work = tempfile::Builder::new().prefix("cloudimg-").tempdir().context("creating a temporary directory")?;
     cleanup::register(work.path());
     let dry_run = s.output == Output::DryRun;
     let overlay = work.path().join("overlay.qcow2");
-    let drive = if dry_run {
-        Drive { path: &s.input, format: info.format, readonly: true }
-    } else {
-        output::create_overlay(&s.input, info.format, &overlay)?;
-        Drive { path: &overlay, format: Format::Qcow2, readonly: false }
-    };
-    report.phase(&format!(
-        "Launching the appliance ({}{})",
-        if accel == Accel::Kvm { "KVM" } else { "TCG" },
-        why.map(|w| format!(": {w}")).unwrap_or_default()
-    ));
-    let guest = Guest::launch(
-        &[drive],
-        &LaunchOptions { accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir: work.path() },
-    )
-    .map_err(with_code(APPLIANCE))?;
+    let (guest, accel) = launch(s, &info, (!dry_run).then_some(overlay.as_path()), work.path(), report)?;
 
     report.phase("Finding the root filesystem");
     let roots = locate::find_roots(&guest).map_err(with_code(BAD_GUEST))?;
@@ -89,24 +74,15 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, Option<String>)
     }
 
     report.phase("Reading cloud-init's configuration");
-    let (files, read_warnings) = guest_config::read_cloud_files(&guest).map_err(with_code(BAD_GUEST))?;
-    read_warnings.iter().for_each(|w| report.warn(w));
-    let version = match s.cloud_init_version {
-        Some(v) => v,
-        None => guest_config::cloud_init_version(&guest)?,
-    };
-    report.detail(&format!("cloud-init {version}; {} configuration files", files.len()));
-    let sshd = guest_config::sshd_files(&guest).map_err(with_code(BAD_GUEST))?;
-    let booted_before = guest_config::booted_before(&guest).map_err(with_code(BAD_GUEST))?;
-    let passwd_users = guest_config::passwd_users(&guest).map_err(with_code(BAD_GUEST))?;
+    let image = read_image(&guest, s, report)?;
     let already_set = |text: &str| stands_for(&secret, text, s.plaintext);
     let plan = plan::plan(
         &Facts {
-            files: &files,
-            version,
-            passwd_users: &passwd_users,
-            sshd: sshd.as_ref(),
-            booted_before: booted_before && !s.clean_instance_state,
+            files: &image.files,
+            version: image.version,
+            passwd_users: &image.passwd_users,
+            sshd: image.sshd.as_ref(),
+            booted_before: image.booted_before && !s.clean_instance_state,
         },
         &Request {
             user: s.user.as_deref(),
@@ -120,7 +96,6 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, Option<String>)
     report.detail(&format!("user {} via {} in {}", plan.user, plan.form.describe(), plan.target));
     refuse_if_ineffective(&plan, s.allow_ineffective, report)?;
 
-    let diff = plan.masked_diff();
     let mut summary = Summary {
         input: s.input.clone(),
         input_format: info.format,
@@ -129,7 +104,7 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, Option<String>)
         dry_run,
         accel,
         root,
-        cloud_init_version: version.to_string(),
+        cloud_init_version: image.version.to_string(),
         user: plan.user.clone(),
         form: plan.form,
         file: plan.target.clone(),
@@ -140,54 +115,110 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, Option<String>)
         instance_state_cleaned: false,
         elapsed_seconds: 0.0,
     };
-    if dry_run {
-        drop(guest);
-        summary.elapsed_seconds = report.elapsed_secs();
-        return Ok((summary, Some(diff)));
+    if !dry_run {
+        report.phase(&format!("Writing {}", plan.target));
+        if plan.changed() {
+            guest.replace_file(&plan.target, plan.new_text.as_bytes(), crate::cloud_config::CLOUD_CFG)?;
+        }
+        if s.clean_instance_state && image.booted_before {
+            guest_config::clean_instance_state(&guest)?;
+            summary.instance_state_cleaned = true;
+        }
+        guest.shutdown()?;
+        let (dest, format) = produce_output(s, &info, &overlay, &secret, report)?;
+        summary.output = Some(dest);
+        summary.output_format = Some(format);
     }
+    summary.elapsed_seconds = report.elapsed_secs();
+    Ok((summary, plan.masked_diff()))
+}
 
-    report.phase(&format!("Writing {}", plan.target));
-    if plan.changed() {
-        guest.replace_file(&plan.target, plan.new_text.as_bytes(), crate::cloud_config::CLOUD_CFG)?;
-    }
-    if s.clean_instance_state && booted_before {
-        guest_config::clean_instance_state(&guest)?;
-        summary.instance_state_cleaned = true;
-    }
-    guest.shutdown()?;
+/// Starts the appliance on the input (read-only, for a dry run) or on a fresh overlay over it.
+fn launch(
+    s: &Customize,
+    info: &ImageInfo,
+    overlay: Option<&Path>,
+    tmpdir: &Path,
+    report: &Reporter,
+) -> Result<(Guest, Accel)> {
+    let (accel, why) = accel::choose(s.accel, &HostKvm::probe()).map_err(with_code(APPLIANCE))?;
+    let drive = match overlay {
+        None => Drive { path: &s.input, format: info.format, readonly: true },
+        Some(overlay) => {
+            output::create_overlay(&s.input, info.format, overlay)?;
+            Drive { path: overlay, format: Format::Qcow2, readonly: false }
+        }
+    };
+    report.phase(&format!(
+        "Launching the appliance ({}{})",
+        if accel == Accel::Kvm { "KVM" } else { "TCG" },
+        why.map(|w| format!(": {w}")).unwrap_or_default()
+    ));
+    let options = LaunchOptions { accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
+    let guest = Guest::launch(&[drive], &options).map_err(with_code(APPLIANCE))?;
+    Ok((guest, accel))
+}
 
-    let (dest, format, compress, in_place) = match &s.output {
-        Output::NewFile { path, format, compress, .. } => {
-            (path.clone(), format.unwrap_or(Format::Qcow2), *compress, false)
+/// What the plan needs from the mounted guest.
+struct ImageFacts {
+    files: Vec<guest_config::CloudFile>,
+    version: CloudInitVersion,
+    sshd: Option<crate::sshd::Files>,
+    booted_before: bool,
+    passwd_users: Vec<String>,
+}
+
+fn read_image(guest: &Guest, s: &Customize, report: &Reporter) -> Result<ImageFacts> {
+    let (files, read_warnings) = guest_config::read_cloud_files(guest).map_err(with_code(BAD_GUEST))?;
+    read_warnings.iter().for_each(|w| report.warn(w));
+    let version = match s.cloud_init_version {
+        Some(v) => v,
+        None => guest_config::cloud_init_version(guest)?,
+    };
+    report.detail(&format!("cloud-init {version}; {} configuration files", files.len()));
+    Ok(ImageFacts {
+        files,
+        version,
+        sshd: guest_config::sshd_files(guest).map_err(with_code(BAD_GUEST))?,
+        booted_before: guest_config::booted_before(guest).map_err(with_code(BAD_GUEST))?,
+        passwd_users: guest_config::passwd_users(guest).map_err(with_code(BAD_GUEST))?,
+    })
+}
+
+/// Converts the edited overlay into the output (or the in-place replacement) and renames it into place.
+fn produce_output(
+    s: &Customize,
+    info: &ImageInfo,
+    overlay: &Path,
+    secret: &Secret,
+    report: &Reporter,
+) -> Result<(PathBuf, Format)> {
+    let (dest, format, compress, in_place, replace) = match &s.output {
+        Output::NewFile { path, format, compress, replace } => {
+            (path.clone(), format.unwrap_or(Format::Qcow2), *compress, false, *replace)
         }
         Output::InPlace { format, compress } => {
-            (in_place_target(&s.input)?, format.unwrap_or(info.format), *compress, true)
+            (in_place_target(&s.input)?, format.unwrap_or(info.format), *compress, true, true)
         }
-        Output::DryRun => unreachable!("handled above"),
+        Output::DryRun => unreachable!("a dry run produces no output"),
     };
     report.phase(&format!("Writing the {} image {}", format.as_str(), dest.display()));
     let pending = Pending::beside(&dest).map_err(with_code(OUTPUT))?;
-    output::convert(&overlay, format, compress, pending.path()).map_err(with_code(OUTPUT))?;
-    let saved_password = reveal_random_password(&s.password, &secret)?;
+    output::convert(overlay, format, compress, pending.path()).map_err(with_code(OUTPUT))?;
+    let saved_password = reveal_random_password(&s.password, secret)?;
     let (mode, owner_like) = if in_place {
-        (
-            std::fs::metadata(&dest).context("reading the input's mode")?.permissions().mode() & 0o7777,
-            Some(dest.as_path()),
-        )
+        let mode = std::fs::metadata(&dest).context("reading the input's mode")?.permissions().mode() & 0o7777;
+        (mode, Some(dest.as_path()))
     } else {
         (output::default_file_mode(), None)
     };
-    let replace = in_place || matches!(s.output, Output::NewFile { replace: true, .. });
     if let Err(e) = pending.commit(mode, owner_like, replace) {
         if let Some(path) = saved_password {
             let _ = std::fs::remove_file(path);
         }
         return Err(with_code(OUTPUT)(e));
     }
-    summary.output = Some(dest);
-    summary.output_format = Some(format);
-    summary.elapsed_seconds = report.elapsed_secs();
-    Ok((summary, Some(diff)))
+    Ok((dest, format))
 }
 
 /// Whether an existing stored value already stands for the password, in the requested kind.

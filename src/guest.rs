@@ -26,6 +26,25 @@ fn gerr(err: guestfs::Error) -> anyhow::Error {
     anyhow!("{}", message.trim())
 }
 
+/// Options for attaching a disk: the format always stated (never probed), discard passed through so
+/// that freed blocks can be trimmed.
+pub fn drive_options(format: &str, readonly: bool) -> AddDriveOptArgs<'_> {
+    AddDriveOptArgs {
+        readonly: Some(readonly),
+        format: Some(format),
+        iface: None,
+        name: None,
+        label: None,
+        protocol: None,
+        server: None,
+        username: None,
+        secret: None,
+        cachemode: None,
+        discard: Some("besteffort"),
+        copyonread: None,
+    }
+}
+
 /// One disk to attach.
 pub struct Drive<'a> {
     pub path: &'a Path,
@@ -73,25 +92,9 @@ impl Guest {
         }
         for drive in drives {
             let path = drive.path.to_str().with_context(|| format!("{} is not a UTF-8 path", drive.path.display()))?;
-            g.add_drive(
-                path,
-                AddDriveOptArgs {
-                    readonly: Some(drive.readonly),
-                    format: Some(drive.format.as_str()),
-                    iface: None,
-                    name: None,
-                    label: None,
-                    protocol: None,
-                    server: None,
-                    username: None,
-                    secret: None,
-                    cachemode: None,
-                    discard: Some("besteffort"),
-                    copyonread: None,
-                },
-            )
-            .map_err(gerr)
-            .with_context(|| format!("attaching {}", drive.path.display()))?;
+            g.add_drive(path, drive_options(drive.format.as_str(), drive.readonly))
+                .map_err(gerr)
+                .with_context(|| format!("attaching {}", drive.path.display()))?;
         }
         let guest = Guest { g, timeout: opts.timeout };
         guest
@@ -172,12 +175,12 @@ impl Guest {
     /// not a regular file, and files over [`MAX_CONFIG_FILE`], so that a hostile image cannot send the
     /// tool elsewhere or exhaust its memory.
     pub fn read_config_file(&self, path: &str) -> Result<Option<Vec<u8>>> {
-        if !self.exists(path)? && !self.is_symlink(path)? {
-            return Ok(None);
-        }
         if self.is_symlink(path)? {
             let target = self.bounded(&format!("reading link {path}"), |g| g.readlink(path)).unwrap_or_default();
             bail!("{path} in the guest is a symbolic link (to `{target}`); cloudimg edits only regular files, replace it with a file first");
+        }
+        if !self.exists(path)? {
+            return Ok(None);
         }
         if !self
             .bounded(&format!("checking {path}"), |g| g.is_file(path, IsFileOptArgs { followsymlinks: Some(false) }))?

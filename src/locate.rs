@@ -31,10 +31,9 @@ pub fn find_roots(guest: &Guest) -> Result<Vec<Root>> {
         if guest.mount(&device, "/", true).is_err() {
             continue;
         }
-        let found = looks_like_root(guest);
-        let os = found.as_ref().ok().and_then(|_| os_name(guest));
+        let found = looks_like_root(guest).map(|is_root| is_root.then(|| os_name(guest)));
         guest.umount_all()?;
-        if found? {
+        if let Some(os) = found? {
             roots.push(Root { device, fs_type, os });
         }
     }

@@ -32,7 +32,7 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
                 let _ = serde_json::to_writer_pretty(&mut out, &summary);
                 let _ = writeln!(out);
             } else if settings.verbosity > Verbosity::Quiet {
-                print_summary(&summary, diff.as_deref());
+                print_summary(&summary, &diff);
             }
             exit_codes::SUCCESS
         }
@@ -40,12 +40,13 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
     }
 }
 
-fn print_summary(summary: &customize::Summary, diff: Option<&str>) {
+fn print_summary(summary: &customize::Summary, diff: &str) {
     let e = &summary.effective;
     if summary.dry_run {
-        match diff {
-            Some(d) if !d.is_empty() => print!("{d}"),
-            _ => println!("{} already has these settings; nothing would change.", summary.file),
+        if diff.is_empty() {
+            println!("{} already has these settings; nothing would change.", summary.file);
+        } else {
+            print!("{diff}");
         }
     } else if !summary.changed {
         println!("{} already had these settings; the output has the same configuration.", summary.file);

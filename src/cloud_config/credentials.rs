@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use anyhow::{bail, Result};
 use regex::Regex;
 
-use super::merge::{self, ConfigFile};
+use super::merge;
 use super::yaml11::{Mapping, Value};
 
 /// A cloud-init release number, e.g. 22.4.2 or 0.7.5.
@@ -141,10 +141,7 @@ pub fn entries(
         Some(Value::Map(m)) => m.clone(),
         Some(_) => bail!("`chpasswd` is not a mapping; fix it by hand first"),
     };
-    let combined = merge::effective(&[
-        ConfigFile { path: String::new(), root: lower.clone() },
-        ConfigFile { path: String::new(), root: target.clone() },
-    ]);
+    let combined = merge::overlay(lower, target);
     let list_in_use = merge::lookup(&combined, &["chpasswd", "list"]).is_some_and(Value::is_truthy);
     let form = form_for(version, req.default_user, matches!(req.stored, Stored::Plain(_)), list_in_use)?;
     let inherited = |key: &str| target_chpasswd.get(key).or_else(|| merge::lookup(lower, &["chpasswd", key])).cloned();

@@ -30,7 +30,8 @@ pub fn effective(files: &[ConfigFile]) -> Mapping {
     files.iter().fold(Mapping::default(), |merged, file| overlay(&merged, &file.root))
 }
 
-fn overlay(lower: &Mapping, higher: &Mapping) -> Mapping {
+/// `higher` merged over `lower` with cloud-init's default merger.
+pub fn overlay(lower: &Mapping, higher: &Mapping) -> Mapping {
     let mut out = lower.clone();
     for (key, value) in &higher.0 {
         let merged = match (out.0.iter().find(|(k, _)| k == key).map(|(_, v)| v), value) {

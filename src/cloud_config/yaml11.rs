@@ -66,10 +66,6 @@ impl Mapping {
             None => self.0.push((key, value)),
         }
     }
-
-    pub fn keys(&self) -> impl Iterator<Item = &Value> {
-        self.0.iter().map(|(k, _)| k)
-    }
 }
 
 impl Value {
@@ -83,13 +79,6 @@ impl Value {
     pub fn as_map(&self) -> Option<&Mapping> {
         match self {
             Value::Map(m) => Some(m),
-            _ => None,
-        }
-    }
-
-    pub fn as_bool(&self) -> Option<bool> {
-        match self {
-            Value::Bool(b) => Some(*b),
             _ => None,
         }
     }
@@ -529,7 +518,7 @@ fn write_entry(out: &mut String, key: &str, value: &Value, indent: usize) {
         Value::Map(m) if !m.0.is_empty() => {
             out.push_str(&format!("{pad}{key}:\n"));
             for (k, v) in &m.0 {
-                write_entry(out, &render_key(k), v, indent + 2);
+                write_entry(out, &render_scalar(k), v, indent + 2);
             }
         }
         Value::Seq(items) if !items.is_empty() => {
@@ -547,7 +536,7 @@ fn write_items(out: &mut String, items: &[Value], indent: usize) {
             Value::Map(m) if !m.0.is_empty() => {
                 let mut block = String::new();
                 for (k, v) in &m.0 {
-                    write_entry(&mut block, &render_key(k), v, indent + 2);
+                    write_entry(&mut block, &render_scalar(k), v, indent + 2);
                 }
                 // The first entry shares the line with the dash.
                 out.push_str(&format!("{pad}- {}", &block[indent + 2..]));
@@ -559,10 +548,6 @@ fn write_items(out: &mut String, items: &[Value], indent: usize) {
             scalar => out.push_str(&format!("{pad}- {}\n", render_scalar(scalar))),
         }
     }
-}
-
-fn render_key(key: &Value) -> String {
-    render_scalar(key)
 }
 
 fn render_scalar(value: &Value) -> String {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use guestfs::{AddDriveOptArgs, Handle, MkfsOptArgs};
+use guestfs::{Handle, MkfsOptArgs};
 
 pub const DEBIAN_CFG: &str = include_str!("../../fixtures/cloud-cfg/debian-12-22.4.2.cloud.cfg");
 pub const UBUNTU_CFG: &str = include_str!("../../fixtures/cloud-cfg/ubuntu-26.cloud.cfg");
@@ -93,7 +93,7 @@ fn build_all(dir: &Path) {
     for (name, mib, _) in LAYOUTS {
         let raw = dir.join(format!("{name}.raw"));
         std::fs::File::create(&raw).unwrap().set_len((*mib as u64) << 20).unwrap();
-        g.add_drive(raw.to_str().unwrap(), drive_opts(false, "raw")).unwrap();
+        g.add_drive(raw.to_str().unwrap(), cloudimg::guest::drive_options("raw", false)).unwrap();
     }
     g.launch().expect("launching the appliance to build fixtures");
     for (i, (name, _, build)) in LAYOUTS.iter().enumerate() {
@@ -112,23 +112,6 @@ fn build_all(dir: &Path) {
             .unwrap();
         assert!(status.success());
         std::fs::remove_file(raw).unwrap();
-    }
-}
-
-pub fn drive_opts<'a>(readonly: bool, format: &'a str) -> AddDriveOptArgs<'a> {
-    AddDriveOptArgs {
-        readonly: Some(readonly),
-        format: Some(format),
-        iface: None,
-        name: None,
-        label: None,
-        protocol: None,
-        server: None,
-        username: None,
-        secret: None,
-        cachemode: None,
-        discard: None,
-        copyonread: None,
     }
 }
 
@@ -292,7 +275,7 @@ impl ReadBack {
         let g = handle();
         for image in images {
             let format = cloudimg::image_file::inspect(image).unwrap().format.as_str();
-            g.add_drive(image.to_str().unwrap(), drive_opts(true, format)).unwrap();
+            g.add_drive(image.to_str().unwrap(), cloudimg::guest::drive_options(format, true)).unwrap();
         }
         g.launch().expect("launching the read-back appliance");
         ReadBack { g }
