@@ -96,10 +96,21 @@ impl Guest {
                 .map_err(gerr)
                 .with_context(|| format!("attaching {}", drive.path.display()))?;
         }
+        // supermin, which libguestfs runs to build or check the appliance, keeps temporary files in
+        // $TMPDIR and leaves them behind when it is killed (Ctrl-C, timeout). Pin libguestfs's cache
+        // (which defaults to $TMPDIR) where it is, then point $TMPDIR at our own temporary directory for
+        // the launch, so that supermin's files go wherever ours go.
+        let cachedir = g.get_cachedir().map_err(gerr)?;
+        g.set_cachedir(Some(&cachedir)).map_err(gerr)?;
         let guest = Guest { g, timeout: opts.timeout };
-        guest
-            .bounded("launching the libguestfs appliance", |g| g.launch())
-            .map_err(|e| explain_launch_failure(e, opts))?;
+        let user_tmpdir = std::env::var_os("TMPDIR");
+        std::env::set_var("TMPDIR", opts.tmpdir);
+        let launched = guest.bounded("launching the libguestfs appliance", |g| g.launch());
+        match user_tmpdir {
+            Some(dir) => std::env::set_var("TMPDIR", dir),
+            None => std::env::remove_var("TMPDIR"),
+        }
+        launched.map_err(|e| explain_launch_failure(e, opts))?;
         Ok(guest)
     }
 
