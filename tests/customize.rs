@@ -302,7 +302,10 @@ fn customized_images_of_every_layout_read_back_correctly() {
     assert!(rocky_state.values().all(Option::is_some), "instance state must stay unless asked");
     let btrfs_report: Value = serde_json::from_slice(&outputs[3].stdout).unwrap();
     assert_eq!(btrfs_report["instance_state_cleaned"], json!(true));
-    assert_eq!(btrfs_report["root"]["device"], json!("btrfsvol:/dev/sda1/@"));
+    // libguestfs leaves the kernel's disk name untranslated inside `btrfsvol:` names, and the kernel
+    // sometimes probes the appliance's own disk first: the letter is not stable, the rest is.
+    let btrfs_root = btrfs_report["root"]["device"].as_str().unwrap();
+    assert!(btrfs_root.starts_with("btrfsvol:/dev/sd") && btrfs_root.ends_with("1/@"), "{btrfs_root}");
     for gone in &state[..3] {
         assert!(btrfs[*gone].is_none(), "{gone} survived --clean-instance-state");
     }

@@ -174,7 +174,7 @@ fn hashes_verify_with_the_system_crypt() {
         assert!(!common::system_crypt_verifies("wrong", &hash));
     }
     // And our verifier agrees with glibc on a hash glibc made.
-    let glibc = std::process::Command::new("python3")
+    let glibc = std::process::Command::new(common::PYTHON)
         .args(["-W", "ignore", "-c", "import crypt; print(crypt.crypt('openstack', '$6$abcdefghijklmnop$'))"])
         .output()
         .unwrap();

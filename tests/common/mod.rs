@@ -342,12 +342,16 @@ pub fn sha256(path: &Path) -> String {
     text(&out.stdout).split_whitespace().next().unwrap().to_string()
 }
 
+/// Debian's Python, whose PyYAML (`python3-yaml`, installed by scripts/install-deps) is the one Debian's
+/// cloud-init reads with; a `python3` earlier on PATH may be another interpreter without it.
+pub const PYTHON: &str = "/usr/bin/python3";
+
 /// Parses YAML documents with PyYAML's safe_load (what cloud-init uses) and returns them as JSON.
 pub fn pyyaml(documents: &[String]) -> Vec<serde_json::Value> {
     let script =
         "import json, sys, yaml\nprint(json.dumps([yaml.safe_load(d) for d in json.load(sys.stdin)], default=str))";
     let mut child =
-        Command::new("python3").args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        Command::new(PYTHON).args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     serde_json::to_writer(child.stdin.take().unwrap(), documents).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "PyYAML failed");
@@ -357,7 +361,7 @@ pub fn pyyaml(documents: &[String]) -> Vec<serde_json::Value> {
 /// Checks `password` against `hash` with the system's crypt(3) (glibc/libxcrypt through Python).
 pub fn system_crypt_verifies(password: &str, hash: &str) -> bool {
     let script = "import crypt, sys, warnings\nwarnings.simplefilter('ignore')\np, h = sys.stdin.read().split('\\0')\nprint(crypt.crypt(p, h) == h)";
-    let mut child = Command::new("python3")
+    let mut child = Command::new(PYTHON)
         .args(["-W", "ignore", "-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
