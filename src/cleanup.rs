@@ -11,9 +11,6 @@ static TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static MAIN_PARKED: AtomicBool = AtomicBool::new(false);
 
-/// Exit status after an interrupting signal (128 + SIGINT, as shells report it).
-pub const INTERRUPTED_EXIT: i32 = 130;
-
 /// Installs the handler for SIGINT, SIGTERM and SIGHUP: kill children, remove temporaries, exit.
 pub fn install_signal_handler() {
     // Failing to install (a handler already exists) only loses the clean-up, not correctness.
@@ -30,7 +27,7 @@ pub fn install_signal_handler() {
         }
         remove_temporaries();
         eprintln!("cloudimg: interrupted; temporary files removed, nothing was written");
-        std::process::exit(INTERRUPTED_EXIT);
+        std::process::exit(crate::exit_codes::INTERRUPTED);
     });
 }
 

@@ -19,8 +19,8 @@ pub const INEFFECTIVE: i32 = 5;
 pub const APPLIANCE: i32 = 6;
 /// The output could not be written, or exists already (use --force).
 pub const OUTPUT: i32 = 7;
-/// Interrupted by a signal; temporary files were removed.
-pub const INTERRUPTED: i32 = crate::cleanup::INTERRUPTED_EXIT;
+/// Interrupted by a signal; temporary files were removed (128 + SIGINT, as shells report it).
+pub const INTERRUPTED: i32 = 130;
 
 /// Text for `--help`.
 pub const HELP: &str = "\
