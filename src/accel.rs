@@ -29,17 +29,41 @@ pub enum Accel {
 /// Facts about the host that decide whether KVM can work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostKvm {
-    /// `/dev/kvm` exists and opens read-write for this user.
-    pub device_usable: bool,
+    pub device: KvmDevice,
     /// The CPU advertises hardware virtualization (`vmx` or `svm` in /proc/cpuinfo).
     pub cpu_virtualization: bool,
 }
 
+/// What opening `/dev/kvm` read-write gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmDevice {
+    Missing,
+    /// It exists but this user may not open it (not in the `kvm` group, or a container without it).
+    NotAccessible,
+    Usable,
+}
+
 impl HostKvm {
     pub fn probe() -> Self {
-        let device_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let device = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+            Ok(_) => KvmDevice::Usable,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => KvmDevice::Missing,
+            Err(_) => KvmDevice::NotAccessible,
+        };
         let cpu_virtualization = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| cpu_flags_allow_kvm(&info));
-        HostKvm { device_usable, cpu_virtualization }
+        HostKvm { device, cpu_virtualization }
+    }
+
+    /// Why KVM cannot run the appliance here; `None` when it can.
+    pub fn problem(&self) -> Option<&'static str> {
+        match (self.device, self.cpu_virtualization) {
+            (KvmDevice::Missing, _) => Some("/dev/kvm does not exist"),
+            (KvmDevice::NotAccessible, _) => Some("/dev/kvm exists but this user cannot open it"),
+            (KvmDevice::Usable, false) => Some(
+                "/dev/kvm exists but the CPU shows neither vmx nor svm (paravirtual KVM cannot boot the appliance)",
+            ),
+            (KvmDevice::Usable, true) => None,
+        }
     }
 }
 
@@ -49,14 +73,7 @@ fn cpu_flags_allow_kvm(cpuinfo: &str) -> bool {
 
 /// Chooses the accelerator, with the reason when KVM was not chosen.
 pub fn choose(requested: Requested, host: &HostKvm) -> Result<(Accel, Option<&'static str>)> {
-    let problem = if !host.device_usable {
-        Some("/dev/kvm is missing or not accessible to this user")
-    } else if !host.cpu_virtualization {
-        Some("/dev/kvm exists but the CPU shows neither vmx nor svm (paravirtual KVM cannot boot the appliance)")
-    } else {
-        None
-    };
-    match (requested, problem) {
+    match (requested, host.problem()) {
         (Requested::Tcg, _) => Ok((Accel::Tcg, Some("--accel tcg was given"))),
         (Requested::Kvm, Some(why)) => {
             bail!("--accel kvm was given, but {why}; use --accel tcg or --accel auto")
@@ -81,7 +98,8 @@ mod tests {
             (Requested::Tcg, true, true, Some(Accel::Tcg)),
         ];
         for (requested, device_usable, cpu_virtualization, expected) in table {
-            let host = HostKvm { device_usable, cpu_virtualization };
+            let device = if device_usable { KvmDevice::Usable } else { KvmDevice::NotAccessible };
+            let host = HostKvm { device, cpu_virtualization };
             assert_eq!(choose(requested, &host).ok().map(|(a, _)| a), expected, "{requested:?} {host:?}");
         }
     }

@@ -20,6 +20,59 @@ pub enum Command {
     /// Give an image a working password login through its own cloud-init
     #[command(after_long_help = format!("{CUSTOMIZE_EXAMPLES}\n{}", exit_codes::HELP), after_help = "Examples and exit statuses: cloudimg customize --help")]
     Customize(CustomizeArgs),
+
+    /// Check that this host can run cloudimg, and print the fix for anything that stops it
+    #[command(after_long_help = DOCTOR_HELP)]
+    Doctor(DoctorArgs),
+
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout
+    #[command(
+        after_long_help = "Examples:\n  cloudimg completions bash > ~/.local/share/bash-completion/completions/cloudimg\n  cloudimg completions fish > ~/.config/fish/completions/cloudimg.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Write the man pages (cloudimg.1 and one per command) into DIR
+    #[command(after_long_help = "Example:\n  cloudimg manpages ~/.local/share/man/man1 && man cloudimg-customize")]
+    Manpages { dir: PathBuf },
+}
+
+const DOCTOR_HELP: &str = "\
+Checks, in order: the user and container; libguestfs and its backend; the appliance's qemu; qemu-img;
+the appliance files; a kernel that supermin can read (Ubuntu's /boot/vmlinuz-* are readable only by
+root); free space in $TMPDIR and in the appliance cache; whether KVM is usable (or why TCG is used);
+then it builds the appliance and starts it once, with the time each took. Every problem is printed
+with the command that fixes it.
+
+Examples:
+  cloudimg doctor                # everything, ~15-30 s with TCG
+  cloudimg doctor --quick        # no appliance build or launch, under a second
+  cloudimg doctor --json | jq '.checks[] | select(.status == \"fail\")'
+
+Exit status:
+  0    cloudimg works here (warnings allowed)
+  2    bad command line
+  6    cloudimg cannot work here: a check failed";
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Skip building and starting the appliance
+    #[arg(long)]
+    pub quick: bool,
+
+    /// Print a JSON report on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    /// Accelerator to check, as `customize --accel` would use it
+    #[arg(long, value_enum, default_value_t = accel::Requested::Auto)]
+    pub accel: accel::Requested,
+
+    /// Give up on the appliance build or launch after this many seconds
+    #[arg(long, default_value_t = 300, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
 }
 
 const CUSTOMIZE_EXAMPLES: &str = "\

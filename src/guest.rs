@@ -45,6 +45,32 @@ pub fn drive_options(format: &str, readonly: bool) -> AddDriveOptArgs<'_> {
     }
 }
 
+/// How this host's libguestfs is set up (environment variables included), read from a handle that is
+/// never launched.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Setup {
+    pub version: String,
+    pub backend: String,
+    /// The qemu binary (`LIBGUESTFS_HV` or the built-in default).
+    pub hv: String,
+    /// Where the appliance (supermin.d, or a fixed kernel/initrd/root) is looked for (`LIBGUESTFS_PATH`).
+    pub appliance_path: String,
+    /// Where the built appliance is cached (`LIBGUESTFS_CACHEDIR`, else `TMPDIR`, else /var/tmp).
+    pub cachedir: String,
+}
+
+pub fn setup() -> Result<Setup> {
+    let g = Handle::create().map_err(gerr).context("creating a libguestfs handle")?;
+    let v = g.version().map_err(gerr)?;
+    Ok(Setup {
+        version: format!("{}.{}.{}{}", v.major, v.minor, v.release, v.extra),
+        backend: g.get_backend().map_err(gerr)?,
+        hv: g.get_hv().map_err(gerr)?,
+        appliance_path: g.get_path().map_err(gerr)?.to_string(),
+        cachedir: g.get_cachedir().map_err(gerr)?,
+    })
+}
+
 /// One disk to attach.
 pub struct Drive<'a> {
     pub path: &'a Path,
@@ -80,9 +106,15 @@ impl Guest {
     pub fn launch(drives: &[Drive], opts: &LaunchOptions) -> Result<Guest> {
         // No close-on-exit: the signal handler kills the appliance itself, and libguestfs's own exit
         // hook could block on a handle the main thread is using.
+        // libguestfs puts its socket directory in $XDG_RUNTIME_DIR, else /tmp, as it reads them when the
+        // handle is created; point it at our own directory unless that would make the socket path too
+        // long for a Unix socket (108 bytes, with "/libguestfsXXXXXX/guestfsd.sock" appended).
+        let runtime_dir = (opts.tmpdir.as_os_str().len() <= 64).then_some(opts.tmpdir);
+        let runtime_env = ScopedEnv::set("XDG_RUNTIME_DIR", runtime_dir);
         let g = Handle::create_flags(CreateFlags::none().create_no_close_on_exit_flag(true))
             .map_err(gerr)
             .context("creating the libguestfs handle")?;
+        drop(runtime_env);
         g.set_trace(false).map_err(gerr)?;
         g.set_verbose(opts.debug).map_err(gerr)?;
         g.set_network(false).map_err(gerr)?;
@@ -103,13 +135,9 @@ impl Guest {
         let cachedir = g.get_cachedir().map_err(gerr)?;
         g.set_cachedir(Some(&cachedir)).map_err(gerr)?;
         let guest = Guest { g, timeout: opts.timeout };
-        let user_tmpdir = std::env::var_os("TMPDIR");
-        std::env::set_var("TMPDIR", opts.tmpdir);
+        let tmpdir_env = ScopedEnv::set("TMPDIR", Some(opts.tmpdir));
         let launched = guest.bounded("launching the libguestfs appliance", |g| g.launch());
-        match user_tmpdir {
-            Some(dir) => std::env::set_var("TMPDIR", dir),
-            None => std::env::remove_var("TMPDIR"),
-        }
+        drop(tmpdir_env);
         launched.map_err(|e| explain_launch_failure(e, opts))?;
         Ok(guest)
     }
@@ -250,6 +278,33 @@ impl Guest {
     pub fn shutdown(self) -> Result<()> {
         self.umount_all()?;
         self.bounded("shutting the appliance down (flushing writes to the disk)", |g| g.shutdown())
+    }
+}
+
+/// An environment variable changed for a while (libguestfs and supermin read their directories from
+/// the environment only), restored when dropped.
+struct ScopedEnv {
+    name: &'static str,
+    saved: Option<std::ffi::OsString>,
+}
+
+impl ScopedEnv {
+    /// Sets `name` to `value`; `None` leaves it as it is.
+    fn set(name: &'static str, value: Option<&Path>) -> Self {
+        let saved = std::env::var_os(name);
+        if let Some(value) = value {
+            std::env::set_var(name, value);
+        }
+        ScopedEnv { name, saved }
+    }
+}
+
+impl Drop for ScopedEnv {
+    fn drop(&mut self) {
+        match &self.saved {
+            Some(value) => std::env::set_var(self.name, value),
+            None => std::env::remove_var(self.name),
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! cloudimg: prepare cloud images offline for OpenStack.
 pub mod accel;
+pub mod assets;
 pub mod checks;
 pub mod cleanup;
 pub mod cli;
 pub mod cloud_config;
 pub mod customize;
+pub mod doctor;
 pub mod exit_codes;
 pub mod guest;
 pub mod guest_config;

@@ -6,6 +6,7 @@ use clap::Parser;
 
 use cloudimg::cli::{Cli, Command};
 use cloudimg::customize;
+use cloudimg::doctor;
 use cloudimg::exit_codes;
 use cloudimg::report::Reporter;
 use cloudimg::settings::{Customize, Verbosity};
@@ -15,6 +16,18 @@ fn main() {
     cloudimg::cleanup::install_signal_handler();
     let code = match cli.command {
         Command::Customize(args) => run_customize(args),
+        Command::Doctor(args) => run_doctor(&args),
+        Command::Completions { shell } => {
+            cloudimg::assets::completions(shell, &mut std::io::stdout());
+            exit_codes::SUCCESS
+        }
+        Command::Manpages { dir } => match cloudimg::assets::manpages(&dir) {
+            Ok(pages) => {
+                pages.iter().for_each(|p| println!("{}", p.display()));
+                exit_codes::SUCCESS
+            }
+            Err(e) => fail(&e.context("writing the man pages")),
+        },
     };
     std::process::exit(code);
 }
@@ -38,6 +51,42 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
         }
         Err(e) => fail(&e),
     }
+}
+
+fn run_doctor(args: &cloudimg::cli::DoctorArgs) -> i32 {
+    let opts =
+        doctor::Options { accel: args.accel, timeout: std::time::Duration::from_secs(args.timeout), quick: args.quick };
+    let json = args.json;
+    let report = doctor::run(&opts, |check| {
+        if !json {
+            print_check(check);
+        }
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        println!("\n{}", report.verdict);
+    }
+    if report.works {
+        exit_codes::SUCCESS
+    } else {
+        exit_codes::APPLIANCE
+    }
+}
+
+fn print_check(check: &doctor::Check) {
+    let status = match check.status {
+        doctor::Status::Ok => "ok",
+        doctor::Status::Info => "info",
+        doctor::Status::Warning => "warning",
+        doctor::Status::Fail => "FAIL",
+        doctor::Status::Skipped => "skipped",
+    };
+    println!("{status:<8} {:<20} {}", check.name, check.detail);
+    if let Some(fix) = &check.fix {
+        println!("{:<8} {:<20} fix: {fix}", "", "");
+    }
+    let _ = std::io::stdout().flush();
 }
 
 fn print_summary(summary: &customize::Summary, diff: &str) {

@@ -147,8 +147,10 @@ mod tests {
 
     fn settings(args: &[&str]) -> Result<Customize> {
         let cli = Cli::try_parse_from(["cloudimg", "customize"].iter().chain(args)).unwrap();
-        let Command::Customize(args) = cli.command;
-        Customize::from_args(args)
+        match cli.command {
+            Command::Customize(args) => Customize::from_args(args),
+            other => panic!("not customize: {other:?}"),
+        }
     }
 
     #[test]

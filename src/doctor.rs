@@ -1,0 +1,575 @@
+//! `cloudimg doctor`: can this host run cloudimg, and if not, the exact command that fixes it.
+//!
+//! Each check gathers its facts (files, versions, one appliance build and launch) and hands them to a
+//! pure function that decides what they mean; the unit tests drive those functions with made-up hosts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+
+use crate::accel::{self, Accel, HostKvm, KvmDevice, Requested};
+use crate::cleanup::{self, Watchdog};
+use crate::guest::{self, Drive, Guest, LaunchOptions, Setup};
+use crate::image_file::Format;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    /// Worth knowing; cloudimg works.
+    Info,
+    /// cloudimg works, but slower or with a caveat.
+    Warning,
+    /// cloudimg cannot work here until this is fixed.
+    Fail,
+    /// Not run (`--quick`, or an earlier failure makes it pointless).
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// The command or setting that fixes it.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn new(name: &'static str, status: Status, detail: impl Into<String>) -> Self {
+        Check { name, status, detail: detail.into(), fix: None }
+    }
+
+    fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+pub struct Options {
+    pub accel: Requested,
+    pub timeout: Duration,
+    /// Skip building and starting the appliance.
+    pub quick: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    /// One line for humans.
+    pub verdict: String,
+    pub checks: Vec<Check>,
+    /// No check failed.
+    pub works: bool,
+    /// The accelerator cloudimg will use here.
+    pub accel: Option<Accel>,
+    pub launch_seconds: Option<f64>,
+}
+
+/// Free space below which the temporary or cache directory is a failure, and below which a warning.
+const TMP_FAIL_BYTES: u64 = 256 << 20;
+const TMP_WARN_BYTES: u64 = 2 << 30;
+
+/// Runs every check in order, handing each to `show` as soon as it is known (the launch takes a while).
+pub fn run(opts: &Options, mut show: impl FnMut(&Check)) -> Report {
+    let mut checks = Vec::new();
+    let mut record = |check: Check, checks: &mut Vec<Check>| {
+        show(&check);
+        checks.push(check);
+    };
+    record(user_check(nix_euid(), container_hint()), &mut checks);
+    let setup = guest::setup();
+    record(libguestfs_check(&setup), &mut checks);
+    let setup = setup.ok();
+    record(qemu_check(setup.as_ref().map(|s| s.hv.as_str())), &mut checks);
+    record(qemu_img_check(command_version("qemu-img", &["--version"])), &mut checks);
+    let appliance = setup.as_ref().map(|s| ApplianceKind::probe(Path::new(&s.appliance_path)));
+    record(appliance_source_check(appliance.as_ref()), &mut checks);
+    if matches!(appliance, Some(ApplianceKind::Supermin { .. })) {
+        record(kernel_check(&KernelFacts::probe()), &mut checks);
+    }
+    record(space_check("temporary directory", &std::env::temp_dir(), "TMPDIR"), &mut checks);
+    if let Some(cache) = setup.as_ref().map(|s| PathBuf::from(&s.cachedir)).filter(|c| *c != std::env::temp_dir()) {
+        record(space_check("appliance cache", &cache, "LIBGUESTFS_CACHEDIR"), &mut checks);
+    }
+    let host = HostKvm::probe();
+    let accel = accel::choose(opts.accel, &host).ok().map(|(a, _)| a);
+    record(kvm_check(opts.accel, &host), &mut checks);
+
+    let blocked = checks.iter().any(|c| c.status == Status::Fail);
+    let mut launch_seconds = None;
+    match (&setup, &appliance, accel) {
+        _ if opts.quick => {
+            record(Check::new("appliance", Status::Skipped, "not built (--quick)"), &mut checks);
+            record(Check::new("launch", Status::Skipped, "not started (--quick)"), &mut checks);
+        }
+        (Some(setup), Some(appliance), Some(accel)) if !blocked => {
+            if let ApplianceKind::Supermin { .. } = appliance {
+                record(build_check(setup, opts.timeout), &mut checks);
+            }
+            let (check, seconds) = launch_check(accel, opts.timeout);
+            launch_seconds = seconds;
+            record(check, &mut checks);
+        }
+        _ => record(Check::new("launch", Status::Skipped, "not started: fix the failures above first"), &mut checks),
+    }
+    let failures = checks.iter().filter(|c| c.status == Status::Fail).count();
+    let verdict = verdict(failures, accel, launch_seconds, opts.quick);
+    Report { verdict, checks, works: failures == 0, accel, launch_seconds }
+}
+
+fn verdict(failures: usize, accel: Option<Accel>, launch_seconds: Option<f64>, quick: bool) -> String {
+    match (failures == 0, launch_seconds) {
+        (false, _) => format!("cloudimg cannot work on this host: {failures} check(s) failed; apply the fixes above"),
+        (true, Some(seconds)) => format!(
+            "cloudimg works on this host: the appliance starts in {seconds:.1} s with {}",
+            if accel == Some(Accel::Kvm) { "KVM" } else { "TCG (software emulation)" }
+        ),
+        (true, None) if quick => {
+            "no problem found by the quick checks; run `cloudimg doctor` without --quick to start the appliance".into()
+        }
+        (true, None) => "cloudimg should work on this host".into(),
+    }
+}
+
+fn nix_euid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Why we think this is a container, if we do.
+fn container_hint() -> Option<String> {
+    if let Ok(kind) = std::env::var("container") {
+        return Some(format!("$container is `{kind}`"));
+    }
+    ["/.dockerenv", "/run/.containerenv"].iter().find(|p| Path::new(p).exists()).map(|p| format!("{p} exists"))
+}
+
+fn user_check(euid: u32, container: Option<String>) -> Check {
+    let who = if euid == 0 { "running as root".to_string() } else { format!("running as uid {euid} (not root)") };
+    match container {
+        Some(why) => Check::new("user", Status::Info, format!("{who}, inside a container ({why})")).fix(
+            "containers need /dev/kvm passed in for speed (`--device /dev/kvm`), else TCG is used; nothing else is needed",
+        ),
+        None if euid != 0 => Check::new(
+            "user",
+            Status::Info,
+            format!("{who}: supported; the appliance is built once per user in the cache directory"),
+        ),
+        None => Check::new("user", Status::Ok, who),
+    }
+}
+
+fn libguestfs_check(setup: &Result<Setup>) -> Check {
+    match setup {
+        Ok(s) if s.backend.starts_with("libvirt") && nix_euid() != 0 => Check::new(
+            "libguestfs",
+            Status::Warning,
+            format!("{} with the libvirt backend, which needs a running libvirtd for this user", s.version),
+        )
+        .fix("export LIBGUESTFS_BACKEND=direct"),
+        Ok(s) => Check::new(
+            "libguestfs",
+            Status::Ok,
+            format!("{} (backend {}, appliance from {})", s.version, s.backend, s.appliance_path),
+        ),
+        Err(e) => Check::new("libguestfs", Status::Fail, format!("cannot create a libguestfs handle: {e:#}"))
+            .fix("sudo apt install libguestfs0"),
+    }
+}
+
+fn qemu_check(hv: Option<&str>) -> Check {
+    let Some(hv) = hv else {
+        return Check::new("qemu", Status::Skipped, "unknown without libguestfs");
+    };
+    let fix = if std::env::var_os("LIBGUESTFS_HV").is_some() {
+        format!("unset LIBGUESTFS_HV (it names {hv}), or sudo apt install qemu-system-x86")
+    } else {
+        "sudo apt install qemu-system-x86".to_string()
+    };
+    match command_version(hv, &["--version"]) {
+        Ok(version) => Check::new("qemu", Status::Ok, format!("{hv}: {version}")),
+        Err(e) => Check::new("qemu", Status::Fail, format!("the appliance's qemu {hv} does not run: {e:#}")).fix(fix),
+    }
+}
+
+fn qemu_img_check(version: Result<String>) -> Check {
+    match version {
+        Ok(version) => Check::new("qemu-img", Status::Ok, version),
+        Err(e) => {
+            Check::new("qemu-img", Status::Fail, format!("qemu-img (which writes the output) does not run: {e:#}"))
+                .fix("sudo apt install qemu-utils")
+        }
+    }
+}
+
+/// The first line a program prints for its version, within 30 s.
+fn command_version(program: &str, args: &[&str]) -> Result<String> {
+    let dog = Watchdog::arm(Duration::from_secs(30));
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    anyhow::ensure!(!dog.fired(), "{program} {} did not answer within 30 s", args.join(" "));
+    anyhow::ensure!(out.status.success(), "{program} {} failed: {}", args.join(" "), stderr_tail(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().trim().to_string())
+}
+
+fn stderr_tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" / ")
+}
+
+/// What libguestfs boots: a supermin appliance built on this host from its own packages, or a
+/// prebuilt ("fixed") kernel, initrd and root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ApplianceKind {
+    Supermin { supermin_d: PathBuf },
+    Fixed { dir: PathBuf },
+    Missing { path: String },
+}
+
+impl ApplianceKind {
+    fn probe(path: &Path) -> Self {
+        // libguestfs's path is a colon-separated search list.
+        for dir in path.to_string_lossy().split(':').map(PathBuf::from) {
+            if dir.join("supermin.d").is_dir() {
+                return ApplianceKind::Supermin { supermin_d: dir.join("supermin.d") };
+            }
+            if ["kernel", "initrd", "root"].iter().all(|f| dir.join(f).is_file()) {
+                return ApplianceKind::Fixed { dir };
+            }
+        }
+        ApplianceKind::Missing { path: path.to_string_lossy().into_owned() }
+    }
+}
+
+fn appliance_source_check(kind: Option<&ApplianceKind>) -> Check {
+    let fix = if std::env::var_os("LIBGUESTFS_PATH").is_some() {
+        "unset LIBGUESTFS_PATH, or point it at a directory holding supermin.d or a fixed appliance"
+    } else {
+        "sudo apt install --reinstall libguestfs0 supermin"
+    };
+    match kind {
+        None => Check::new("appliance files", Status::Skipped, "unknown without libguestfs"),
+        Some(ApplianceKind::Supermin { supermin_d }) if !Path::new(SUPERMIN).is_file() => Check::new(
+            "appliance files",
+            Status::Fail,
+            format!("{} needs {SUPERMIN} to build the appliance, and it is missing", supermin_d.display()),
+        )
+        .fix("sudo apt install supermin"),
+        Some(ApplianceKind::Supermin { supermin_d }) => Check::new(
+            "appliance files",
+            Status::Ok,
+            format!("supermin appliance description in {}", supermin_d.display()),
+        ),
+        Some(ApplianceKind::Fixed { dir }) => {
+            Check::new("appliance files", Status::Ok, format!("fixed appliance in {}", dir.display()))
+        }
+        Some(ApplianceKind::Missing { path }) => Check::new(
+            "appliance files",
+            Status::Fail,
+            format!("no appliance in {path} (neither supermin.d nor kernel, initrd and root)"),
+        )
+        .fix(fix),
+    }
+}
+
+const SUPERMIN: &str = "/usr/bin/supermin";
+
+/// One kernel supermin could copy into the appliance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Kernel {
+    path: PathBuf,
+    exists: bool,
+    readable: bool,
+    /// Its modules directory exists (supermin skips kernels without one).
+    has_modules: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KernelFacts {
+    /// `SUPERMIN_KERNEL`, which replaces the search in /boot.
+    forced: Option<Kernel>,
+    in_boot: Vec<Kernel>,
+}
+
+impl KernelFacts {
+    fn probe() -> Self {
+        let forced = std::env::var_os("SUPERMIN_KERNEL").map(|path| {
+            let modules = std::env::var_os("SUPERMIN_MODULES").map(PathBuf::from);
+            Kernel::probe(PathBuf::from(path), modules)
+        });
+        let in_boot = glob::glob("/boot/vmlinuz-*")
+            .map(|paths| paths.flatten().map(|p| Kernel::probe(p, None)).collect())
+            .unwrap_or_default();
+        KernelFacts { forced, in_boot }
+    }
+}
+
+impl Kernel {
+    fn probe(path: PathBuf, modules: Option<PathBuf>) -> Self {
+        let version = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")).unwrap_or("");
+        let modules = modules.unwrap_or_else(|| Path::new("/lib/modules").join(version));
+        Kernel {
+            exists: path.is_file(),
+            readable: std::fs::File::open(&path).is_ok(),
+            has_modules: modules.is_dir(),
+            path,
+        }
+    }
+}
+
+fn kernel_check(facts: &KernelFacts) -> Check {
+    if let Some(k) = &facts.forced {
+        let shown = k.path.display();
+        return match (k.exists, k.readable) {
+            (false, _) => {
+                Check::new("kernel", Status::Fail, format!("SUPERMIN_KERNEL names {shown}, which does not exist"))
+                    .fix("unset SUPERMIN_KERNEL, or point it at a kernel image that exists")
+            }
+            (true, false) => Check::new(
+                "kernel",
+                Status::Fail,
+                format!("SUPERMIN_KERNEL names {shown}, which this user cannot read"),
+            )
+            .fix(format!("sudo chmod 0644 {shown}")),
+            (true, true) => Check::new("kernel", Status::Ok, format!("{shown} (from SUPERMIN_KERNEL)")),
+        };
+    }
+    let usable: Vec<&Kernel> = facts.in_boot.iter().filter(|k| k.has_modules).collect();
+    let unreadable: Vec<String> = usable.iter().filter(|k| !k.readable).map(|k| k.path.display().to_string()).collect();
+    if usable.is_empty() {
+        Check::new("kernel", Status::Fail, "no kernel in /boot with its modules in /lib/modules for the appliance")
+            .fix("sudo apt install linux-image-amd64   (Ubuntu: linux-image-generic)")
+    } else if !unreadable.is_empty() {
+        // Ubuntu installs kernels readable by root only; supermin may pick any of them.
+        Check::new("kernel", Status::Fail, format!("this user cannot read {}", unreadable.join(", ")))
+            .fix("sudo chmod 0644 /boot/vmlinuz-*")
+    } else {
+        let names: Vec<String> = usable.iter().map(|k| k.path.display().to_string()).collect();
+        Check::new("kernel", Status::Ok, format!("readable: {}", names.join(", ")))
+    }
+}
+
+/// Free bytes for this user on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a zeroed statvfs the call fills in.
+    (unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn space_check(name: &'static str, dir: &Path, variable: &str) -> Check {
+    let writable = dir.is_dir() && tempfile::tempfile_in(dir).is_ok();
+    space_verdict(name, dir, variable, writable, free_bytes(dir))
+}
+
+fn space_verdict(name: &'static str, dir: &Path, variable: &str, writable: bool, free: Option<u64>) -> Check {
+    let shown = dir.display();
+    let fix = format!("export {variable}=/a/writable/directory/with/space");
+    match free {
+        _ if !writable => Check::new(name, Status::Fail, format!("{shown} is not a writable directory")).fix(fix),
+        Some(free) if free < TMP_FAIL_BYTES => {
+            Check::new(name, Status::Fail, format!("{shown} has only {} MiB free", free >> 20)).fix(fix)
+        }
+        Some(free) if free < TMP_WARN_BYTES => Check::new(
+            name,
+            Status::Warning,
+            format!("{shown} has {} MiB free; the appliance and its overlays may need more", free >> 20),
+        )
+        .fix(fix),
+        Some(free) => Check::new(name, Status::Ok, format!("{shown}, {} GiB free", free >> 30)),
+        None => Check::new(name, Status::Warning, format!("{shown}: free space unknown")),
+    }
+}
+
+fn kvm_check(requested: Requested, host: &HostKvm) -> Check {
+    let fix = match (host.device, host.cpu_virtualization) {
+        (KvmDevice::Missing, false) => {
+            "none needed; for speed, use a host (or VM type) with hardware virtualization (vmx/svm)".to_string()
+        }
+        (KvmDevice::Missing, true) => {
+            "sudo modprobe kvm_intel (or kvm_amd); in a container, pass --device /dev/kvm".to_string()
+        }
+        (KvmDevice::NotAccessible, _) => "sudo usermod -aG kvm \"$USER\", then log in again".to_string(),
+        (KvmDevice::Usable, _) => "KVM needs a host (or VM type) with hardware virtualization; meanwhile other \
+                                   libguestfs tools (guestfish, virt-customize) hang here unless \
+                                   LIBGUESTFS_BACKEND_SETTINGS=force_tcg"
+            .to_string(),
+    };
+    match (accel::choose(requested, host), host.problem()) {
+        (Err(e), _) => Check::new("kvm", Status::Fail, format!("{e:#}")).fix(format!("--accel auto picks TCG; {fix}")),
+        (Ok((Accel::Kvm, _)), _) => Check::new("kvm", Status::Ok, "/dev/kvm is usable: the appliance runs with KVM"),
+        (Ok((Accel::Tcg, _)), None) => {
+            Check::new("kvm", Status::Info, "KVM is usable, but --accel tcg was given: software emulation")
+        }
+        (Ok((Accel::Tcg, _)), Some(why)) => Check::new(
+            "kvm",
+            Status::Warning,
+            format!("{why}; cloudimg uses TCG (software emulation, a launch takes 10-25 s instead of 2-5 s)"),
+        )
+        .fix(fix),
+    }
+}
+
+/// Builds (or finds up to date) the supermin appliance with the same command libguestfs runs, so that
+/// a failure shows supermin's own message, and the launch after it measures only the launch.
+fn build_check(setup: &Setup, timeout: Duration) -> Check {
+    let cache = Path::new(&setup.cachedir).join(format!(".guestfs-{}", nix_euid()));
+    let appliance_d = cache.join("appliance.d");
+    let before = modified(&appliance_d.join("root"));
+    let start = Instant::now();
+    let built = std::fs::create_dir_all(&cache)
+        .with_context(|| format!("creating {}", cache.display()))
+        .and_then(|()| run_supermin(&setup.appliance_path, &cache, timeout));
+    let seconds = start.elapsed().as_secs_f64();
+    match built {
+        Ok(()) if before.is_some() && before == modified(&appliance_d.join("root")) => Check::new(
+            "appliance",
+            Status::Ok,
+            format!("up to date in {} (checked in {seconds:.1} s)", appliance_d.display()),
+        ),
+        Ok(()) => {
+            Check::new("appliance", Status::Ok, format!("built in {seconds:.1} s into {}", appliance_d.display()))
+        }
+        Err(e) => Check::new("appliance", Status::Fail, format!("supermin could not build the appliance: {e:#}"))
+            .fix("sudo update-guestfs-appliance   (then `libguestfs-test-tool` shows the details)"),
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    path.metadata().and_then(|m| m.modified()).ok()
+}
+
+fn run_supermin(appliance_path: &str, cache: &Path, timeout: Duration) -> Result<()> {
+    let lock = cache.join("lock");
+    let mut cmd = Command::new(SUPERMIN);
+    cmd.args(["--build", "--if-newer", "--lock"])
+        .arg(&lock)
+        .args(["--copy-kernel", "-f", "ext2", "--host-cpu", std::env::consts::ARCH])
+        .arg(Path::new(appliance_path).join("supermin.d"))
+        .arg("-o")
+        .arg(cache.join("appliance.d"));
+    let dog = Watchdog::arm(timeout);
+    let out = cmd.output().context("running supermin")?;
+    cleanup::checkpoint();
+    anyhow::ensure!(!dog.fired(), "supermin did not finish within {} s", timeout.as_secs());
+    anyhow::ensure!(out.status.success(), "{}", stderr_tail(&out.stderr));
+    Ok(())
+}
+
+/// Starts the appliance for real (on /dev/null, read-only), as every cloudimg run does.
+fn launch_check(accel: Accel, timeout: Duration) -> (Check, Option<f64>) {
+    let start = Instant::now();
+    let launched = tempfile::Builder::new()
+        .prefix("cloudimg-doctor-")
+        .tempdir()
+        .context("creating a temporary directory")
+        .and_then(|work| {
+            cleanup::register(work.path());
+            let drive = Drive { path: Path::new("/dev/null"), format: Format::Raw, readonly: true };
+            let opts = LaunchOptions { accel, timeout, debug: false, tmpdir: work.path() };
+            let result = Guest::launch(&[drive], &opts).and_then(Guest::shutdown);
+            cleanup::unregister(work.path());
+            result
+        });
+    let seconds = start.elapsed().as_secs_f64();
+    match launched {
+        Ok(()) => (
+            Check::new("launch", Status::Ok, format!("the appliance started and stopped in {seconds:.1} s")),
+            Some(seconds),
+        ),
+        Err(e) => (
+            Check::new("launch", Status::Fail, format!("the appliance did not start: {e:#}"))
+                .fix("libguestfs-test-tool   (prints every step of a launch)"),
+            None,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(path: &str, readable: bool, has_modules: bool) -> Kernel {
+        Kernel { path: PathBuf::from(path), exists: true, readable, has_modules }
+    }
+
+    #[test]
+    fn kernels_supermin_cannot_read_are_named_with_the_chmod_fix() {
+        let ubuntu = KernelFacts {
+            forced: None,
+            in_boot: vec![
+                kernel("/boot/vmlinuz-6.8.0-31-generic", false, true),
+                kernel("/boot/vmlinuz-old", true, false),
+            ],
+        };
+        let check = kernel_check(&ubuntu);
+        assert_eq!(check.status, Status::Fail);
+        assert!(check.detail.contains("/boot/vmlinuz-6.8.0-31-generic"), "{check:?}");
+        assert!(!check.detail.contains("vmlinuz-old"), "a kernel without modules is not a candidate: {check:?}");
+        assert_eq!(check.fix.as_deref(), Some("sudo chmod 0644 /boot/vmlinuz-*"));
+
+        let none = KernelFacts { forced: None, in_boot: vec![kernel("/boot/vmlinuz-x", true, false)] };
+        assert!(kernel_check(&none).fix.unwrap().contains("linux-image-amd64"));
+
+        let debian = KernelFacts { forced: None, in_boot: vec![kernel("/boot/vmlinuz-6.1.0-56-amd64", true, true)] };
+        assert_eq!(kernel_check(&debian).status, Status::Ok);
+
+        let forced = KernelFacts {
+            forced: Some(Kernel { exists: false, ..kernel("/nope", false, false) }),
+            in_boot: debian.in_boot.clone(),
+        };
+        let check = kernel_check(&forced);
+        assert_eq!(check.status, Status::Fail, "SUPERMIN_KERNEL replaces the search");
+        assert!(check.detail.contains("SUPERMIN_KERNEL") && check.fix.unwrap().contains("unset SUPERMIN_KERNEL"));
+    }
+
+    #[test]
+    fn kvm_findings_name_the_cause_and_its_fix() {
+        let paravirtual = HostKvm { device: KvmDevice::Usable, cpu_virtualization: false };
+        let check = kvm_check(Requested::Auto, &paravirtual);
+        assert_eq!(check.status, Status::Warning);
+        assert!(check.detail.contains("vmx") && check.fix.as_deref().unwrap().contains("force_tcg"), "{check:?}");
+        assert_eq!(kvm_check(Requested::Kvm, &paravirtual).status, Status::Fail);
+
+        let no_group = HostKvm { device: KvmDevice::NotAccessible, cpu_virtualization: true };
+        assert!(kvm_check(Requested::Auto, &no_group).fix.unwrap().contains("usermod -aG kvm"));
+
+        let good = HostKvm { device: KvmDevice::Usable, cpu_virtualization: true };
+        assert_eq!(kvm_check(Requested::Auto, &good).status, Status::Ok);
+        assert_eq!(kvm_check(Requested::Tcg, &good).status, Status::Info);
+    }
+
+    #[test]
+    fn temporary_space_thresholds() {
+        let dir = Path::new("/t");
+        let status = |writable, free| space_verdict("tmp", dir, "TMPDIR", writable, free).status;
+        assert_eq!(status(false, Some(100 << 30)), Status::Fail);
+        assert_eq!(status(true, Some(100 << 20)), Status::Fail);
+        assert_eq!(status(true, Some(1 << 30)), Status::Warning);
+        assert_eq!(status(true, Some(10 << 30)), Status::Ok);
+        assert!(space_verdict("tmp", dir, "TMPDIR", false, None).fix.unwrap().starts_with("export TMPDIR="));
+    }
+
+    #[test]
+    fn appliance_sources_are_found_along_the_search_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixed = dir.path().join("fixed");
+        std::fs::create_dir(&fixed).unwrap();
+        for f in ["kernel", "initrd", "root"] {
+            std::fs::write(fixed.join(f), b"").unwrap();
+        }
+        let path = format!("{}:{}", dir.path().join("nothing").display(), fixed.display());
+        assert_eq!(ApplianceKind::probe(Path::new(&path)), ApplianceKind::Fixed { dir: fixed });
+        let missing = ApplianceKind::probe(&dir.path().join("nothing"));
+        assert_eq!(appliance_source_check(Some(&missing)).status, Status::Fail);
+    }
+
+    #[test]
+    fn the_verdict_counts_failures() {
+        assert!(verdict(1, None, None, false).contains("1 check(s) failed"));
+        assert!(verdict(0, Some(Accel::Tcg), Some(12.34), false).contains("12.3 s with TCG"));
+        assert!(verdict(0, Some(Accel::Kvm), None, true).contains("without --quick"));
+    }
+}
