@@ -7,6 +7,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use anyhow::{Context, Result};
+
 static TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static MAIN_PARKED: AtomicBool = AtomicBool::new(false);
@@ -64,6 +66,108 @@ fn remove_temporaries() {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A temporary directory for one run, named `cloudimg-TAG-XXXXXX` (see [`owner_tag`]) and removed on
+/// drop, on a signal, or by a later run if this one is killed.
+pub fn work_dir() -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{WORK_DIR_MARKER}{}-", owner_tag()))
+        .tempdir()
+        .context("creating a temporary directory (is $TMPDIR writable?)")?;
+    register(dir.path());
+    Ok(dir)
+}
+
+pub const WORK_DIR_MARKER: &str = "cloudimg-";
+pub const PARTIAL_MARKER: &str = ".cloudimg-partial-";
+
+/// Names this process in its temporary files: its pid and start time (clock ticks since boot), so that
+/// a later run can tell the leftovers of a run that was killed (kill -9, OOM, power loss) from the
+/// files of one still going, even after the pid is reused.
+pub fn owner_tag() -> String {
+    let pid = std::process::id();
+    format!("{pid}.{}", start_time(pid).unwrap_or(0))
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    start_time_field(&stat)
+}
+
+/// Field 22 of `/proc/PID/stat`; the command name (field 2) may hold spaces and parentheses.
+fn start_time_field(stat: &str) -> Option<u64> {
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the run a tag names has ended; a tag that cannot be parsed is not ours to judge.
+fn owner_is_gone(tag: &str) -> bool {
+    let Some((pid, start)) = tag.split_once('.') else {
+        return false;
+    };
+    match (pid.parse::<u32>(), start.parse::<u64>()) {
+        (Ok(pid), Ok(start)) => start_time(pid) != Some(start),
+        _ => false,
+    }
+}
+
+/// The owner tag in a temporary name: what follows `marker`, up to the next `-`.
+fn tag_after<'a>(name: &'a str, marker: &str) -> Option<&'a str> {
+    let rest = &name[name.find(marker)? + marker.len()..];
+    rest.split_once('-').map(|(tag, _)| tag)
+}
+
+/// Removes the entries of `dir` that a killed cloudimg run left behind: names holding `marker`
+/// followed by the tag of a process that is gone. Returns what was removed.
+pub fn sweep_leftovers(dir: &Path, marker: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(tag) = name.to_str().and_then(|n| tag_after(n, marker)) else {
+            continue;
+        };
+        if owner_is_gone(tag) {
+            let path = entry.path();
+            let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            if gone.is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
+/// Fault injection for the test suite: with `CLOUDIMG_STOP_AT=NAME` the process stops itself
+/// (SIGSTOP) at the point called NAME, so that a test can kill it exactly there, or signal it and let
+/// it continue: a signal sent while stopped is then handled as if it arrived at that point.
+pub fn fault_point(name: &str) {
+    if std::env::var_os("CLOUDIMG_STOP_AT").is_some_and(|v| v == name) {
+        // SAFETY: raise(3) with a valid signal number.
+        unsafe { libc::raise(libc::SIGSTOP) };
+        // Give the handler thread, woken by SIGCONT together with this one, time to take the signal.
+        std::thread::sleep(Duration::from_millis(300));
+        checkpoint();
+    }
+}
+
+/// Makes a child about to be spawned die with this process, even when this process is killed with
+/// SIGKILL and cannot clean up (qemu-img would otherwise go on writing an orphaned file).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    // SAFETY: getpid(2) has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: prctl, getppid and _exit are async-signal-safe, as pre_exec requires.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
     }
 }
 
@@ -137,6 +241,23 @@ mod tests {
         assert_eq!(parent_pid("42 (qemu) S 7 42 42 0"), Some(7));
         assert_eq!(parent_pid("42 (a) b (c)) R 9 1 1"), Some(9));
         assert_eq!(parent_pid("garbage"), None);
+    }
+
+    #[test]
+    fn leftovers_of_dead_runs_are_swept_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = dir.path().join(format!("cloudimg-{}-abc", owner_tag()));
+        let dead = dir.path().join("cloudimg-999999999.1-abc");
+        let reused_pid = dir.path().join(format!(".out.qcow2.cloudimg-partial-{}.1-xyz", std::process::id()));
+        let unrelated = dir.path().join("cloudimg-notes.txt");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(&reused_pid, b"").unwrap();
+        std::fs::write(&unrelated, b"").unwrap();
+        assert_eq!(sweep_leftovers(dir.path(), WORK_DIR_MARKER), vec![dead.clone()]);
+        assert_eq!(sweep_leftovers(dir.path(), PARTIAL_MARKER), vec![reused_pid.clone()]);
+        assert!(mine.exists() && unrelated.exists() && !dead.exists() && !reused_pid.exists());
+        assert_eq!(start_time_field("1 (a) b) S 0 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0"), Some(4242));
     }
 
     #[test]

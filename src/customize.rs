@@ -59,11 +59,12 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
     let stored =
         if s.plaintext { Stored::Plain(secret.expose().to_string()) } else { Stored::Hash(password::hash(&secret)) };
 
-    let work = tempfile::Builder::new().prefix("cloudimg-").tempdir().context("creating a temporary directory")?;
-    cleanup::register(work.path());
+    let work = cleanup::work_dir()?;
+    sweep(&std::env::temp_dir(), cleanup::WORK_DIR_MARKER, report);
     let dry_run = s.output == Output::DryRun;
     let overlay = work.path().join("overlay.qcow2");
     let (guest, accel) = launch(s, &info, (!dry_run).then_some(overlay.as_path()), work.path(), report)?;
+    cleanup::fault_point("launched");
 
     report.phase("Finding the root filesystem");
     let roots = locate::find_roots(&guest).map_err(with_code(BAD_GUEST))?;
@@ -124,7 +125,9 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
             guest_config::clean_instance_state(&guest)?;
             summary.instance_state_cleaned = true;
         }
+        cleanup::fault_point("edited");
         guest.shutdown()?;
+        cleanup::fault_point("shut-down");
         let (dest, format) = produce_output(s, &info, &overlay, &secret, report)?;
         summary.output = Some(dest);
         summary.output_format = Some(format);
@@ -204,7 +207,9 @@ fn produce_output(
     };
     report.phase(&format!("Writing the {} image {}", format.as_str(), dest.display()));
     let pending = Pending::beside(&dest).map_err(with_code(OUTPUT))?;
+    sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
     output::convert(overlay, format, compress, pending.path()).map_err(with_code(OUTPUT))?;
+    cleanup::fault_point("converted");
     let saved_password = reveal_random_password(&s.password, secret)?;
     let (mode, owner_like) = if in_place {
         let mode = std::fs::metadata(&dest).context("reading the input's mode")?.permissions().mode() & 0o7777;
@@ -212,6 +217,8 @@ fn produce_output(
     } else {
         (output::default_file_mode(), None)
     };
+    // Past this point the output appears; an interrupt that arrived during the conversion wins.
+    cleanup::checkpoint();
     if let Err(e) = pending.commit(mode, owner_like, replace) {
         if let Some(path) = saved_password {
             let _ = std::fs::remove_file(path);
@@ -219,6 +226,13 @@ fn produce_output(
         return Err(with_code(OUTPUT)(e));
     }
     Ok((dest, format))
+}
+
+/// Removes what killed runs left in `dir`, and says so.
+fn sweep(dir: &Path, marker: &str, report: &Reporter) {
+    for path in cleanup::sweep_leftovers(dir, marker) {
+        report.warn(&format!("removed {}, left behind by an interrupted cloudimg run", path.display()));
+    }
 }
 
 /// Whether an existing stored value already stands for the password, in the requested kind.

@@ -461,18 +461,13 @@ fn run_supermin(appliance_path: &str, cache: &Path, timeout: Duration) -> Result
 /// Starts the appliance for real (on /dev/null, read-only), as every cloudimg run does.
 fn launch_check(accel: Accel, timeout: Duration) -> (Check, Option<f64>) {
     let start = Instant::now();
-    let launched = tempfile::Builder::new()
-        .prefix("cloudimg-doctor-")
-        .tempdir()
-        .context("creating a temporary directory")
-        .and_then(|work| {
-            cleanup::register(work.path());
-            let drive = Drive { path: Path::new("/dev/null"), format: Format::Raw, readonly: true };
-            let opts = LaunchOptions { accel, timeout, debug: false, tmpdir: work.path() };
-            let result = Guest::launch(&[drive], &opts).and_then(Guest::shutdown);
-            cleanup::unregister(work.path());
-            result
-        });
+    let launched = cleanup::work_dir().and_then(|work| {
+        let drive = Drive { path: Path::new("/dev/null"), format: Format::Raw, readonly: true };
+        let opts = LaunchOptions { accel, timeout, debug: false, tmpdir: work.path() };
+        let result = Guest::launch(&[drive], &opts).and_then(Guest::shutdown);
+        cleanup::unregister(work.path());
+        result
+    });
     let seconds = start.elapsed().as_secs_f64();
     match launched {
         Ok(()) => (

@@ -9,6 +9,7 @@ use guestfs::{AddDriveOptArgs, CreateFlags, GlobExpandOptArgs, Handle, IsFileOpt
 
 use crate::accel::Accel;
 use crate::cleanup::Watchdog;
+use crate::exit_codes::{with_code, APPLIANCE};
 use crate::image_file::Format;
 
 /// Files larger than this are not read into memory (cloud.cfg is a few KiB; a huge one is hostile).
@@ -148,9 +149,19 @@ impl Guest {
         let result = call(&self.g);
         crate::cleanup::checkpoint();
         if dog.fired() {
-            bail!("{what} did not finish within {} s and was stopped", self.timeout.as_secs());
+            let err = anyhow!("{what} did not finish within {} s and was stopped", self.timeout.as_secs());
+            return Err(with_code(APPLIANCE)(err));
         }
-        result.map_err(gerr).context(what.to_string())
+        result.map_err(|e| {
+            let err = gerr(e).context(what.to_string());
+            // A call that fails because the appliance died (qemu killed, out of memory) says nothing
+            // about the guest: it is an appliance failure, whatever the caller was doing.
+            if self.g.is_ready().unwrap_or(false) {
+                err
+            } else {
+                with_code(APPLIANCE)(err.context("the libguestfs appliance stopped"))
+            }
+        })
     }
 
     /// Filesystems by device, e.g. `("/dev/sda1", "ext4")`, sorted by device.

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
@@ -22,6 +22,7 @@ pub fn create_overlay(input: &Path, format: Format, overlay: &Path) -> Result<()
             .arg(&input)
             .arg(overlay),
         "creating the working overlay",
+        "creating-overlay",
     )
 }
 
@@ -35,11 +36,19 @@ pub fn convert(overlay: &Path, format: Format, compress: bool, dest: &Path) -> R
             cmd.arg("-c");
         }
     }
-    run_qemu_img(cmd.arg(overlay).arg(dest), &format!("writing the output image {}", dest.display()))
+    run_qemu_img(cmd.arg(overlay).arg(dest), &format!("writing the output image {}", dest.display()), "converting")
 }
 
-fn run_qemu_img(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("{what}: running qemu-img (is qemu-utils installed?)"))?;
+/// Runs qemu-img to its end; `fault_point` names the moment it has started, for the fault tests.
+fn run_qemu_img(cmd: &mut Command, what: &str, fault_point: &str) -> Result<()> {
+    cleanup::die_with_parent(cmd);
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{what}: running qemu-img (is qemu-utils installed?)"))?;
+    cleanup::fault_point(fault_point);
+    let out = child.wait_with_output().with_context(|| format!("{what}: waiting for qemu-img"))?;
     cleanup::checkpoint();
     if !out.status.success() {
         bail!("{what}: qemu-img failed: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -62,13 +71,17 @@ impl Pending {
         };
         let name = dest.file_name().with_context(|| format!("{} names no file", dest.display()))?;
         let temp = tempfile::Builder::new()
-            .prefix(&format!(".{}.", name.to_string_lossy()))
-            .suffix(".cloudimg-partial")
+            .prefix(&format!(".{}{}{}-", name.to_string_lossy(), cleanup::PARTIAL_MARKER, cleanup::owner_tag()))
             .tempfile_in(dir)
             .with_context(|| format!("creating a temporary file in {}", dir.display()))?
             .into_temp_path();
         cleanup::register(&temp);
         Ok(Pending { temp: Some(temp), dest: dest.to_path_buf() })
+    }
+
+    /// The directory the file is in (the destination's).
+    pub fn dir(&self) -> &Path {
+        self.path().parent().unwrap_or(Path::new("."))
     }
 
     pub fn path(&self) -> &Path {
@@ -89,9 +102,11 @@ impl Pending {
         }
         file.sync_all().with_context(|| format!("flushing {} to disk", temp.display()))?;
         let dest = self.dest.clone();
+        let temp_path = temp.to_path_buf();
         let result = if replace { temp.persist(&dest).map_err(|e| e.error) } else { persist_noclobber(temp, &dest) };
         result.with_context(|| format!("moving the finished image to {}", dest.display()))?;
-        cleanup::unregister(&self.dest);
+        cleanup::unregister(&temp_path);
+        cleanup::fault_point("renamed");
         if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             File::open(dir)
                 .and_then(|d| d.sync_all())
