@@ -67,8 +67,7 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
     cleanup::fault_point("launched");
 
     report.phase("Finding the root filesystem");
-    let roots = locate::find_roots(&guest).map_err(with_code(BAD_GUEST))?;
-    let root = locate::choose_root(roots, s.root.as_deref()).map_err(with_code(BAD_GUEST))?;
+    let root = locate::find_root(&guest, s.root.as_deref()).map_err(with_code(BAD_GUEST))?;
     report.detail(&format!("root {} ({}), {}", root.device, root.fs_type, root.os.as_deref().unwrap_or("unknown OS")));
     for note in locate::mount_root(&guest, &root, dry_run).map_err(with_code(BAD_GUEST))? {
         report.warn(&note);

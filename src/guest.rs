@@ -171,6 +171,11 @@ impl Guest {
         Ok(list)
     }
 
+    /// The filesystem type on one device (`ext4`, `xfs`, ...).
+    pub fn vfs_type(&self, device: &str) -> Result<String> {
+        self.bounded(&format!("reading the filesystem type of {device}"), |g| g.vfs_type(device))
+    }
+
     pub fn mount(&self, device: &str, mountpoint: &str, readonly: bool) -> Result<()> {
         let options = if readonly { "ro" } else { "" };
         self.bounded(&format!("mounting {device} on {mountpoint}"), |g| g.mount_options(options, device, mountpoint))

@@ -130,6 +130,15 @@ fn qcow2(h: &[u8], file_size: u64) -> Result<ImageInfo> {
     let refcount_offset = be64(h, 48).ok_or_else(truncated)?;
     let refcount_clusters = u64::from(be32(h, 56).ok_or_else(truncated)?);
     let cluster_size = 1u64 << cluster_bits;
+    // Each L1 entry maps one L2 table's worth of clusters; a virtual size the L1 table cannot map is a lie.
+    let bytes_per_l1_entry = u128::from(cluster_size) * u128::from(cluster_size / 8);
+    let l1_needed = u128::from(virtual_size).div_ceil(bytes_per_l1_entry);
+    if l1_needed > u128::from(l1_size) {
+        bail!(
+            "the qcow2 header lies about its size: {virtual_size} bytes need {l1_needed} L1 table entries, \
+             the header gives {l1_size}"
+        );
+    }
     let within = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= file_size);
     if !within(l1_offset, l1_size * 8) || !within(refcount_offset, refcount_clusters * cluster_size) {
         bail!("the file is truncated: its qcow2 tables point beyond its end ({file_size} bytes)");

@@ -20,9 +20,25 @@ pub struct Root {
 }
 
 /// Every filesystem that holds an OS root.
-pub fn find_roots(guest: &Guest) -> Result<Vec<Root>> {
+/// Finds the root: the only one, or the one named with `--root`.
+pub fn find_root(guest: &Guest, named: Option<&str>) -> Result<Root> {
+    if let Some(named) = named {
+        // Look at the named filesystem alone first; scan the others only to list them when it is not
+        // a root.
+        // Listing filesystems probes every one of them, which takes seconds each under TCG.
+        if let Ok(fs_type) = guest.vfs_type(named) {
+            if let [root] = &roots_among(guest, vec![(named.to_string(), fs_type)])?[..] {
+                return Ok(root.clone());
+            }
+        }
+    }
+    choose_root(roots_among(guest, guest.filesystems()?)?, named)
+}
+
+/// The filesystems among `candidates` (device, type) that hold an operating system root.
+fn roots_among(guest: &Guest, candidates: Vec<(String, String)>) -> Result<Vec<Root>> {
     let mut roots = Vec::new();
-    for (device, fs_type) in guest.filesystems()? {
+    for (device, fs_type) in candidates {
         if !ROOT_TYPES.contains(&fs_type.as_str()) {
             continue;
         }
@@ -60,7 +76,7 @@ pub fn os_release_field(text: &str, field: &str) -> Option<String> {
 }
 
 /// Picks the root: the only one, or the one the user named with `--root`.
-pub fn choose_root(roots: Vec<Root>, named: Option<&str>) -> Result<Root> {
+fn choose_root(roots: Vec<Root>, named: Option<&str>) -> Result<Root> {
     let listing = || {
         roots
             .iter()

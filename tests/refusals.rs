@@ -51,7 +51,32 @@ fn unsafe_or_broken_files_are_refused_before_launch() {
         t("datafile.qcow2").to_str().unwrap(),
         "64M",
     ]);
+    // Relative backing file, and a chain through a second qcow2.
+    let in_tmp = |args: &[&str]| {
+        assert!(Command::new("qemu-img").args(args).current_dir(tmp.path()).status().unwrap().success())
+    };
+    in_tmp(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "relative.qcow2"]);
+    in_tmp(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "child.qcow2", "chain.qcow2"]);
     let whole = std::fs::read(t("base.qcow2")).unwrap();
+    // Header fields patched: an unknown incompatible feature bit; a virtual size its L1 table cannot map.
+    let patched = |name: &str, at: usize, bytes: &[u8]| {
+        let mut copy = whole.clone();
+        copy[at..at + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(t(name), copy).unwrap();
+    };
+    patched("feature.qcow2", 72, &(1u64 << 40).to_be_bytes());
+    patched("liar.qcow2", 24, &(1u64 << 50).to_be_bytes());
+    // A "raw" disk whose first bytes are a qcow2 header pointing at a host file: read as what it is.
+    let mut disguised = vec![0u8; 1 << 20];
+    disguised[..4].copy_from_slice(b"QFI\xfb");
+    disguised[4..8].copy_from_slice(&3u32.to_be_bytes());
+    disguised[8..16].copy_from_slice(&512u64.to_be_bytes());
+    disguised[16..20].copy_from_slice(&11u32.to_be_bytes());
+    disguised[512..523].copy_from_slice(b"/etc/shadow");
+    disguised[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(t("disguised.raw"), disguised).unwrap();
+    let fifo = t("fifo.img");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     std::fs::write(t("truncated.qcow2"), &whole[..whole.len() / 2]).unwrap();
     std::fs::create_dir(t("dir.img")).unwrap();
 
@@ -59,6 +84,14 @@ fn unsafe_or_broken_files_are_refused_before_launch() {
     refused(&t("empty.img"), &out, &[], 3, "empty");
     refused(&t("child.qcow2"), &out, &[], 3, "names a backing file");
     refused(&t("datafile.qcow2"), &out, &[], 3, "external data file");
+    refused(&t("relative.qcow2"), &out, &[], 3, "names a backing file `base.qcow2`");
+    refused(&t("chain.qcow2"), &out, &[], 3, "names a backing file `child.qcow2`");
+    refused(&t("feature.qcow2"), &out, &[], 3, "incompatible features this tool does not know (bits 0x10000000000)");
+    refused(&t("liar.qcow2"), &out, &[], 3, "header lies about its size");
+    refused(&t("disguised.raw"), &out, &[], 3, "names a backing file `/etc/shadow`");
+    refused(&fifo, &out, &[], 3, "device, pipe or socket");
+    refused(Path::new("/dev/zero"), &out, &[], 3, "device, pipe or socket");
+    refused(Path::new("/dev/null"), &out, &[], 3, "device, pipe or socket");
     refused(&t("truncated.qcow2"), &out, &[], 3, "truncated");
     refused(&t("dir.img"), &out, &[], 3, "is a directory");
     refused(&t("missing.img"), &out, &[], 3, "missing.img");

@@ -28,7 +28,15 @@ pub fn set_top_level(text: &str, changes: &[(String, Value)]) -> Result<Edited> 
     let mut expected = doc.root.clone();
     // Replace from the bottom up so earlier spans keep their line numbers.
     let mut replacements = Vec::new();
+    // A key given twice is set once, to its last value.
+    let mut unique: Vec<(&String, &Value)> = Vec::new();
     for (key, value) in changes {
+        match unique.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 = value,
+            None => unique.push((key, value)),
+        }
+    }
+    for (key, value) in unique {
         if doc.root.get(key) == Some(value) {
             continue;
         }

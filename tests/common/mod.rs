@@ -43,6 +43,7 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("ubuntu-btrfs-subvol", 512, build_ubuntu_btrfs),
     ("no-os", 64, build_no_os),
     ("two-roots", 256, build_two_roots),
+    ("hostile-guests", 320, build_hostile_guests),
 ];
 
 /// Builds the fixtures once per recipe (this file and the cloud.cfg fixtures), shared by all test
@@ -262,6 +263,96 @@ fn build_two_roots(g: &Handle, dev: &str) {
     g.umount_all().unwrap();
     g.mount(&format!("{dev}2"), "/").unwrap();
     os_root(g, DEBIAN_RELEASE, None, None, "");
+}
+
+/// One hostile guest per partition of the `hostile-guests` image: (name, what its root holds).
+/// `tests/hostile.rs` customizes each with `--root /dev/sdaN`, N being its position from 1.
+pub const HOSTILE_GUESTS: &[&str] = &[
+    "cloud.cfg relative symlink to ../shadow",
+    "cloud.cfg absolute symlink to /etc/shadow",
+    "cloud.cfg symlink escaping the root",
+    "cloud.cfg is a directory",
+    "cloud.cfg is a FIFO",
+    "cloud.cfg is 100 MiB",
+    "cloud.cfg is not UTF-8",
+    "cloud.cfg is a YAML alias bomb",
+    "cloud.cfg is nested 10000 deep",
+    "cloud.cfg has duplicate keys",
+    "cloud.cfg has tabs in values and comments",
+    "cloud.cfg has tab indentation",
+    "cloud.cfg.d holds a symlink to /etc/shadow",
+    "cloud.cfg.d holds a mode-000 file",
+    "cloud.cfg.d holds a directory named .cfg",
+];
+
+pub const GUEST_SHADOW: &str = "root:*:19000:0:99999:7:::\ndebian:!:19000:0:99999:7:::\n";
+
+fn build_hostile_guests(g: &Handle, dev: &str) {
+    const SECTORS: i64 = 40_960; // 20 MiB each
+    g.part_init(dev, "gpt").unwrap();
+    for i in 0..HOSTILE_GUESTS.len() as i64 {
+        g.part_add(dev, "p", 2048 + i * SECTORS, 2048 + (i + 1) * SECTORS - 1).unwrap();
+    }
+    let bomb = {
+        let mut y =
+            String::from("a: &a [\"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\"]\n");
+        for (prev, name) in
+            ["a", "b", "c", "d", "e", "f", "g", "h", "i"].iter().zip(["b", "c", "d", "e", "f", "g", "h", "i", "j"])
+        {
+            y.push_str(&format!(
+                "{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+            ));
+        }
+        y
+    };
+    for (i, case) in HOSTILE_GUESTS.iter().enumerate() {
+        let part = format!("{dev}{}", i + 1);
+        mkfs(g, "ext4", &part, None);
+        g.mount(&part, "/").unwrap();
+        os_root(g, DEBIAN_RELEASE, Some(DEBIAN_CFG), Some((DEBIAN_VERSION_PY, "22.4.2")), "");
+        put(g, "/etc/shadow", GUEST_SHADOW);
+        let cfg = "/etc/cloud/cloud.cfg";
+        let replace_with_link = |target: &str| {
+            g.rm(cfg).unwrap();
+            g.ln_s(target, cfg).unwrap();
+        };
+        match *case {
+            "cloud.cfg relative symlink to ../shadow" => replace_with_link("../shadow"),
+            "cloud.cfg absolute symlink to /etc/shadow" => replace_with_link("/etc/shadow"),
+            "cloud.cfg symlink escaping the root" => replace_with_link("../../../../../../../../etc/hostname"),
+            "cloud.cfg is a directory" => {
+                g.rm(cfg).unwrap();
+                g.mkdir(cfg).unwrap();
+            }
+            "cloud.cfg is a FIFO" => {
+                g.rm(cfg).unwrap();
+                g.mkfifo(0o644, cfg).unwrap();
+            }
+            "cloud.cfg is 100 MiB" => g.truncate_size(cfg, 100 << 20).unwrap(),
+            "cloud.cfg is not UTF-8" => g.write(cfg, b"users:\n  - default\n# caf\xe9 \xff\xfe\n").unwrap(),
+            "cloud.cfg is a YAML alias bomb" => put(g, cfg, &format!("{DEBIAN_CFG}{bomb}")),
+            "cloud.cfg is nested 10000 deep" => {
+                put(g, cfg, &format!("{DEBIAN_CFG}deep: {}{}\n", "[".repeat(10_000), "]".repeat(10_000)))
+            }
+            "cloud.cfg has duplicate keys" => {
+                put(g, cfg, &format!("{DEBIAN_CFG}ssh_pwauth: false\nssh_pwauth: false\n"))
+            }
+            "cloud.cfg has tabs in values and comments" => {
+                put(g, cfg, &format!("{DEBIAN_CFG}#\tcomment with a tab\nmotd: \"a\tb\"\n"))
+            }
+            "cloud.cfg has tab indentation" => put(g, cfg, &format!("{DEBIAN_CFG}extra:\n\tkey: value\n")),
+            "cloud.cfg.d holds a symlink to /etc/shadow" => {
+                g.ln_s("/etc/shadow", "/etc/cloud/cloud.cfg.d/50-link.cfg").unwrap()
+            }
+            "cloud.cfg.d holds a mode-000 file" => {
+                put(g, "/etc/cloud/cloud.cfg.d/50-locked.cfg", "ssh_pwauth: false\n");
+                g.chmod(0, "/etc/cloud/cloud.cfg.d/50-locked.cfg").unwrap();
+            }
+            "cloud.cfg.d holds a directory named .cfg" => g.mkdir("/etc/cloud/cloud.cfg.d/50-dir.cfg").unwrap(),
+            other => panic!("no recipe for {other}"),
+        }
+        g.umount_all().unwrap();
+    }
 }
 
 /// Reads files back from several images through one read-only appliance.
