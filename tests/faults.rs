@@ -43,6 +43,13 @@ impl Bench {
         path
     }
 
+    /// A fresh copy of the fixture as the input, its checksum, and an output path beside it.
+    fn input_and_output(&self) -> (PathBuf, String, PathBuf) {
+        let input = self.image("input.qcow2");
+        let sum = sha256(&input);
+        (input, sum, self.dir.join("output.qcow2"))
+    }
+
     fn command(&self, args: &[&str], stop_at: Option<&str>) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudimg"));
         cmd.args(args)
@@ -160,9 +167,7 @@ fn qemu_img_check(image: &Path) -> bool {
 #[test]
 fn killed_at_every_step_the_input_survives_and_the_next_run_cleans_up() {
     let bench = Bench::new();
-    let input = bench.image("input.qcow2");
-    let input_sum = sha256(&input);
-    let output = bench.dir.join("output.qcow2");
+    let (input, input_sum, output) = bench.input_and_output();
     let vm = bench.image("vm.qcow2");
     let vm_before = sha256(&vm);
     let mut vm_replaced = false;
@@ -210,9 +215,7 @@ fn killed_at_every_step_the_input_survives_and_the_next_run_cleans_up() {
 #[test]
 fn sigint_and_sigterm_clean_up_at_once() {
     let bench = Bench::new();
-    let input = bench.image("input.qcow2");
-    let input_sum = sha256(&input);
-    let output = bench.dir.join("output.qcow2");
+    let (input, input_sum, output) = bench.input_and_output();
     let known = [input.as_path(), output.as_path()];
     for (step, sig) in [("edited", libc::SIGTERM), ("converting", libc::SIGINT), ("converted", libc::SIGTERM)] {
         let what = format!("signal {sig} at {step}");
@@ -250,9 +253,7 @@ fn sigint_and_sigterm_clean_up_at_once() {
 #[test]
 fn a_killed_appliance_is_an_appliance_error_and_leaves_nothing() {
     let bench = Bench::new();
-    let input = bench.image("input.qcow2");
-    let input_sum = sha256(&input);
-    let output = bench.dir.join("output.qcow2");
+    let (input, input_sum, output) = bench.input_and_output();
     let args = bench.customize(&input, Some(&output));
     let (status, children, stderr) =
         fault_at(&mut bench.command(&args_ref(&args), Some("launched")), "launched", |pid| {
@@ -347,9 +348,7 @@ fn killed_at_random_moments_the_input_survives() {
     }
     let runs: u64 = std::env::var("CLOUDIMG_FAULT_RUNS").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
     let bench = Bench::new();
-    let input = bench.image("input.qcow2");
-    let input_sum = sha256(&input);
-    let output = bench.dir.join("output.qcow2");
+    let (input, input_sum, output) = bench.input_and_output();
     let vm = bench.image("vm.qcow2");
     let known = [input.as_path(), output.as_path(), vm.as_path()];
     let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
