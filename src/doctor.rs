@@ -78,7 +78,7 @@ pub fn run(opts: &Options, mut show: impl FnMut(&Check)) -> Report {
         show(&check);
         checks.push(check);
     };
-    record(user_check(nix_euid(), container_hint()), &mut checks);
+    record(user_check(effective_uid(), container_hint()), &mut checks);
     let setup = guest::setup();
     record(libguestfs_check(&setup), &mut checks);
     let setup = setup.ok();
@@ -133,7 +133,7 @@ fn verdict(failures: usize, accel: Option<Accel>, launch_seconds: Option<f64>, q
     }
 }
 
-fn nix_euid() -> u32 {
+fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -163,7 +163,7 @@ fn user_check(euid: u32, container: Option<String>) -> Check {
 
 fn libguestfs_check(setup: &Result<Setup>) -> Check {
     match setup {
-        Ok(s) if s.backend.starts_with("libvirt") && nix_euid() != 0 => Check::new(
+        Ok(s) if s.backend.starts_with("libvirt") && effective_uid() != 0 => Check::new(
             "libguestfs",
             Status::Warning,
             format!("{} with the libvirt backend, which needs a running libvirtd for this user", s.version),
@@ -415,7 +415,7 @@ fn kvm_check(requested: Requested, host: &HostKvm) -> Check {
 /// Builds (or finds up to date) the supermin appliance with the same command libguestfs runs, so that
 /// a failure shows supermin's own message, and the launch after it measures only the launch.
 fn build_check(setup: &Setup, timeout: Duration) -> Check {
-    let cache = Path::new(&setup.cachedir).join(format!(".guestfs-{}", nix_euid()));
+    let cache = Path::new(&setup.cachedir).join(format!(".guestfs-{}", effective_uid()));
     let appliance_d = cache.join("appliance.d");
     let before = modified(&appliance_d.join("root"));
     let start = Instant::now();
