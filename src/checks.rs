@@ -11,7 +11,10 @@ use crate::sshd;
 pub enum Severity {
     /// The password login would not work: nothing is written unless the user insists.
     Error,
+    /// A secret stored in the clear, or a file that would pull another file in.
+    Security,
     Warning,
+    Info,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -24,6 +27,10 @@ pub struct Finding {
 /// What the edit is meant to achieve.
 pub struct Intent<'a> {
     pub user: &'a str,
+    /// Whether a password is being set (not only keys).
+    pub password: bool,
+    /// Whether SSH keys are being added.
+    pub keys: bool,
     /// Whether a stored password value stands for the requested password, and is of the requested kind.
     pub is_ours: &'a dyn Fn(&credentials::Stored) -> bool,
     pub expire: bool,
@@ -68,6 +75,7 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
     };
 
     match &outcome.password {
+        _ if !intent.password => {}
         Some(stored) if (intent.is_ours)(stored) => {}
         _ => {
             let key = outcome.password_key.unwrap_or("password");
@@ -88,7 +96,7 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
             findings.push(Finding { severity: Severity::Error, message, fix });
         }
     }
-    if outcome.expire != intent.expire {
+    if intent.password && outcome.expire != intent.expire {
         let culprit = overridden(&["chpasswd", "expire"]).unwrap_or_else(|| intent.target.to_string());
         findings.push(Finding {
             severity: Severity::Error,
@@ -107,7 +115,7 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
         }
     }
     let set_passwords_runs = credentials::runs_set_passwords(&merged);
-    if !set_passwords_runs {
+    if intent.password && !set_passwords_runs {
         findings.push(Finding {
             severity: Severity::Error,
             message: "cloud-init's set_passwords module is in none of the module lists, so no password would be set"
@@ -152,7 +160,11 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
             fix: "pass --clean-instance-state to clear it, as `cloud-init clean` would".into(),
         });
     }
-    if outcome.password_key != Some("password")
+    if intent.user == "root" {
+        findings.extend(root_findings(image, intent, &merged));
+    }
+    if intent.password
+        && outcome.password_key != Some("password")
         && merged.get("password").is_some_and(|v| v.is_truthy())
         && image.default_user == Some(intent.user)
     {
@@ -166,6 +178,36 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
         });
     }
     (Effective { outcome, set_passwords_runs, sshd: sshd_decision }, findings)
+}
+
+/// What still stops root logging in once its password or keys are set.
+fn root_findings(image: &Image, intent: &Intent, merged: &crate::cloud_config::yaml11::Mapping) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    if intent.keys && merged.get("disable_root").is_none_or(credentials::is_true_like) {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            message: "cloud-init's disable_root is true: it puts the instance's own key pair (from the metadata) in root's authorized_keys with a command that refuses the login, so root logs in only with keys that are not also the instance's key pair".into(),
+            fix: "add `disable_root: false` in a drop-in such as /etc/cloud/cloud.cfg.d/99-root.cfg".into(),
+        });
+    }
+    if let (true, Some(files)) = (intent.password, image.sshd) {
+        findings.extend(root_password_finding(files));
+    }
+    findings
+}
+
+/// sshd refusing root's password (OpenSSH's default `PermitRootLogin prohibit-password`).
+pub fn root_password_finding(files: &sshd::Files) -> Option<Finding> {
+    let root_login = sshd::permit_root_login(files);
+    (!root_login.allows_passwords()).then(|| Finding {
+        severity: Severity::Warning,
+        message: format!(
+            "sshd's PermitRootLogin is {} ({}): root's password works on the console, not over SSH",
+            root_login.value,
+            root_login.set_by.as_deref().unwrap_or("OpenSSH's default")
+        ),
+        fix: "add `PermitRootLogin yes` before anything else sshd reads, e.g. in /etc/ssh/sshd_config.d/00-root.conf, or log in as the default user and use sudo".into(),
+    })
 }
 
 #[cfg(test)]
@@ -192,7 +234,15 @@ mod tests {
             sshd: sshd.as_ref(),
             booted_before: false,
         };
-        let intent = Intent { user: "debian", is_ours: &is_ours, expire: false, ssh_pwauth: Some(true), target };
+        let intent = Intent {
+            user: "debian",
+            password: true,
+            keys: false,
+            is_ours: &is_ours,
+            expire: false,
+            ssh_pwauth: Some(true),
+            target,
+        };
         check(&image, &intent)
     }
 

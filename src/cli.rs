@@ -21,6 +21,10 @@ pub enum Command {
     #[command(after_long_help = format!("{CUSTOMIZE_EXAMPLES}\n{}", exit_codes::HELP), after_help = "Examples and exit statuses: cloudimg customize --help")]
     Customize(CustomizeArgs),
 
+    /// Audit images read-only: file safety, OS, cloud-init and sshd settings, who gets a password
+    #[command(after_long_help = format!("{INSPECT_HELP}\n{}", exit_codes::INSPECT_HELP), after_help = "Examples and exit statuses: cloudimg inspect --help")]
+    Inspect(InspectArgs),
+
     /// Check that this host can run cloudimg, and print the fix for anything that stops it
     #[command(after_long_help = DOCTOR_HELP)]
     Doctor(DoctorArgs),
@@ -75,6 +79,72 @@ pub struct DoctorArgs {
     pub timeout: u64,
 }
 
+const INSPECT_HELP: &str = "\
+Opens each image read-only (the file is never written) and reports: the file (format, qcow2 compat,
+backing or external data file, virtual and allocated size); the system (OS, root device, cloud-init
+version, whether set_passwords runs); every password cloud-init would set, for which user, from
+which file and key, hashed or plaintext (never the value); chpasswd.expire and ssh_pwauth; what
+sshd's PasswordAuthentication and PermitRootLogin will be once cloud-init has acted; the users'
+/etc/shadow state; whether the image was booted before. The analysis is the one customize uses.
+
+Examples:
+  cloudimg inspect debian-12.qcow2
+  cloudimg inspect *.qcow2 --json | jq '.[] | {path, login: .password_login.works}'
+
+  # A CI gate before uploading: fails unless a new instance accepts an SSH password login for the
+  # default user, no password is stored in plaintext and the file is standalone
+  cloudimg inspect out.qcow2 --require password-login --require no-plaintext --require standalone
+";
+
+/// A condition `inspect --require` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Requirement {
+    /// A new instance accepts an SSH password login for the user (--user, else the default user)
+    PasswordLogin,
+    /// No password is stored in plaintext in cloud-init's configuration
+    NoPlaintext,
+    /// The file is a standalone qcow2 or raw image (no backing or external data file)
+    Standalone,
+    /// The image carries no cloud-init instance state from an earlier boot
+    NotBooted,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The images to audit (qcow2 or raw)
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+
+    /// Print a JSON array, one report per image, on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    /// Exit with status 8 unless every image meets CONDITION (repeatable)
+    #[arg(long, value_enum, value_name = "CONDITION")]
+    pub require: Vec<Requirement>,
+
+    /// The user whose login is judged [default: the image's cloud-init default user]
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// The root filesystem's device, when an image holds several operating systems
+    #[arg(long, value_name = "DEVICE")]
+    pub root: Option<String>,
+
+    /// Print only the verdicts and findings
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Accelerator for the libguestfs appliance
+    #[arg(long, value_enum, default_value_t = accel::Requested::Auto, help_heading = "Appliance")]
+    pub accel: accel::Requested,
+
+    /// Give up on an appliance step after this many seconds
+    #[arg(long, default_value_t = 600, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Appliance")]
+    pub timeout: u64,
+}
+
 const CUSTOMIZE_EXAMPLES: &str = "\
 Examples:
   # Image builders: a new image whose default user logs in with the password in pw.txt
@@ -92,12 +162,28 @@ Examples:
   # One-off reset of an existing image file, in place (atomic: old or new image, never half)
   cloudimg customize vm.qcow2 --in-place --password-file pw.txt --clean-instance-state
 
+  # The disk of an instance that was booted already, or an image without cloud-init: /etc/shadow
+  cloudimg customize vm.qcow2 -o fixed.qcow2 --password-file pw.txt --method auto
+
+  # SSH keys for the default user, no password
+  cloudimg customize in.qcow2 -o out.qcow2 --ssh-key ~/.ssh/id_ed25519.pub
+
+  # The reverse: undo cloudimg's edit (byte for byte), remove any other password, ssh_pwauth: false
+  cloudimg customize out.qcow2 -o locked.qcow2 --lock
+
 What is written: /etc/cloud/cloud.cfg (or, with --drop-in, /etc/cloud/cloud.cfg.d/99-cloudimg.cfg)
 gets a SHA-512 crypt hash of the password in the form the image's cloud-init version reads
 (chpasswd.users from 22.3, the top-level password or chpasswd.list from 17.1), chpasswd.expire: false
 and ssh_pwauth: true. Everything else in the file stays byte for byte. cloudimg then checks the
 drop-ins in /etc/cloud/cloud.cfg.d, the module lists and sshd's configuration, and refuses to write
-an image in which the login would not work.
+an image in which the login would not work. The originals of the files it changes are kept in
+/etc/cloud/cloudimg/undo.json (mode 0600), which --lock uses to restore them exactly.
+
+With --method shadow the hash goes straight into /etc/shadow instead (yescrypt on Debian 11+ and
+Ubuntu 20.04+, else SHA-512; mode, owner and SELinux label kept; the account unlocked), and the
+sshd line that decides PasswordAuthentication is switched to yes. --method auto uses cloud-init when
+it will set the password (installed, 17.1+ or --plaintext, set_passwords in its module lists, not
+booted before) and /etc/shadow otherwise, and says which it chose and why.
 
 The input is never modified (unless --in-place), its format is read from its header (qcow2 or raw;
 never probed), and qcow2 files with backing or external data files are refused.
@@ -114,8 +200,21 @@ pub enum SshPwauth {
     Unchanged,
 }
 
+/// How the password gets into the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// cloud-init sets it at first boot (cloud.cfg or --drop-in)
+    CloudInit,
+    /// Write the hash into /etc/shadow now, and enable password login in sshd's configuration
+    Shadow,
+    /// cloud-init where it will work, else /etc/shadow; the choice and the reason are printed
+    Auto,
+}
+
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("password").required(true).args(["password_file", "password_stdin", "random_password", "visible_password"])))]
+#[command(group(ArgGroup::new("password").args(["password_file", "password_stdin", "random_password", "visible_password"])))]
+#[command(group(ArgGroup::new("job").required(true).multiple(true).args(["password_file", "password_stdin", "random_password", "visible_password", "ssh_key", "lock"])))]
 pub struct CustomizeArgs {
     /// The image to customize (qcow2 or raw)
     pub input: PathBuf,
@@ -148,9 +247,24 @@ pub struct CustomizeArgs {
     #[arg(long, value_name = "PASSWORD", help_heading = "Password")]
     pub visible_password: Option<String>,
 
-    /// The user whose password is set [default: the image's cloud-init default user]
+    /// Add the public keys in FILE to the user's authorized keys through cloud-config (repeatable;
+    /// every line is checked; keys already there are not added twice)
+    #[arg(long, value_name = "FILE", help_heading = "Password")]
+    pub ssh_key: Vec<PathBuf>,
+
+    /// The reverse job: undo cloudimg's earlier edit exactly, remove every password cloud-init would
+    /// set, and set ssh_pwauth: false where it would enable password login
+    #[arg(long, visible_alias = "no-password", conflicts_with_all = ["password_file", "password_stdin", "random_password", "visible_password", "ssh_key", "plaintext", "expire", "ssh_pwauth", "drop_in"], help_heading = "Password")]
+    pub lock: bool,
+
+    /// The user whose password is set [default: the image's cloud-init default user]; `root` works,
+    /// with warnings about what still stops root logging in
     #[arg(long, value_name = "NAME", help_heading = "What to write")]
     pub user: Option<String>,
+
+    /// How the password is set
+    #[arg(long, value_enum, default_value_t = Method::CloudInit, value_name = "METHOD", help_heading = "What to write")]
+    pub method: Method,
 
     /// Store the password in clear text instead of a hash (needed for cloud-init older than 17.1)
     #[arg(long, help_heading = "What to write")]
@@ -160,9 +274,10 @@ pub struct CustomizeArgs {
     #[arg(long, help_heading = "What to write")]
     pub expire: bool,
 
-    /// Whether cloud-init enables SSH password authentication
-    #[arg(long, value_enum, default_value_t = SshPwauth::True, value_name = "WHEN", help_heading = "What to write")]
-    pub ssh_pwauth: SshPwauth,
+    /// Whether cloud-init enables SSH password authentication [default: true with a password,
+    /// unchanged with keys alone]
+    #[arg(long, value_enum, value_name = "WHEN", help_heading = "What to write")]
+    pub ssh_pwauth: Option<SshPwauth>,
 
     /// Write /etc/cloud/cloud.cfg.d/99-cloudimg.cfg instead of editing /etc/cloud/cloud.cfg
     #[arg(long, help_heading = "What to write")]
@@ -246,5 +361,12 @@ mod tests {
         assert!(parse(&["customize", "in.img", "--dry-run", "--password-file", "pw"]).is_ok());
         assert!(parse(&["customize", "in.img", "--in-place", "-o", "x", "--password-stdin"]).is_err());
         assert!(parse(&["customize", "in.img", "-o", "o", "--password-stdin", "--timeout", "0"]).is_err());
+        assert!(parse(&["customize", "in.img", "-o", "o", "--ssh-key", "k.pub"]).is_ok());
+        assert!(parse(&["customize", "in.img", "-o", "o", "--ssh-key", "k.pub", "--password-stdin"]).is_ok());
+        assert!(parse(&["customize", "in.img", "-o", "o", "--lock"]).is_ok());
+        assert!(parse(&["customize", "in.img", "-o", "o", "--no-password"]).is_ok());
+        assert!(parse(&["customize", "in.img", "-o", "o", "--lock", "--password-stdin"]).is_err());
+        assert!(parse(&["inspect"]).is_err());
+        assert!(parse(&["inspect", "a.img", "b.img", "--require", "password-login", "--json"]).is_ok());
     }
 }

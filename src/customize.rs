@@ -1,6 +1,7 @@
 //! `cloudimg customize`: the pipeline, in order. Open the image safely → find the root → read
 //! cloud-init's configuration → plan the edit (pure) → write it back → produce the output.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
@@ -9,19 +10,24 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::accel::{self, Accel, HostKvm};
-use crate::checks::{Effective, Finding, Severity};
+use crate::checks::{self, Effective, Finding, Severity};
 use crate::cleanup;
-use crate::cloud_config::credentials::{CloudInitVersion, Form, Stored};
+use crate::cli::Method;
+use crate::cloud_config::credentials::{self, CloudInitVersion, Form, Stored};
+use crate::cloud_config::lock;
 use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, USAGE};
 use crate::guest::{Drive, Guest, LaunchOptions};
 use crate::guest_config;
 use crate::image_file::{self, Format, ImageInfo};
 use crate::locate::{self, Root};
+use crate::method;
 use crate::output::{self, Pending};
 use crate::password::{self, Secret, Source};
-use crate::plan::{self, Facts, Plan, Request};
+use crate::plan::{self, Facts, Request};
 use crate::report::Reporter;
 use crate::settings::{Customize, Output, Verbosity};
+use crate::shadow;
+use crate::sshd;
 
 /// What happened, for the human summary and for `--json`.
 #[derive(Debug, serde::Serialize)]
@@ -34,19 +40,60 @@ pub struct Summary {
     pub dry_run: bool,
     pub accel: Accel,
     pub root: Root,
-    pub cloud_init_version: String,
-    pub user: String,
-    pub form: Form,
+    /// `None` when the image has no cloud-init (or its version is unknown and not needed).
+    pub cloud_init_version: Option<String>,
+    /// `cloud-init`, `shadow`, or `lock`.
+    pub method: &'static str,
+    pub method_reason: String,
+    /// `None` for --lock.
+    pub user: Option<String>,
+    /// The cloud-config form of the password; `None` without one or with --method shadow.
+    pub form: Option<Form>,
+    /// The main file written.
     pub file: String,
+    /// Every guest file written or removed.
+    pub files_changed: Vec<String>,
     pub changed: bool,
     pub changed_keys: Vec<String>,
-    pub effective: Effective,
+    /// `yescrypt` or `sha512` with --method shadow.
+    pub shadow_algorithm: Option<shadow::Algorithm>,
+    /// cloud-init's view after the edit (`None` without cloud-init).
+    pub effective: Option<Effective>,
     pub findings: Vec<Finding>,
+    pub notes: Vec<String>,
     pub instance_state_cleaned: bool,
     pub elapsed_seconds: f64,
 }
 
-/// Runs the pipeline; returns the summary and the masked diff of the cloud-init file.
+/// One change to a guest file.
+struct Write {
+    path: String,
+    /// `None` removes the file.
+    content: Option<String>,
+    /// Root-only (0600): cloudimg's journal, which may hold an original configuration.
+    private: bool,
+    /// Where a new file takes its owner, mode and label from.
+    like: &'static str,
+}
+
+/// What a job decided, before anything is written.
+struct Decision {
+    method: &'static str,
+    method_reason: String,
+    user: Option<String>,
+    form: Option<Form>,
+    file: String,
+    writes: Vec<Write>,
+    changed_keys: Vec<String>,
+    shadow_algorithm: Option<shadow::Algorithm>,
+    effective: Option<Effective>,
+    findings: Vec<Finding>,
+    notes: Vec<String>,
+    /// What a dry run shows: a diff with the secret masked.
+    diff: String,
+}
+
+/// Runs the pipeline; returns the summary and the masked diff of what changes.
 pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
     report.phase(&format!("Examining {}", s.input.display()));
     let info = image_file::inspect(&s.input).map_err(with_code(BAD_INPUT))?;
@@ -55,9 +102,7 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
         Output::InPlace { .. } => Some(lock_for_in_place(&s.input)?),
         _ => None,
     };
-    let secret = s.password.read().map_err(with_code(USAGE))?;
-    let stored =
-        if s.plaintext { Stored::Plain(secret.expose().to_string()) } else { Stored::Hash(password::hash(&secret)) };
+    let secret = s.password.as_ref().map(|p| p.read()).transpose().map_err(with_code(USAGE))?;
 
     let work = cleanup::work_dir()?;
     sweep(&std::env::temp_dir(), cleanup::WORK_DIR_MARKER, report);
@@ -73,28 +118,12 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
         report.warn(&note);
     }
 
-    report.phase("Reading cloud-init's configuration");
+    report.phase("Reading the image's configuration");
     let image = read_image(&guest, s, report)?;
-    let already_set = |text: &str| stands_for(&secret, text, s.plaintext);
-    let plan = plan::plan(
-        &Facts {
-            files: &image.files,
-            version: image.version,
-            passwd_users: &image.passwd_users,
-            sshd: image.sshd.as_ref(),
-            booted_before: image.booted_before && !s.clean_instance_state,
-        },
-        &Request {
-            user: s.user.as_deref(),
-            stored,
-            already_set: &already_set,
-            expire: s.expire,
-            ssh_pwauth: s.ssh_pwauth,
-            target: s.target,
-        },
-    )?;
-    report.detail(&format!("user {} via {} in {}", plan.user, plan.form.describe(), plan.target));
-    refuse_if_ineffective(&plan, s.allow_ineffective, report)?;
+    let decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret.as_ref(), report)? };
+    report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
+    refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
+    decision.notes.iter().for_each(|n| report.detail(n));
 
     let mut summary = Summary {
         input: s.input.clone(),
@@ -104,21 +133,36 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
         dry_run,
         accel,
         root,
-        cloud_init_version: image.version.to_string(),
-        user: plan.user.clone(),
-        form: plan.form,
-        file: plan.target.clone(),
-        changed: plan.changed(),
-        changed_keys: plan.changed_keys.clone(),
-        effective: plan.effective.clone(),
-        findings: plan.findings.clone(),
+        cloud_init_version: image.cloud.as_ref().and_then(|c| c.version).map(|v| v.to_string()),
+        method: decision.method,
+        method_reason: decision.method_reason,
+        user: decision.user,
+        form: decision.form,
+        file: decision.file,
+        files_changed: decision.writes.iter().map(|w| w.path.clone()).collect(),
+        changed: !decision.writes.is_empty(),
+        changed_keys: decision.changed_keys,
+        shadow_algorithm: decision.shadow_algorithm,
+        effective: decision.effective,
+        findings: decision.findings,
+        notes: decision.notes,
         instance_state_cleaned: false,
         elapsed_seconds: 0.0,
     };
     if !dry_run {
-        report.phase(&format!("Writing {}", plan.target));
-        if plan.changed() {
-            guest.replace_file(&plan.target, plan.new_text.as_bytes(), crate::cloud_config::CLOUD_CFG)?;
+        report.phase(&format!(
+            "Writing {}",
+            if summary.files_changed.is_empty() {
+                "nothing (no change)".to_string()
+            } else {
+                summary.files_changed.join(", ")
+            }
+        ));
+        for write in &decision.writes {
+            apply(&guest, write)?;
+        }
+        if s.lock {
+            guest.remove_dir_if_empty(lock::JOURNAL_DIR)?;
         }
         if s.clean_instance_state && image.booted_before {
             guest_config::clean_instance_state(&guest)?;
@@ -127,12 +171,294 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
         cleanup::fault_point("edited");
         guest.shutdown()?;
         cleanup::fault_point("shut-down");
-        let (dest, format) = produce_output(s, &info, &overlay, &secret, report)?;
+        let (dest, format) = produce_output(s, &info, &overlay, secret.as_ref(), report)?;
         summary.output = Some(dest);
         summary.output_format = Some(format);
     }
     summary.elapsed_seconds = report.elapsed_secs();
-    Ok((summary, plan.masked_diff()))
+    Ok((summary, decision.diff))
+}
+
+fn apply(guest: &Guest, write: &Write) -> Result<()> {
+    match (&write.content, write.private) {
+        (None, _) => guest.remove_file(&write.path),
+        (Some(text), true) => guest.replace_private_file(&write.path, text.as_bytes(), write.like),
+        (Some(text), false) => guest.replace_file(&write.path, text.as_bytes(), write.like),
+    }
+}
+
+/// A password and/or keys, by the method chosen.
+fn decide_credentials(
+    s: &Customize,
+    image: &ImageFacts,
+    secret: Option<&Secret>,
+    report: &Reporter,
+) -> Result<Decision> {
+    let default_user = image.cloud.as_ref().and_then(|c| credentials::default_user(&merged(&c.files)));
+    let user = s.user.clone().or(default_user.clone());
+    let in_shadow = |u: &str| image.shadow.as_deref().is_some_and(|t| shadow::state(t, u) != shadow::State::Missing);
+    let facts = method::Facts {
+        cloud_init: image.cloud.is_some(),
+        version: image.cloud.as_ref().and_then(|c| c.version),
+        plaintext: s.plaintext,
+        set_passwords_runs: image.cloud.as_ref().is_some_and(|c| credentials::runs_set_passwords(&merged(&c.files))),
+        booted_before: image.booted_before && !s.clean_instance_state,
+        user_in_shadow: user.as_deref().is_some_and(in_shadow),
+    };
+    let (method, reason) = method::choose(s.method, &facts).map_err(with_code(BAD_GUEST))?;
+    if s.method == Method::Auto {
+        report.phase(&format!(
+            "Method: {}, because {reason}",
+            if method == Method::Shadow { "/etc/shadow" } else { "cloud-init" }
+        ));
+    }
+    match method {
+        Method::Shadow => {
+            let secret = secret.expect("settings require a password for --method shadow");
+            if !s.ssh_keys.is_empty() {
+                return Err(with_code(USAGE)(anyhow::anyhow!(
+                    "--ssh-key goes through cloud-init; with --method shadow, run a second customize with --ssh-key alone"
+                )));
+            }
+            decide_shadow(s, image, secret, user, reason)
+        }
+        _ => decide_cloud_init(s, image, secret, reason),
+    }
+}
+
+fn merged(files: &[guest_config::CloudFile]) -> crate::cloud_config::yaml11::Mapping {
+    let parsed: Vec<_> = files.iter().map(|f| f.parsed.clone()).collect();
+    crate::cloud_config::merge::effective(&parsed)
+}
+
+fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>, reason: String) -> Result<Decision> {
+    let cloud = image.cloud.as_ref().ok_or_else(|| {
+        with_code(BAD_GUEST)(anyhow::anyhow!(
+            "the image has no {}, so no cloud-init to set the password; use --method shadow (or auto) to set it in /etc/shadow",
+            crate::cloud_config::CLOUD_CFG
+        ))
+    })?;
+    let version = cloud.version.ok_or_else(guest_config::version_unknown)?;
+    let stored = secret.map(|secret| {
+        if s.plaintext {
+            Stored::Plain(secret.expose().to_string())
+        } else {
+            Stored::Hash(password::hash(secret))
+        }
+    });
+    let already_set = |text: &str| secret.is_some_and(|secret| stands_for(secret, text, s.plaintext));
+    let plan = plan::plan(
+        &Facts {
+            files: &cloud.files,
+            version,
+            passwd_users: &image.passwd_users,
+            sshd: image.sshd.as_ref(),
+            booted_before: image.booted_before && !s.clean_instance_state,
+        },
+        &Request {
+            user: s.user.as_deref(),
+            stored,
+            ssh_keys: &s.ssh_keys,
+            already_set: &already_set,
+            expire: s.expire,
+            ssh_pwauth: s.ssh_pwauth,
+            target: s.target,
+        },
+    )?;
+    let mut writes = Vec::new();
+    if plan.changed() {
+        writes.push(Write {
+            path: plan.target.clone(),
+            content: Some(plan.new_text.clone()),
+            private: false,
+            like: crate::cloud_config::CLOUD_CFG,
+        });
+        let mut journal = image.journal.clone().unwrap_or_default();
+        journal.record(&plan.target, plan.old_text.as_deref(), &plan.new_text);
+        writes.push(Write {
+            path: lock::JOURNAL.into(),
+            content: Some(journal.to_text()),
+            private: true,
+            like: crate::cloud_config::CLOUD_CFG,
+        });
+    }
+    Ok(Decision {
+        method: "cloud-init",
+        method_reason: reason,
+        user: Some(plan.user.clone()),
+        form: plan.form,
+        file: plan.target.clone(),
+        writes,
+        changed_keys: plan.changed_keys.clone(),
+        shadow_algorithm: None,
+        effective: Some(plan.effective.clone()),
+        findings: plan.findings.clone(),
+        notes: Vec::new(),
+        diff: plan.masked_diff(),
+    })
+}
+
+fn decide_shadow(
+    s: &Customize,
+    image: &ImageFacts,
+    secret: &Secret,
+    user: Option<String>,
+    reason: String,
+) -> Result<Decision> {
+    let user = user.ok_or_else(|| {
+        with_code(BAD_GUEST)(anyhow::anyhow!(
+            "the image's cloud-init configuration names no default user; name the user with --user"
+        ))
+    })?;
+    let text = image.shadow.as_deref().ok_or_else(|| {
+        with_code(BAD_GUEST)(anyhow::anyhow!("the image has no {} to set the password in", shadow::SHADOW))
+    })?;
+    let (algorithm, why) = shadow::default_algorithm(&image.os_release, image.login_defs.as_deref());
+    let mut notes = vec![format!("{algorithm:?} hash: {why}")];
+    let mut writes = Vec::new();
+    let current_hash =
+        text.lines().find_map(|l| l.strip_prefix(&format!("{user}:"))).and_then(|rest| rest.split(':').next());
+    if !current_hash.is_some_and(|h| h.starts_with('$') && password::matches(secret, h)) {
+        let hash = match algorithm {
+            shadow::Algorithm::Yescrypt => password::hash_yescrypt(secret),
+            shadow::Algorithm::Sha512 => password::hash(secret),
+        };
+        let today = shadow::days_since_epoch(std::time::SystemTime::now());
+        let (new, more) = shadow::set_password(text, &user, &hash, today, s.expire).map_err(with_code(BAD_GUEST))?;
+        notes.extend(more);
+        writes.push(Write { path: shadow::SHADOW.into(), content: Some(new), private: false, like: shadow::SHADOW });
+    }
+    let mut findings = Vec::new();
+    let mut diff = String::new();
+    match (&image.sshd, s.ssh_pwauth) {
+        (Some(files), Some(true)) => {
+            for (path, new_text) in sshd::enable_password_authentication(files) {
+                diff.push_str(
+                    &similar::TextDiff::from_lines(files[&path].as_str(), new_text.as_str())
+                        .unified_diff()
+                        .header(&format!("a{path}"), &format!("b{path}"))
+                        .to_string(),
+                );
+                notes.push(format!("{path}: PasswordAuthentication yes where sshd reads it first"));
+                writes.push(Write { path, content: Some(new_text), private: false, like: sshd::MAIN_CONFIG });
+            }
+            let mut after = files.clone();
+            after.extend(
+                writes
+                    .iter()
+                    .filter(|w| w.path.starts_with("/etc/ssh/"))
+                    .map(|w| (w.path.clone(), w.content.clone().unwrap_or_default())),
+            );
+            findings.extend(cloud_init_undoes_sshd(image, &after));
+            if user == "root" {
+                findings.extend(checks::root_password_finding(&after));
+            }
+        }
+        (None, _) => findings.push(Finding {
+            severity: Severity::Warning,
+            message: format!(
+                "the image has no {}: the password will work on the console, not over SSH",
+                sshd::MAIN_CONFIG
+            ),
+            fix: "install openssh-server in the image if you need SSH".into(),
+        }),
+        _ => {}
+    }
+    if !writes.is_empty() {
+        diff =
+            format!("{} for `{user}`: a new {algorithm:?} hash (not shown), account unlocked\n{diff}", shadow::SHADOW);
+    }
+    Ok(Decision {
+        method: "shadow",
+        method_reason: reason,
+        user: Some(user),
+        form: None,
+        file: shadow::SHADOW.into(),
+        changed_keys: Vec::new(),
+        writes,
+        shadow_algorithm: Some(algorithm),
+        effective: None,
+        findings,
+        notes,
+        diff,
+    })
+}
+
+/// On a new instance cloud-init applies its own `ssh_pwauth`, which may turn sshd's passwords off again.
+fn cloud_init_undoes_sshd(image: &ImageFacts, sshd_files: &sshd::Files) -> Option<Finding> {
+    let cloud = image.cloud.as_ref()?;
+    let version = cloud.version?;
+    let parsed: Vec<_> = cloud.files.iter().map(|f| f.parsed.clone()).collect();
+    let outcome = credentials::outcome(&merged(&cloud.files), version, "", None);
+    let after = sshd::password_authentication(&sshd::after_cloud_init(sshd_files, outcome.ssh_pwauth, version));
+    if after.password_authentication {
+        return None;
+    }
+    let file =
+        crate::cloud_config::merge::deciding_file(&parsed, &["ssh_pwauth"]).map(|f| f.path.clone()).unwrap_or_default();
+    Some(Finding {
+        severity: Severity::Warning,
+        message: format!("{file} sets `ssh_pwauth: false`: on a new instance cloud-init turns SSH passwords off again (a disk booted again as the same instance keeps them)"),
+        fix: "also run `cloudimg customize` with --method cloud-init, or remove `ssh_pwauth` from that file".into(),
+    })
+}
+
+/// `--lock`: cloudimg's journal undone, then every remaining password removed.
+fn decide_lock(image: &ImageFacts) -> Result<Decision> {
+    let cloud = image
+        .cloud
+        .as_ref()
+        .ok_or_else(|| with_code(BAD_GUEST)(anyhow::anyhow!("the image has no cloud-init configuration to lock")))?;
+    let mut current: BTreeMap<String, String> = cloud.files.iter().map(|f| (f.path.clone(), f.text.clone())).collect();
+    let mut changes: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut notes = Vec::new();
+    let mut findings = Vec::new();
+    if let Some(journal) = &image.journal {
+        for (path, undo) in lock::undo(journal, &current) {
+            match undo {
+                lock::Undo::Restore(Some(original)) => {
+                    notes.push(format!("{path}: restored as it was before cloudimg changed it"));
+                    current.insert(path.clone(), original.clone());
+                    changes.insert(path, Some(original));
+                }
+                lock::Undo::Restore(None) => {
+                    notes.push(format!("{path}: removed (cloudimg had created it)"));
+                    current.remove(&path);
+                    changes.insert(path, None);
+                }
+                lock::Undo::ChangedSince => findings.push(Finding {
+                    severity: Severity::Warning,
+                    message: format!("{path} changed after cloudimg wrote it, so it is not restored; its passwords are removed in place"),
+                    fix: "compare it with the original in the image's /etc/cloud/cloudimg/undo.json if you need it".into(),
+                }),
+            }
+        }
+        changes.insert(lock::JOURNAL.into(), None);
+    }
+    let files: Vec<(String, String)> = current.into_iter().collect();
+    let (locked, more) = lock::lock(&files).map_err(with_code(BAD_GUEST))?;
+    notes.extend(more);
+    changes.extend(locked.into_iter().map(|(p, t)| (p, Some(t))));
+    let originals: BTreeMap<&str, &str> = cloud.files.iter().map(|f| (f.path.as_str(), f.text.as_str())).collect();
+    let writes: Vec<Write> = changes
+        .into_iter()
+        .filter(|(path, content)| originals.get(path.as_str()).copied() != content.as_deref())
+        .map(|(path, content)| Write { path, content, private: false, like: crate::cloud_config::CLOUD_CFG })
+        .collect();
+    Ok(Decision {
+        method: "lock",
+        method_reason: "--lock".into(),
+        user: None,
+        form: None,
+        file: crate::cloud_config::CLOUD_CFG.into(),
+        changed_keys: Vec::new(),
+        writes,
+        shadow_algorithm: None,
+        effective: None,
+        findings,
+        diff: notes.iter().map(|n| format!("{n}\n")).collect(),
+        notes,
+    })
 }
 
 /// Starts the appliance on the input (read-only, for a dry run) or on a fresh overlay over it.
@@ -161,29 +487,55 @@ fn launch(
     Ok((guest, accel))
 }
 
-/// What the plan needs from the mounted guest.
+/// What the decisions need from the mounted guest.
 struct ImageFacts {
-    files: Vec<guest_config::CloudFile>,
-    version: CloudInitVersion,
+    /// `None` without /etc/cloud/cloud.cfg.
+    cloud: Option<CloudFacts>,
     sshd: Option<crate::sshd::Files>,
     booted_before: bool,
     passwd_users: Vec<String>,
+    shadow: Option<String>,
+    os_release: String,
+    login_defs: Option<String>,
+    journal: Option<lock::Journal>,
+}
+
+struct CloudFacts {
+    files: Vec<guest_config::CloudFile>,
+    /// `None` when it cannot be read (and was not given with --cloud-init-version).
+    version: Option<CloudInitVersion>,
 }
 
 fn read_image(guest: &Guest, s: &Customize, report: &Reporter) -> Result<ImageFacts> {
-    let (files, read_warnings) = guest_config::read_cloud_files(guest).map_err(with_code(BAD_GUEST))?;
-    read_warnings.iter().for_each(|w| report.warn(w));
-    let version = match s.cloud_init_version {
-        Some(v) => v,
-        None => guest_config::cloud_init_version(guest)?,
+    let cloud = if guest_config::has_cloud_init(guest).map_err(with_code(BAD_GUEST))? {
+        let (files, read_warnings) = guest_config::read_cloud_files(guest).map_err(with_code(BAD_GUEST))?;
+        read_warnings.iter().for_each(|w| report.warn(w));
+        let version = match s.cloud_init_version {
+            Some(v) => Some(v),
+            None => guest_config::cloud_init_version(guest).ok(),
+        };
+        report.detail(&format!(
+            "cloud-init {}; {} configuration files",
+            version.map_or("of unknown version".to_string(), |v| v.to_string()),
+            files.len()
+        ));
+        Some(CloudFacts { files, version })
+    } else {
+        report.detail("no cloud-init in the image");
+        None
     };
-    report.detail(&format!("cloud-init {version}; {} configuration files", files.len()));
+    let read = |path: &str| guest_config::read_text(guest, path).map_err(with_code(BAD_GUEST));
+    let journal = read(lock::JOURNAL)?.map(|t| lock::Journal::parse(&t)).transpose().map_err(with_code(BAD_GUEST))?;
     Ok(ImageFacts {
-        files,
-        version,
+        cloud,
         sshd: guest_config::sshd_files(guest).map_err(with_code(BAD_GUEST))?,
         booted_before: guest_config::booted_before(guest).map_err(with_code(BAD_GUEST))?,
         passwd_users: guest_config::passwd_users(guest).map_err(with_code(BAD_GUEST))?,
+        // Only the shadow route needs it; a run that cannot read it fails there, not here.
+        shadow: read(shadow::SHADOW).ok().flatten(),
+        os_release: guest_config::os_release(guest).map_err(with_code(BAD_GUEST))?,
+        login_defs: read(shadow::LOGIN_DEFS).ok().flatten(),
+        journal,
     })
 }
 
@@ -192,7 +544,7 @@ fn produce_output(
     s: &Customize,
     info: &ImageInfo,
     overlay: &Path,
-    secret: &Secret,
+    secret: Option<&Secret>,
     report: &Reporter,
 ) -> Result<(PathBuf, Format)> {
     let (dest, format, compress, in_place, replace) = match &s.output {
@@ -209,7 +561,10 @@ fn produce_output(
     sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
     output::convert(overlay, format, compress, pending.path()).map_err(with_code(OUTPUT))?;
     cleanup::fault_point("converted");
-    let saved_password = reveal_random_password(&s.password, secret)?;
+    let saved_password = match (&s.password, secret) {
+        (Some(source), Some(secret)) => reveal_random_password(source, secret)?,
+        _ => None,
+    };
     let (mode, owner_like) = if in_place {
         let mode = std::fs::metadata(&dest).context("reading the input's mode")?.permissions().mode() & 0o7777;
         (mode, Some(dest.as_path()))
@@ -243,10 +598,10 @@ fn stands_for(secret: &Secret, stored: &str, plaintext: bool) -> bool {
     }
 }
 
-fn refuse_if_ineffective(plan: &Plan, allow: bool, report: &Reporter) -> Result<()> {
-    let errors: Vec<&Finding> = plan.findings.iter().filter(|f| f.severity == Severity::Error).collect();
-    for finding in &plan.findings {
-        if finding.severity == Severity::Warning || allow {
+fn refuse_if_ineffective(findings: &[Finding], allow: bool, report: &Reporter) -> Result<()> {
+    let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
+    for finding in findings {
+        if finding.severity != Severity::Error || allow {
             report.warn(&format!("{} (fix: {})", finding.message, finding.fix));
         }
     }

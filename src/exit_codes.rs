@@ -19,6 +19,8 @@ pub const INEFFECTIVE: i32 = 5;
 pub const APPLIANCE: i32 = 6;
 /// The output could not be written, or exists already (use --force).
 pub const OUTPUT: i32 = 7;
+/// `inspect --require`: an image does not meet a required condition.
+pub const UNMET: i32 = 8;
 /// Interrupted by a signal; temporary files were removed (128 + SIGINT, as shells report it).
 pub const INTERRUPTED: i32 = 130;
 
@@ -34,6 +36,18 @@ Exit status:
   6    the libguestfs appliance failed to start or timed out
   7    the output exists (use --force) or could not be written
   130  interrupted; temporary files removed";
+
+/// Text for `inspect --help`.
+pub const INSPECT_HELP: &str = "\
+Exit status:
+  0    every image was inspected (and meets every --require)
+  1    unexpected failure
+  2    bad command line
+  3    an image file was refused before opening (it is still reported, with the reason)
+  4    an image's guest could not be read
+  6    the libguestfs appliance failed to start or timed out
+  8    an image does not meet a --require condition (the reasons are printed)
+  130  interrupted";
 
 /// An error with the exit status it should end the program with.
 #[derive(Debug)]

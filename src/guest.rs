@@ -257,6 +257,17 @@ impl Guest {
             Some(a) => a,
             None => self.attributes(like)?.unwrap_or(Attributes { mode: 0o644, uid: 0, gid: 0, selinux: None }),
         };
+        self.write_with(path, content, attrs)
+    }
+
+    /// Like [`Guest::replace_file`], but the file is root's alone (0600) whatever it was, with the
+    /// SELinux label of `like`.
+    pub fn replace_private_file(&self, path: &str, content: &[u8], like: &str) -> Result<()> {
+        let selinux = self.attributes(like)?.and_then(|a| a.selinux);
+        self.write_with(path, content, Attributes { mode: 0o600, uid: 0, gid: 0, selinux })
+    }
+
+    fn write_with(&self, path: &str, content: &[u8], attrs: Attributes) -> Result<()> {
         let dir = path.rsplit_once('/').map(|(d, _)| if d.is_empty() { "/" } else { d }).unwrap_or("/");
         self.bounded(&format!("creating {dir} in the guest"), |g| g.mkdir_p(dir))?;
         let temp = format!("{dir}/.cloudimg-new");
@@ -284,6 +295,18 @@ impl Guest {
             .map(|x| String::from_utf8_lossy(&x.attrval).trim_end_matches('\0').to_string())
             .filter(|l| !l.is_empty());
         Ok(Some(Attributes { mode: st.st_mode, uid: st.st_uid, gid: st.st_gid, selinux }))
+    }
+
+    pub fn remove_file(&self, path: &str) -> Result<()> {
+        self.bounded(&format!("removing {path} in the guest"), |g| g.rm(path))
+    }
+
+    /// Removes a directory when it is empty (and leaves it otherwise).
+    pub fn remove_dir_if_empty(&self, path: &str) -> Result<()> {
+        if self.is_dir(path)? && self.list_dir(path)?.is_empty() {
+            self.bounded(&format!("removing {path} in the guest"), |g| g.rmdir(path))?;
+        }
+        Ok(())
     }
 
     pub fn remove_tree(&self, path: &str) -> Result<()> {

@@ -45,7 +45,14 @@ pub fn read_cloud_files(guest: &Guest) -> Result<(Vec<CloudFile>, Vec<String>)> 
     Ok((files, warnings))
 }
 
-fn read_text(guest: &Guest, path: &str) -> Result<Option<String>> {
+/// Whether the image has cloud-init's main configuration file (a link counts: reading it will say why
+/// it cannot be used).
+pub fn has_cloud_init(guest: &Guest) -> Result<bool> {
+    Ok(guest.exists(CLOUD_CFG)? || guest.is_symlink(CLOUD_CFG)?)
+}
+
+/// A text file of the guest; `None` when it does not exist.
+pub fn read_text(guest: &Guest, path: &str) -> Result<Option<String>> {
     let Some(bytes) = guest.read_config_file(path)? else { return Ok(None) };
     String::from_utf8(bytes).map(Some).map_err(|_| anyhow::anyhow!("{path} in the guest is not UTF-8 text"))
 }
@@ -76,9 +83,27 @@ pub fn cloud_init_version(guest: &Guest) -> Result<CloudInitVersion> {
             }
         }
     }
-    Err(with_code(BAD_GUEST)(anyhow::anyhow!(
+    Err(version_unknown())
+}
+
+pub fn version_unknown() -> anyhow::Error {
+    with_code(BAD_GUEST)(anyhow::anyhow!(
         "cannot find cloud-init's version in the image (no cloudinit/version.py); name it with --cloud-init-version"
-    )))
+    ))
+}
+
+/// os-release (`/etc/os-release`, else `/usr/lib/os-release`), empty when there is none.
+pub fn os_release(guest: &Guest) -> Result<String> {
+    for path in ["/etc/os-release", "/usr/lib/os-release"] {
+        // /etc/os-release is usually a relative link into /usr/lib, which read_config_file refuses.
+        if guest.is_symlink(path)? {
+            continue;
+        }
+        if let Some(text) = read_text(guest, path)? {
+            return Ok(text);
+        }
+    }
+    Ok(String::new())
 }
 
 /// sshd's main file and its drop-in directory; `None` without `/etc/ssh/sshd_config`.

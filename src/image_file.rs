@@ -73,6 +73,13 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
     classify(&head, size).with_context(|| format!("{} cannot be used", path.display()))
 }
 
+/// What a qcow2 header says, even when the file is refused: (version, virtual size).
+pub fn qcow2_basics(path: &Path) -> Option<(u32, u64)> {
+    let mut head = [0u8; 32];
+    File::open(path).ok()?.read_exact(&mut head).ok()?;
+    head.starts_with(QCOW2_MAGIC).then(|| Some((be32(&head, 4)?, be64(&head, 24)?))).flatten()
+}
+
 /// Decides from the first bytes of a file of `file_size` bytes.
 pub fn classify(head: &[u8], file_size: u64) -> Result<ImageInfo> {
     if file_size == 0 {

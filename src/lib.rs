@@ -1,6 +1,7 @@
 //! cloudimg: prepare cloud images offline for OpenStack.
 pub mod accel;
 pub mod assets;
+pub mod audit;
 pub mod checks;
 pub mod cleanup;
 pub mod cli;
@@ -11,10 +12,13 @@ pub mod exit_codes;
 pub mod guest;
 pub mod guest_config;
 pub mod image_file;
+pub mod inspect;
 pub mod locate;
+pub mod method;
 pub mod output;
 pub mod password;
 pub mod plan;
 pub mod report;
 pub mod settings;
+pub mod shadow;
 pub mod sshd;

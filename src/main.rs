@@ -8,6 +8,7 @@ use cloudimg::cli::{Cli, Command};
 use cloudimg::customize;
 use cloudimg::doctor;
 use cloudimg::exit_codes;
+use cloudimg::inspect;
 use cloudimg::report::Reporter;
 use cloudimg::settings::{Customize, Verbosity};
 
@@ -16,6 +17,7 @@ fn main() {
     cloudimg::cleanup::install_signal_handler();
     let code = match cli.command {
         Command::Customize(args) => run_customize(args),
+        Command::Inspect(args) => run_inspect(&args),
         Command::Doctor(args) => run_doctor(&args),
         Command::Completions { shell } => {
             cloudimg::assets::completions(shell, &mut std::io::stdout());
@@ -51,6 +53,28 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
         }
         Err(e) => fail(&e),
     }
+}
+
+fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {
+    let verbosity = if args.quiet { Verbosity::Quiet } else { Verbosity::Normal };
+    let report = Reporter::new(verbosity, args.json);
+    let opts = inspect::Options {
+        user: args.user.clone(),
+        root: args.root.clone(),
+        require: args.require.clone(),
+        accel: args.accel,
+        timeout: std::time::Duration::from_secs(args.timeout),
+    };
+    let reports = inspect::run(&args.images, &opts, &report);
+    cloudimg::cleanup::checkpoint();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
+    } else {
+        for r in &reports {
+            print!("{}", inspect::render(r));
+        }
+    }
+    inspect::exit_code(&reports)
 }
 
 fn run_doctor(args: &cloudimg::cli::DoctorArgs) -> i32 {
@@ -90,7 +114,6 @@ fn print_check(check: &doctor::Check) {
 }
 
 fn print_summary(summary: &customize::Summary, diff: &str) {
-    let e = &summary.effective;
     if summary.dry_run {
         if diff.is_empty() {
             println!("{} already has these settings; nothing would change.", summary.file);
@@ -100,15 +123,30 @@ fn print_summary(summary: &customize::Summary, diff: &str) {
     } else if !summary.changed {
         println!("{} already had these settings; the output has the same configuration.", summary.file);
     }
-    println!(
-        "user {}: password ({}) via {}, expire {}, ssh_pwauth {}, sshd PasswordAuthentication {}",
-        summary.user,
-        e.outcome.password_kind,
-        summary.form.describe(),
-        e.outcome.expire,
-        e.outcome.ssh_pwauth.map_or("unchanged".to_string(), |b| b.to_string()),
-        e.sshd.as_ref().map_or("n/a (no sshd)", |d| if d.password_authentication { "yes" } else { "no" }),
-    );
+    for note in &summary.notes {
+        println!("{note}");
+    }
+    let user = summary.user.as_deref().unwrap_or("-");
+    match (&summary.effective, summary.method) {
+        (Some(e), _) => println!(
+            "user {user}: password ({}) via {}, expire {}, ssh_pwauth {}, sshd PasswordAuthentication {}",
+            e.outcome.password_kind,
+            summary.form.map_or("nothing (no password given)", |f| f.describe()),
+            e.outcome.expire,
+            e.outcome.ssh_pwauth.map_or("unchanged".to_string(), |b| b.to_string()),
+            e.sshd.as_ref().map_or("n/a (no sshd)", |d| if d.password_authentication { "yes" } else { "no" }),
+        ),
+        (None, "shadow") => println!(
+            "user {user}: password set in /etc/shadow ({} hash) because {}",
+            summary.shadow_algorithm.map_or("", |a| if a == cloudimg::shadow::Algorithm::Yescrypt {
+                "yescrypt"
+            } else {
+                "SHA-512"
+            }),
+            summary.method_reason
+        ),
+        _ => println!("locked: no password is set by cloud-init's configuration"),
+    }
     if let Some(output) = &summary.output {
         println!("Wrote {} in {:.1} s.", output.display(), summary.elapsed_seconds);
     }

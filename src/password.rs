@@ -119,8 +119,23 @@ pub fn hash(secret: &Secret) -> String {
         .replacen("$rounds=5000$", "$", 1)
 }
 
+/// A yescrypt hash (`$y$j9T$…`) with libxcrypt's default parameters and a fresh 16-byte salt, as
+/// `passwd` writes on Debian 11+ and Ubuntu 20.04+.
+pub fn hash_yescrypt(secret: &Secret) -> String {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).expect("the system's random source works");
+    yescrypt::Yescrypt::default()
+        .hash_password_with_salt(secret.expose().as_bytes(), &salt)
+        .expect("yescrypt accepts any password and a 16-byte salt")
+        .to_string()
+}
+
 /// Whether `stored` (a hash or clear text from an existing configuration) stands for `secret`.
 pub fn matches(secret: &Secret, stored: &str) -> bool {
+    if stored.starts_with("$y$") {
+        return yescrypt::PasswordHashRef::new(stored)
+            .is_ok_and(|hash| yescrypt::Yescrypt::default().verify_password(secret.expose().as_bytes(), hash).is_ok());
+    }
     if !stored.starts_with("$5$") && !stored.starts_with("$6$") {
         return stored == secret.expose();
     }
@@ -144,6 +159,15 @@ mod tests {
         assert!(matches(&secret, &h));
         assert!(!matches(&Secret::new("wrong".into()).unwrap(), &h));
         assert_ne!(hash(&secret), h, "salts must differ");
+    }
+
+    #[test]
+    fn yescrypt_hashes_use_libxcrypts_defaults_and_verify() {
+        let secret = Secret::new("correct horse".into()).unwrap();
+        let h = hash_yescrypt(&secret);
+        assert!(h.starts_with("$y$j9T$"), "{h}");
+        assert!(matches(&secret, &h));
+        assert!(!matches(&Secret::new("wrong".into()).unwrap(), &h));
     }
 
     #[test]

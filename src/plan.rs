@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use crate::checks::{self, Effective, Finding, Intent};
 use crate::cloud_config::credentials::{self, CloudInitVersion, Form, Stored};
 use crate::cloud_config::merge::{self, ConfigFile};
-use crate::cloud_config::{edit, yaml11};
+use crate::cloud_config::yaml11::Value;
+use crate::cloud_config::{edit, keys, yaml11};
 use crate::exit_codes::{with_code, BAD_GUEST};
 use crate::guest_config::CloudFile;
 use crate::sshd;
@@ -24,7 +25,10 @@ pub struct Facts<'a> {
 /// What the user asked for, with the password already in its stored form.
 pub struct Request<'a> {
     pub user: Option<&'a str>,
-    pub stored: Stored,
+    /// `None`: no password, only keys or `ssh_pwauth`.
+    pub stored: Option<Stored>,
+    /// Validated public key lines for the user.
+    pub ssh_keys: &'a [String],
     /// Whether an existing value already stands for the password (keeps salted hashes stable).
     pub already_set: &'a dyn Fn(&str) -> bool,
     pub expire: bool,
@@ -36,7 +40,8 @@ pub struct Request<'a> {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub user: String,
-    pub form: Form,
+    /// `None` when no password is set.
+    pub form: Option<Form>,
     pub target: String,
     /// `None` when the target file does not exist yet.
     pub old_text: Option<String>,
@@ -95,27 +100,40 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
     let lower_files: Vec<ConfigFile> = parsed.iter().filter(|f| f.path.as_str() < req.target).cloned().collect();
     let lower = merge::effective(&lower_files);
 
-    let edit_with = |stored: Stored| -> Result<(Form, edit::Edited)> {
-        let creq = credentials::Request {
-            user: &user,
-            default_user: default_user.as_deref() == Some(user.as_str()),
-            stored,
-            already_set: req.already_set,
-            expire: req.expire,
-            ssh_pwauth: req.ssh_pwauth,
+    let is_default_user = default_user.as_deref() == Some(user.as_str());
+    let edit_with = |stored: Option<Stored>| -> Result<(Option<Form>, edit::Edited)> {
+        let (form, mut entries) = match stored {
+            Some(stored) => {
+                let creq = credentials::Request {
+                    user: &user,
+                    default_user: is_default_user,
+                    stored,
+                    already_set: req.already_set,
+                    expire: req.expire,
+                    ssh_pwauth: req.ssh_pwauth,
+                };
+                let (form, entries) =
+                    credentials::entries(&target_root, &lower, facts.version, &creq).map_err(with_code(BAD_GUEST))?;
+                (Some(form), entries)
+            }
+            None => (None, req.ssh_pwauth.map(|on| ("ssh_pwauth".to_string(), Value::Bool(on))).into_iter().collect()),
         };
-        let (form, entries) =
-            credentials::entries(&target_root, &lower, facts.version, &creq).map_err(with_code(BAD_GUEST))?;
+        if !req.ssh_keys.is_empty() {
+            entries.extend(
+                keys::entries(&target_root, &lower, &user, is_default_user, req.ssh_keys)
+                    .map_err(with_code(BAD_GUEST))?,
+            );
+        }
         let edited = edit::set_top_level(&base_text, &entries)
             .with_context(|| format!("editing {} in the guest", req.target))
             .map_err(with_code(BAD_GUEST))?;
         Ok((form, edited))
     };
     let (form, edited) = edit_with(req.stored.clone())?;
-    let masked = match &req.stored {
+    let masked = req.stored.as_ref().map(|stored| match stored {
         Stored::Hash(_) => Stored::Hash(MASK.into()),
         Stored::Plain(_) => Stored::Plain(MASK.into()),
-    };
+    });
     let (_, masked_edit) = edit_with(masked)?;
 
     let new_parsed = ConfigFile {
@@ -126,8 +144,8 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
     after.push(new_parsed);
     merge::sort_by_priority(&mut after);
     let is_ours = |stored: &Stored| match (stored, &req.stored) {
-        (Stored::Hash(t), Stored::Hash(_)) | (Stored::Plain(t), Stored::Plain(_)) => {
-            (req.already_set)(t) || stored == &req.stored
+        (Stored::Hash(t), Some(Stored::Hash(_))) | (Stored::Plain(t), Some(Stored::Plain(_))) => {
+            (req.already_set)(t) || Some(stored) == req.stored.as_ref()
         }
         _ => false,
     };
@@ -139,7 +157,15 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
             sshd: facts.sshd,
             booted_before: facts.booted_before,
         },
-        &Intent { user: &user, is_ours: &is_ours, expire: req.expire, ssh_pwauth: req.ssh_pwauth, target: req.target },
+        &Intent {
+            user: &user,
+            password: req.stored.is_some(),
+            keys: !req.ssh_keys.is_empty(),
+            is_ours: &is_ours,
+            expire: req.expire,
+            ssh_pwauth: req.ssh_pwauth,
+            target: req.target,
+        },
     );
     Ok(Plan {
         user,

@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use clap::ValueEnum;
 
 use crate::accel;
-use crate::cli::{CustomizeArgs, SshPwauth};
+use crate::cli::{CustomizeArgs, Method, SshPwauth};
 use crate::cloud_config::credentials::CloudInitVersion;
+use crate::cloud_config::keys;
 use crate::cloud_config::{CLOUD_CFG, DROP_IN};
 use crate::exit_codes::{with_code, BAD_INPUT, OUTPUT, USAGE};
 use crate::image_file::Format;
@@ -45,7 +47,12 @@ pub enum Verbosity {
 pub struct Customize {
     pub input: PathBuf,
     pub output: Output,
-    pub password: Source,
+    /// `None`: no password is set (keys alone, or --lock).
+    pub password: Option<Source>,
+    /// Validated public key lines.
+    pub ssh_keys: Vec<String>,
+    pub lock: bool,
+    pub method: Method,
     pub user: Option<String>,
     pub plaintext: bool,
     pub expire: bool,
@@ -68,16 +75,35 @@ impl Customize {
             return Err(with_code(USAGE)(anyhow::anyhow!("--random-password-file goes with --random-password")));
         }
         let password = if let Some(path) = args.password_file {
-            Source::File(path)
+            Some(Source::File(path))
         } else if args.password_stdin {
-            Source::Stdin
+            Some(Source::Stdin)
         } else if args.random_password {
-            Source::Random { save_to: args.random_password_file }
+            Some(Source::Random { save_to: args.random_password_file })
         } else if let Some(visible) = args.visible_password {
-            Source::Visible(Secret::new(visible).map_err(with_code(USAGE))?)
+            Some(Source::Visible(Secret::new(visible).map_err(with_code(USAGE))?))
         } else {
-            unreachable!("clap requires one password source")
+            None
         };
+        if args.method != Method::CloudInit && password.is_none() {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "--method {} sets a password: give one",
+                args.method.to_possible_value().expect("no skipped values").get_name()
+            )));
+        }
+        if args.method == Method::Shadow && args.plaintext {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "--plaintext is for cloud-init; /etc/shadow always holds a hash"
+            )));
+        }
+        let has_password = password.is_some();
+        let mut ssh_keys = Vec::new();
+        for path in &args.ssh_key {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the SSH key file {}", path.display()))
+                .map_err(with_code(USAGE))?;
+            ssh_keys.extend(keys::parse_public_keys(&text, &path.display().to_string()).map_err(with_code(USAGE))?);
+        }
         let output = if args.dry_run {
             Output::DryRun
         } else if args.in_place {
@@ -102,10 +128,15 @@ impl Customize {
             plaintext: args.plaintext,
             expire: args.expire,
             ssh_pwauth: match args.ssh_pwauth {
-                SshPwauth::True => Some(true),
-                SshPwauth::False => Some(false),
-                SshPwauth::Unchanged => None,
+                Some(SshPwauth::True) => Some(true),
+                Some(SshPwauth::False) => Some(false),
+                Some(SshPwauth::Unchanged) => None,
+                None if args.lock => None,
+                None => has_password.then_some(true),
             },
+            ssh_keys,
+            lock: args.lock,
+            method: args.method,
             target: if args.drop_in { DROP_IN } else { CLOUD_CFG },
             clean_instance_state: args.clean_instance_state,
             allow_ineffective: args.allow_ineffective,
@@ -166,7 +197,7 @@ mod tests {
             "-vv",
         ])
         .unwrap();
-        assert_eq!(s.password, Source::Stdin);
+        assert_eq!(s.password, Some(Source::Stdin));
         assert_eq!(s.ssh_pwauth, None);
         assert_eq!(s.target, DROP_IN);
         assert_eq!(s.verbosity, Verbosity::Debug);

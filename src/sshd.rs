@@ -36,6 +36,61 @@ pub fn password_authentication(files: &Files) -> Decision {
         .unwrap_or(Decision { password_authentication: true, set_by: None })
 }
 
+/// sshd's global `PermitRootLogin` and where it is set (`None`: OpenSSH's default since 7.0).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RootLogin {
+    /// `yes`, `prohibit-password` (alias `without-password`), `forced-commands-only` or `no`.
+    pub value: String,
+    pub set_by: Option<String>,
+}
+
+impl RootLogin {
+    pub fn allows_passwords(&self) -> bool {
+        self.value.eq_ignore_ascii_case("yes")
+    }
+}
+
+pub fn permit_root_login(files: &Files) -> RootLogin {
+    match first_value(files, MAIN_CONFIG, "permitrootlogin", 0) {
+        Some((value, set_by)) => RootLogin { value: value.to_ascii_lowercase(), set_by: Some(set_by) },
+        None => RootLogin { value: "prohibit-password".into(), set_by: None },
+    }
+}
+
+/// The edit that makes sshd accept passwords, the way it reads its files: the line that decides
+/// `PasswordAuthentication` (the first one read) is switched to `yes` where it stands. Returns the
+/// changed files; empty when sshd already accepts passwords.
+pub fn enable_password_authentication(files: &Files) -> Files {
+    let mut current = files.clone();
+    let mut changed = Files::new();
+    // Each round fixes the deciding line; a line can only be fixed once, so this ends.
+    for _ in 0..files.values().map(|t| t.lines().count()).sum::<usize>() + 1 {
+        let decision = password_authentication(&current);
+        let Some((path, line)) = decision.set_by.as_deref().and_then(|s| s.rsplit_once(':')) else { break };
+        if decision.password_authentication {
+            break;
+        }
+        let (path, number) = (path.to_string(), line.parse::<usize>().unwrap_or(0));
+        let text = &current[&path];
+        let new_text: String = text
+            .split_inclusive('\n')
+            .enumerate()
+            .map(|(i, l)| {
+                if i + 1 == number {
+                    let ending = if l.ends_with('\n') { "\n" } else { "" };
+                    let indent = &l[..l.len() - l.trim_start().len()];
+                    format!("{indent}PasswordAuthentication yes{ending}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        current.insert(path.clone(), new_text.clone());
+        changed.insert(path, new_text);
+    }
+    changed
+}
+
 fn first_value(files: &Files, path: &str, option: &str, depth: usize) -> Option<(String, String)> {
     let text = files.get(path)?;
     if depth > 16 {
@@ -159,6 +214,34 @@ mod tests {
         assert!(old.get(MAIN_CONFIG).unwrap().ends_with("PasswordAuthentication yes\n"));
         let d = password_authentication(&old);
         assert!(!d.password_authentication, "Ubuntu's 60- drop-in is read first");
+    }
+
+    #[test]
+    fn enabling_passwords_switches_the_line_sshd_reads_first_and_nothing_else() {
+        let f = files(&[
+            (MAIN_CONFIG, "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication no\n"),
+            ("/etc/ssh/sshd_config.d/10-a.conf", "# keep\n  passwordauthentication=no # x\n"),
+        ]);
+        let changed = enable_password_authentication(&f);
+        assert_eq!(changed, files(&[("/etc/ssh/sshd_config.d/10-a.conf", "# keep\n  PasswordAuthentication yes\n")]));
+        let mut after = f.clone();
+        after.extend(changed);
+        let d = password_authentication(&after);
+        assert!(d.password_authentication);
+        assert_eq!(d.set_by.as_deref(), Some("/etc/ssh/sshd_config.d/10-a.conf:2"));
+        assert!(enable_password_authentication(&files(&[(MAIN_CONFIG, "UsePAM yes\n")])).is_empty());
+    }
+
+    #[test]
+    fn root_login_defaults_to_prohibit_password() {
+        assert!(!permit_root_login(&files(&[(MAIN_CONFIG, "#PermitRootLogin yes\n")])).allows_passwords());
+        let f = files(&[
+            (MAIN_CONFIG, "Include /etc/ssh/sshd_config.d/*.conf\n"),
+            ("/etc/ssh/sshd_config.d/a.conf", "PermitRootLogin Yes\n"),
+        ]);
+        let r = permit_root_login(&f);
+        assert!(r.allows_passwords());
+        assert_eq!(r.set_by.as_deref(), Some("/etc/ssh/sshd_config.d/a.conf:1"));
     }
 
     #[test]

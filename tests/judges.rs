@@ -25,7 +25,15 @@ fn run_plan(files: &[CloudFile], version: &str, user: Option<&str>, stored: Stor
     let users = vec!["root".to_string(), "ops".to_string()];
     plan(
         &Facts { files, version: version.parse().unwrap(), passwd_users: &users, sshd: None, booted_before: false },
-        &Request { user, stored, already_set: &never, expire: false, ssh_pwauth: Some(true), target },
+        &Request {
+            user,
+            stored: Some(stored),
+            ssh_keys: &[],
+            already_set: &never,
+            expire: false,
+            ssh_pwauth: Some(true),
+            target,
+        },
     )
     .unwrap()
 }

@@ -308,7 +308,7 @@ pub fn outcome(effective: &Mapping, version: CloudInitVersion, user: &str, defau
 }
 
 /// cloud-init's `util.is_true` / `is_false`: booleans, or the strings it accepts for them.
-fn is_true_like(v: &Value) -> bool {
+pub(crate) fn is_true_like(v: &Value) -> bool {
     match v {
         Value::Bool(b) => *b,
         Value::Str(s) => matches!(s.to_ascii_lowercase().as_str(), "true" | "1" | "on" | "yes"),

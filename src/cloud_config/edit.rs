@@ -18,6 +18,12 @@ pub struct Edited {
 
 /// Sets each `(key, value)` at the top level of `text`.
 pub fn set_top_level(text: &str, changes: &[(String, Value)]) -> Result<Edited> {
+    let changes: Vec<(String, Option<Value>)> = changes.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
+    edit_top_level(text, &changes)
+}
+
+/// Sets (`Some`) or removes (`None`) each top-level key of `text`.
+pub fn edit_top_level(text: &str, changes: &[(String, Option<Value>)]) -> Result<Edited> {
     let doc = yaml11::parse(text)?;
     let mut lines: Vec<String> = text.split_inclusive('\n').map(str::to_string).collect();
     if lines.last().is_some_and(|l| !l.ends_with('\n')) {
@@ -29,18 +35,26 @@ pub fn set_top_level(text: &str, changes: &[(String, Value)]) -> Result<Edited> 
     // Replace from the bottom up so earlier spans keep their line numbers.
     let mut replacements = Vec::new();
     // A key given twice is set once, to its last value.
-    let mut unique: Vec<(&String, &Value)> = Vec::new();
+    let mut unique: Vec<(&String, Option<&Value>)> = Vec::new();
     for (key, value) in changes {
         match unique.iter_mut().find(|(k, _)| *k == key) {
-            Some(entry) => entry.1 = value,
-            None => unique.push((key, value)),
+            Some(entry) => entry.1 = value.as_ref(),
+            None => unique.push((key, value.as_ref())),
         }
     }
     for (key, value) in unique {
-        if doc.root.get(key) == Some(value) {
+        if doc.root.get(key) == value {
             continue;
         }
         changed_keys.push(key.clone());
+        let Some(value) = value else {
+            expected.remove(key);
+            match doc.spans.iter().find(|s| &s.key == key) {
+                Some(span) => replacements.push((span.first_line, span.end_line, String::new())),
+                None => bail!("cannot remove `{key}`: the file's top level is not a plain block mapping"),
+            }
+            continue;
+        };
         expected.insert(key, value.clone());
         let rendered = yaml11::render_entry(key, value, 0);
         match doc.spans.iter().find(|s| &s.key == key) {
@@ -117,6 +131,14 @@ mod tests {
             let edited = set_top_level(text, &[change("ssh_pwauth", Value::Bool(true))]).unwrap();
             assert_eq!(edited.text, format!("{text}ssh_pwauth: true\n"));
         }
+    }
+
+    #[test]
+    fn removing_a_key_takes_its_lines_and_nothing_else() {
+        let text = "# top\na: 1\npassword: x # old\n\n# about b\nb:\n  - x\n";
+        let edited = edit_top_level(text, &[("password".into(), None), ("nothere".into(), None)]).unwrap();
+        assert_eq!(edited.text, "# top\na: 1\n\n# about b\nb:\n  - x\n");
+        assert_eq!(edited.changed_keys, vec!["password"]);
     }
 
     #[test]

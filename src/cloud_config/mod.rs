@@ -2,6 +2,8 @@
 //! and working out what cloud-init will do with the result. Pure functions only.
 pub mod credentials;
 pub mod edit;
+pub mod keys;
+pub mod lock;
 pub mod merge;
 pub mod yaml11;
 

@@ -60,6 +60,11 @@ impl Mapping {
         }
     }
 
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        let at = self.0.iter().position(|(k, _)| k.as_str() == Some(key))?;
+        Some(self.0.remove(at).1)
+    }
+
     fn insert_value(&mut self, key: Value, value: Value) {
         match self.0.iter_mut().find(|(k, _)| *k == key) {
             Some(entry) => entry.1 = value,

@@ -1,0 +1,326 @@
+//! What an instance booted from an image will do about passwords: the effective cloud-init
+//! configuration for every user it names, sshd's decision after cloud-init acts, `/etc/shadow`, and
+//! the findings worth reporting. Pure: `inspect` and `customize` feed it what they read.
+
+use crate::checks::{Finding, Severity};
+use crate::cloud_config::credentials::{self, CloudInitVersion};
+use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::yaml11::{Mapping, Value};
+use crate::shadow;
+use crate::sshd;
+
+/// What the image holds, as read.
+pub struct Image<'a> {
+    /// cloud-init's files, lowest priority first; empty without cloud-init.
+    pub files: &'a [ConfigFile],
+    /// `None`: no cloud-init in the image (or its version is unknown).
+    pub version: Option<CloudInitVersion>,
+    pub sshd: Option<&'a sshd::Files>,
+    pub shadow: Option<&'a str>,
+    pub booted_before: bool,
+    /// The user the caller asks about, whose shadow state is reported too.
+    pub user: Option<&'a str>,
+}
+
+/// One password cloud-init will set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfiguredPassword {
+    pub user: String,
+    /// `hash`, `text` (plaintext in the file) or `random`.
+    pub kind: String,
+    /// The key that carries it, e.g. `chpasswd.users`.
+    pub key: String,
+    /// The file whose value cloud-init uses.
+    pub file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CloudInit {
+    pub version: String,
+    pub default_user: Option<String>,
+    pub set_passwords_runs: bool,
+    pub passwords: Vec<ConfiguredPassword>,
+    /// `chpasswd.expire` (cloud-init's default: true).
+    pub expire: bool,
+    /// `true`/`false`, or `None`: cloud-init leaves sshd's setting alone.
+    pub ssh_pwauth: Option<bool>,
+    /// `disable_root` (default true): root's keys get a command that refuses the login.
+    pub disable_root: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Sshd {
+    /// `PasswordAuthentication` as sshd will read it once cloud-init has acted.
+    pub password_authentication: sshd::Decision,
+    pub permit_root_login: sshd::RootLogin,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Analysis {
+    pub cloud_init: Option<CloudInit>,
+    pub sshd: Option<Sshd>,
+    /// The shadow state of the users that matter (the configured ones, root, and the one asked about).
+    pub shadow: Vec<(String, shadow::State)>,
+    pub booted_before: bool,
+    pub findings: Vec<Finding>,
+}
+
+/// Whether an instance from the image accepts an SSH password login for one user, and why not.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Login {
+    pub user: Option<String>,
+    pub works: bool,
+    pub reasons: Vec<String>,
+}
+
+pub fn analyse(image: &Image) -> Analysis {
+    let merged = merge::effective(image.files);
+    let mut findings = Vec::new();
+    let cloud_init = image.version.map(|version| {
+        let default_user = credentials::default_user(&merged);
+        let passwords = configured_passwords(image.files, &merged, version, default_user.as_deref());
+        let outcome = credentials::outcome(&merged, version, "", None);
+        CloudInit {
+            version: version.to_string(),
+            set_passwords_runs: credentials::runs_set_passwords(&merged),
+            passwords,
+            expire: outcome.expire,
+            ssh_pwauth: outcome.ssh_pwauth,
+            disable_root: merged.get("disable_root").is_none_or(credentials::is_true_like),
+            default_user,
+        }
+    });
+    if let Some(ci) = &cloud_init {
+        for p in ci.passwords.iter().filter(|p| p.kind == "text") {
+            findings.push(Finding {
+                severity: Severity::Security,
+                message: format!("{} gives `{}` a plaintext password in `{}`", p.file, p.user, p.key),
+                fix: "store a hash instead: `cloudimg customize` writes SHA-512 hashes".into(),
+            });
+        }
+        if !ci.passwords.is_empty() && !ci.set_passwords_runs {
+            findings.push(Finding {
+                severity: Severity::Warning,
+                message: "passwords are configured but set_passwords is in none of cloud-init's module lists".into(),
+                fix: "add `- set_passwords` to `cloud_config_modules`".into(),
+            });
+        }
+    }
+    let ssh_pwauth = cloud_init.as_ref().and_then(|c| c.ssh_pwauth);
+    let sshd = image.sshd.map(|files| {
+        let after = match image.version {
+            Some(version) => sshd::after_cloud_init(files, ssh_pwauth, version),
+            None => files.clone(),
+        };
+        Sshd {
+            password_authentication: sshd::password_authentication(&after),
+            permit_root_login: sshd::permit_root_login(&after),
+        }
+    });
+    if image.booted_before {
+        findings.push(Finding {
+            severity: Severity::Info,
+            message: "the image was booted before (/var/lib/cloud holds instance state): booting this disk again as the same instance does not rerun cloud-init's per-instance modules such as set_passwords; a new instance from it does".into(),
+            fix: "`cloudimg customize --clean-instance-state` clears it; `--method shadow` sets a password that works either way".into(),
+        });
+    }
+    let mut users: Vec<String> = vec!["root".into()];
+    users.extend(image.user.map(str::to_string));
+    if let Some(ci) = &cloud_init {
+        users.extend(ci.default_user.iter().cloned());
+        users.extend(ci.passwords.iter().map(|p| p.user.clone()));
+    }
+    users.dedup();
+    let mut seen = Vec::new();
+    users.retain(|u| {
+        !seen.contains(u) && {
+            seen.push(u.clone());
+            true
+        }
+    });
+    let shadow = image
+        .shadow
+        .map(|text| users.iter().map(|u| (u.clone(), shadow::state(text, u))).collect())
+        .unwrap_or_default();
+    Analysis { cloud_init, sshd, shadow, booted_before: image.booted_before, findings }
+}
+
+/// Every password cloud-init would set, for any user: `set_passwords` (chpasswd, top-level
+/// `password`) and users-groups (`passwd`, `hashed_passwd`, `plain_text_passwd` in `users`).
+fn configured_passwords(
+    files: &[ConfigFile],
+    merged: &Mapping,
+    version: CloudInitVersion,
+    default_user: Option<&str>,
+) -> Vec<ConfiguredPassword> {
+    let mut names: Vec<String> = default_user.map(str::to_string).into_iter().collect();
+    if let Some(Value::Seq(users)) = merge::lookup(merged, &["chpasswd", "users"]) {
+        names.extend(users.iter().filter_map(|u| u.as_map()?.get("name")?.as_str().map(str::to_string)));
+    }
+    let list_lines: Vec<String> = match merge::lookup(merged, &["chpasswd", "list"]) {
+        Some(Value::Str(s)) => s.lines().map(str::to_string).collect(),
+        Some(Value::Seq(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        _ => Vec::new(),
+    };
+    names.extend(list_lines.iter().filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_string())));
+    let mut out: Vec<ConfiguredPassword> = Vec::new();
+    for name in names {
+        if out.iter().any(|p| p.user == name) {
+            continue;
+        }
+        let outcome = credentials::outcome(merged, version, &name, default_user);
+        if let Some(key) = outcome.password_key {
+            let path: Vec<&str> = key.split('.').collect();
+            let file = merge::deciding_file(files, &path).map(|f| f.path.clone()).unwrap_or_default();
+            out.push(ConfiguredPassword { user: name, kind: outcome.password_kind.into(), key: key.into(), file });
+        }
+    }
+    let decider = merge::deciding_file(files, &["users"]).map(|f| f.path.clone()).unwrap_or_default();
+    if let Some(Value::Seq(users)) = merged.get("users") {
+        for user in users.iter().filter_map(Value::as_map) {
+            let Some(name) = user.get("name").and_then(Value::as_str) else { continue };
+            for (key, kind) in [("plain_text_passwd", "text"), ("hashed_passwd", "hash"), ("passwd", "hash")] {
+                if user.get(key).is_some_and(Value::is_truthy) {
+                    out.push(ConfiguredPassword {
+                        user: name.into(),
+                        kind: kind.into(),
+                        key: format!("users[{name}].{key}"),
+                        file: decider.clone(),
+                    });
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether an instance from this image will accept an SSH password login as `user` (default: the
+/// cloud-init default user).
+pub fn password_login(analysis: &Analysis, user: Option<&str>) -> Login {
+    let mut reasons = Vec::new();
+    let default_user = analysis.cloud_init.as_ref().and_then(|c| c.default_user.clone());
+    let Some(user) = user.map(str::to_string).or(default_user) else {
+        return Login {
+            user: None,
+            works: false,
+            reasons: vec!["no user named and cloud-init creates no default user".into()],
+        };
+    };
+    let from_cloud_init = analysis.cloud_init.as_ref().and_then(|ci| {
+        ci.passwords.iter().find(|p| p.user == user).map(|p| (p, ci.set_passwords_runs || p.key.starts_with("users[")))
+    });
+    let shadow = analysis.shadow.iter().find(|(u, _)| *u == user).map(|(_, s)| s.clone());
+    match (from_cloud_init, shadow) {
+        (Some((p, true)), _) if p.kind != "random" => {}
+        (Some((p, true)), _) => {
+            reasons.push(format!("cloud-init gives `{user}` a random password ({} in {})", p.key, p.file))
+        }
+        (Some((p, false)), _) => {
+            reasons.push(format!("{} sets a password for `{user}`, but set_passwords never runs", p.file))
+        }
+        (None, Some(shadow::State::Hash(_))) => {}
+        (None, _) => {
+            reasons.push(format!("nothing sets a password for `{user}` (cloud-init configuration or /etc/shadow)"))
+        }
+    }
+    match &analysis.sshd {
+        None => reasons.push("the image has no sshd configuration (no SSH server)".into()),
+        Some(s) => {
+            if !s.password_authentication.password_authentication {
+                reasons.push(format!(
+                    "sshd refuses passwords: {} sets PasswordAuthentication no",
+                    s.password_authentication.set_by.as_deref().unwrap_or("its configuration")
+                ));
+            }
+            if user == "root" && !s.permit_root_login.allows_passwords() {
+                reasons.push(format!(
+                    "sshd refuses root passwords: PermitRootLogin {} ({})",
+                    s.permit_root_login.value,
+                    s.permit_root_login.set_by.as_deref().unwrap_or("OpenSSH's default")
+                ));
+            }
+        }
+    }
+    Login { user: Some(user), works: reasons.is_empty(), reasons }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud_config::yaml11::parse;
+
+    fn file(path: &str, text: &str) -> ConfigFile {
+        ConfigFile { path: path.into(), root: parse(text).unwrap().root }
+    }
+
+    const BASE: &str = "cloud_config_modules: [set_passwords]\nsystem_info: {default_user: {name: debian}}\n";
+    const SSHD: &str = "Include /etc/ssh/sshd_config.d/*.conf\n";
+
+    fn image<'a>(files: &'a [ConfigFile], sshd: Option<&'a sshd::Files>, shadow: Option<&'a str>) -> Image<'a> {
+        Image { files, version: Some("23.4".parse().unwrap()), sshd, shadow, booted_before: false, user: None }
+    }
+
+    #[test]
+    fn plaintext_passwords_are_found_with_their_file_and_key_but_not_their_value() {
+        let files = [
+            file(
+                "/etc/cloud/cloud.cfg",
+                &format!("{BASE}users: [default, {{name: ops, plain_text_passwd: hunter2}}]\n"),
+            ),
+            file(
+                "/etc/cloud/cloud.cfg.d/50-pw.cfg",
+                "chpasswd: {users: [{name: debian, password: s3cret, type: text}]}\nssh_pwauth: true\n",
+            ),
+        ];
+        let a = analyse(&image(&files, None, None));
+        let ci = a.cloud_init.as_ref().unwrap();
+        assert_eq!(ci.passwords.len(), 2, "{:?}", ci.passwords);
+        assert_eq!(
+            (ci.passwords[0].kind.as_str(), ci.passwords[0].file.as_str()),
+            ("text", "/etc/cloud/cloud.cfg.d/50-pw.cfg")
+        );
+        assert_eq!(ci.passwords[1].key, "users[ops].plain_text_passwd");
+        let security: Vec<_> = a.findings.iter().filter(|f| f.severity == Severity::Security).collect();
+        assert_eq!(security.len(), 2);
+        let json = serde_json::to_string(&a).unwrap();
+        assert!(!json.contains("hunter2") && !json.contains("s3cret"), "{json}");
+    }
+
+    #[test]
+    fn password_login_needs_a_password_and_an_sshd_that_takes_it() {
+        let sshd: sshd::Files = [(sshd::MAIN_CONFIG.to_string(), format!("{SSHD}PasswordAuthentication no\n"))].into();
+        let stock = [file("/etc/cloud/cloud.cfg", BASE)];
+        let login = password_login(&analyse(&image(&stock, Some(&sshd), None)), None);
+        assert!(!login.works);
+        assert_eq!(login.reasons.len(), 2, "{:?}", login.reasons);
+
+        let set = [file(
+            "/etc/cloud/cloud.cfg",
+            &format!("{BASE}chpasswd: {{users: [{{name: debian, password: $6$a$b}}]}}\nssh_pwauth: true\n"),
+        )];
+        let login = password_login(&analyse(&image(&set, Some(&sshd), None)), None);
+        assert!(login.works, "cloud-init 23.4 writes its drop-in, read first: {:?}", login.reasons);
+        let root = password_login(&analyse(&image(&set, Some(&sshd), Some("root:$6$a$b:1::::::\n"))), Some("root"));
+        assert!(!root.works);
+        assert!(root.reasons[0].contains("PermitRootLogin prohibit-password"), "{:?}", root.reasons);
+    }
+
+    #[test]
+    fn without_cloud_init_the_shadow_file_decides() {
+        let sshd: sshd::Files = [(sshd::MAIN_CONFIG.to_string(), String::new())].into();
+        let img = Image {
+            files: &[],
+            version: None,
+            sshd: Some(&sshd),
+            shadow: Some("ops:$y$j9T$a$b:1::::::\n"),
+            booted_before: true,
+            user: Some("ops"),
+        };
+        let a = analyse(&img);
+        assert!(a.cloud_init.is_none());
+        assert!(password_login(&a, Some("ops")).works);
+        assert!(!password_login(&a, None).works);
+        assert!(a.findings.iter().any(|f| f.severity == Severity::Info));
+    }
+}

@@ -1,0 +1,356 @@
+//! `cloudimg inspect`: the read-only audit. Each image is checked as a file first; only a file that
+//! is safe to open is attached, read-only, and its guest read for the shared analysis (`audit`).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::accel::{self, HostKvm};
+use crate::audit::{self, Analysis, Login};
+use crate::checks::{Finding, Severity};
+use crate::cli::Requirement;
+use crate::cloud_config::merge::ConfigFile;
+use crate::exit_codes::{code_of, with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, SUCCESS, UNMET};
+use crate::guest::{Drive, Guest, LaunchOptions};
+use crate::guest_config;
+use crate::image_file::{self, Format};
+use crate::locate::{self, os_release_field, Root};
+use crate::report::Reporter;
+use crate::shadow;
+
+pub struct Options {
+    pub user: Option<String>,
+    pub root: Option<String>,
+    pub require: Vec<Requirement>,
+    pub accel: accel::Requested,
+    pub timeout: Duration,
+}
+
+/// The file as a file: nothing here comes from inside the guest.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileFacts {
+    pub format: Option<Format>,
+    /// qcow2 compat level: `0.10` (version 2) or `1.1` (version 3).
+    pub compat: Option<String>,
+    pub virtual_size: Option<u64>,
+    pub file_size: u64,
+    /// Bytes the file really occupies on the host's disk.
+    pub allocated_bytes: u64,
+    /// Why cloudimg will not open it (backing or external data file, unknown features, ...).
+    pub refused: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct System {
+    pub root: Root,
+    /// os-release `ID` and `VERSION_ID`.
+    pub os_id: Option<String>,
+    pub os_version: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageReport {
+    pub path: PathBuf,
+    pub file: FileFacts,
+    pub system: Option<System>,
+    pub analysis: Option<Analysis>,
+    pub password_login: Option<Login>,
+    /// All findings: the file's and the analysis's.
+    pub findings: Vec<Finding>,
+    /// Why the guest could not be read.
+    pub error: Option<String>,
+    /// The `--require` conditions this image does not meet, with the reason.
+    pub unmet: Vec<String>,
+    #[serde(skip)]
+    pub exit_code: i32,
+}
+
+pub fn run(images: &[PathBuf], opts: &Options, report: &Reporter) -> Vec<ImageReport> {
+    images.iter().map(|path| inspect_image(path, opts, report)).collect()
+}
+
+/// The exit status for a set of reports: an error first, then unmet requirements, then refusals.
+pub fn exit_code(reports: &[ImageReport]) -> i32 {
+    let worst = |codes: &[i32]| reports.iter().map(|r| r.exit_code).find(|c| codes.contains(c));
+    worst(&[APPLIANCE])
+        .or_else(|| reports.iter().map(|r| r.exit_code).find(|c| ![SUCCESS, BAD_INPUT, UNMET].contains(c)))
+        .or_else(|| worst(&[UNMET]))
+        .or_else(|| worst(&[BAD_INPUT]))
+        .unwrap_or(SUCCESS)
+}
+
+fn inspect_image(path: &Path, opts: &Options, report: &Reporter) -> ImageReport {
+    report.phase(&format!("Inspecting {}", path.display()));
+    let (file, info) = file_facts(path);
+    let mut out = ImageReport {
+        path: path.to_path_buf(),
+        file,
+        system: None,
+        analysis: None,
+        password_login: None,
+        findings: Vec::new(),
+        error: None,
+        unmet: Vec::new(),
+        exit_code: SUCCESS,
+    };
+    if let Some(reason) = &out.file.refused {
+        let pulls_in = reason.contains("backing file") || reason.contains("external data file");
+        out.findings.push(Finding {
+            severity: if pulls_in { Severity::Security } else { Severity::Error },
+            message: format!("the file is not opened: {reason}"),
+            fix: "cloudimg never follows a backing or data file out of an image".into(),
+        });
+        out.exit_code = BAD_INPUT;
+    }
+    if let Some(info) = info {
+        match read_guest(path, info.format, opts, report) {
+            Ok((system, analysis)) => {
+                out.password_login = Some(audit::password_login(&analysis, opts.user.as_deref()));
+                out.findings.extend(analysis.findings.iter().cloned());
+                out.system = Some(system);
+                out.analysis = Some(analysis);
+            }
+            Err(e) => {
+                out.exit_code = code_of(&e);
+                out.error = Some(format!("{e:#}"));
+            }
+        }
+    }
+    out.unmet = unmet(&out, &opts.require);
+    if !out.unmet.is_empty() && out.exit_code == SUCCESS || out.exit_code == BAD_INPUT && !out.unmet.is_empty() {
+        out.exit_code = UNMET;
+    }
+    out
+}
+
+fn file_facts(path: &Path) -> (FileFacts, Option<image_file::ImageInfo>) {
+    let meta = std::fs::metadata(path).ok();
+    let file_size = meta.as_ref().map_or(0, |m| m.len());
+    let allocated_bytes = meta.as_ref().map_or(0, |m| m.blocks() * 512);
+    let compat = |version: u32| if version >= 3 { "1.1" } else { "0.10" }.to_string();
+    match image_file::inspect(path) {
+        Ok(info) => (
+            FileFacts {
+                format: Some(info.format),
+                compat: info.qcow2_version.map(compat),
+                virtual_size: Some(info.virtual_size),
+                file_size,
+                allocated_bytes,
+                refused: None,
+            },
+            Some(info),
+        ),
+        Err(e) => {
+            let basics = image_file::qcow2_basics(path);
+            (
+                FileFacts {
+                    format: basics.map(|_| Format::Qcow2),
+                    compat: basics.map(|(v, _)| compat(v)),
+                    virtual_size: basics.map(|(_, size)| size),
+                    file_size,
+                    allocated_bytes,
+                    refused: Some(format!("{e:#}")),
+                },
+                None,
+            )
+        }
+    }
+}
+
+fn read_guest(path: &Path, format: Format, opts: &Options, report: &Reporter) -> Result<(System, Analysis)> {
+    let (accel, why) = accel::choose(opts.accel, &HostKvm::probe()).map_err(with_code(APPLIANCE))?;
+    report.detail(&format!(
+        "launching the appliance read-only{}",
+        why.map(|w| format!(" (TCG: {w})")).unwrap_or_default()
+    ));
+    let work = crate::cleanup::work_dir()?;
+    let launch = LaunchOptions { accel, timeout: opts.timeout, debug: false, tmpdir: work.path() };
+    let guest = Guest::launch(&[Drive { path, format, readonly: true }], &launch).map_err(with_code(APPLIANCE))?;
+    let root = locate::find_root(&guest, opts.root.as_deref()).map_err(with_code(BAD_GUEST))?;
+    for note in locate::mount_root(&guest, &root, true).map_err(with_code(BAD_GUEST))? {
+        report.warn(&note);
+    }
+    let result = analyse_guest(&guest, root, opts.user.as_deref(), report).map_err(with_code(BAD_GUEST));
+    // Read-only: nothing to flush; the appliance goes with the handle.
+    let _ = guest.umount_all();
+    result
+}
+
+fn analyse_guest(guest: &Guest, root: Root, user: Option<&str>, report: &Reporter) -> Result<(System, Analysis)> {
+    let os_release = guest_config::os_release(guest)?;
+    let (files, version) = if guest_config::has_cloud_init(guest)? {
+        let (files, warnings) = guest_config::read_cloud_files(guest)?;
+        warnings.iter().for_each(|w| report.warn(w));
+        let files: Vec<ConfigFile> = files.into_iter().map(|f| f.parsed).collect();
+        (files, Some(guest_config::cloud_init_version(guest)?))
+    } else {
+        (Vec::new(), None)
+    };
+    let sshd = guest_config::sshd_files(guest)?;
+    // Read, never shown: only each user's state is reported.
+    let shadow_text = guest_config::read_text(guest, shadow::SHADOW)?;
+    let analysis = audit::analyse(&audit::Image {
+        files: &files,
+        version,
+        sshd: sshd.as_ref(),
+        shadow: shadow_text.as_deref(),
+        booted_before: guest_config::booted_before(guest)?,
+        user,
+    });
+    let system = System {
+        root,
+        os_id: os_release_field(&os_release, "ID"),
+        os_version: os_release_field(&os_release, "VERSION_ID"),
+    };
+    Ok((system, analysis))
+}
+
+fn unmet(r: &ImageReport, required: &[Requirement]) -> Vec<String> {
+    let not_read = || r.error.clone().or(r.file.refused.clone()).unwrap_or_else(|| "the guest was not read".into());
+    required
+        .iter()
+        .filter_map(|req| {
+            let reason = match req {
+                Requirement::Standalone => r.file.refused.clone(),
+                Requirement::PasswordLogin => match &r.password_login {
+                    Some(login) if login.works => None,
+                    Some(login) => Some(login.reasons.join("; ")),
+                    None => Some(not_read()),
+                },
+                Requirement::NoPlaintext => match &r.analysis {
+                    Some(a) => {
+                        let plain: Vec<String> = a
+                            .cloud_init
+                            .iter()
+                            .flat_map(|c| c.passwords.iter())
+                            .filter(|p| p.kind == "text")
+                            .map(|p| format!("{} `{}` for {}", p.file, p.key, p.user))
+                            .collect();
+                        (!plain.is_empty()).then(|| format!("plaintext passwords: {}", plain.join(", ")))
+                    }
+                    None => Some(not_read()),
+                },
+                Requirement::NotBooted => match &r.analysis {
+                    Some(a) if a.booted_before => {
+                        Some("the image holds cloud-init instance state (/var/lib/cloud)".into())
+                    }
+                    Some(_) => None,
+                    None => Some(not_read()),
+                },
+            };
+            let name = clap::ValueEnum::to_possible_value(req).expect("no skipped values").get_name().to_string();
+            reason.map(|why| format!("{name}: {why}"))
+        })
+        .collect()
+}
+
+/// The human report for one image.
+pub fn render(r: &ImageReport) -> String {
+    let mut out = format!("== {}\n", r.path.display());
+    let mut line = |label: &str, text: String| out.push_str(&format!("{label:<10} {text}\n"));
+    let f = &r.file;
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+    line(
+        "file",
+        format!(
+            "{}{}, virtual {}, allocated {}{}",
+            f.format.map_or("unknown", |x| x.as_str()),
+            f.compat.as_ref().map(|c| format!(" (compat {c})")).unwrap_or_default(),
+            f.virtual_size.map_or("unknown".into(), mib),
+            mib(f.allocated_bytes),
+            if f.refused.is_some() { ", NOT OPENED" } else { ", standalone" }
+        ),
+    );
+    if let Some(s) = &r.system {
+        line(
+            "system",
+            format!("{} on {} ({})", s.root.os.as_deref().unwrap_or("unknown OS"), s.root.device, s.root.fs_type),
+        );
+    }
+    if let Some(a) = &r.analysis {
+        match &a.cloud_init {
+            Some(ci) => {
+                line(
+                    "cloud-init",
+                    format!(
+                        "{}, default user {}, set_passwords {}",
+                        ci.version,
+                        ci.default_user.as_deref().unwrap_or("none"),
+                        if ci.set_passwords_runs { "runs" } else { "NEVER RUNS" }
+                    ),
+                );
+                if ci.passwords.is_empty() {
+                    line("passwords", "none".into());
+                }
+                for p in &ci.passwords {
+                    line("passwords", format!("{}: {} in `{}` of {}", p.user, p.kind, p.key, p.file));
+                }
+                line(
+                    "settings",
+                    format!(
+                        "chpasswd.expire {}, ssh_pwauth {}, disable_root {}",
+                        ci.expire,
+                        ci.ssh_pwauth.map_or("unset (sshd decides)".into(), |b| b.to_string()),
+                        ci.disable_root
+                    ),
+                );
+            }
+            None => line("cloud-init", "not installed".into()),
+        }
+        match &a.sshd {
+            Some(s) => line(
+                "sshd",
+                format!(
+                    "PasswordAuthentication {} ({}), PermitRootLogin {} ({})",
+                    if s.password_authentication.password_authentication { "yes" } else { "no" },
+                    s.password_authentication.set_by.as_deref().unwrap_or("default"),
+                    s.permit_root_login.value,
+                    s.permit_root_login.set_by.as_deref().unwrap_or("default")
+                ),
+            ),
+            None => line("sshd", "not installed".into()),
+        }
+        let states: Vec<String> = a.shadow.iter().map(|(u, s)| format!("{u}: {}", shadow_state(s))).collect();
+        line("shadow", if states.is_empty() { "no /etc/shadow".into() } else { states.join(", ") });
+        line("booted", if a.booted_before { "yes (instance state in /var/lib/cloud)".into() } else { "no".into() });
+    }
+    if let Some(login) = &r.password_login {
+        let who = login.user.as_deref().unwrap_or("?");
+        line(
+            "login",
+            if login.works {
+                format!("{who}: a new instance accepts an SSH password login")
+            } else {
+                format!("{who}: no SSH password login: {}", login.reasons.join("; "))
+            },
+        );
+    }
+    if let Some(e) = &r.error {
+        line("error", e.clone());
+    }
+    for finding in &r.findings {
+        let label = match finding.severity {
+            Severity::Security => "SECURITY",
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Info => "note",
+        };
+        line(label, format!("{} (fix: {})", finding.message, finding.fix));
+    }
+    for u in &r.unmet {
+        line("UNMET", u.clone());
+    }
+    out
+}
+
+fn shadow_state(s: &shadow::State) -> String {
+    match s {
+        shadow::State::Missing => "no entry".into(),
+        shadow::State::Empty => "EMPTY password".into(),
+        shadow::State::NoPassword => "no password".into(),
+        shadow::State::Locked => "locked".into(),
+        shadow::State::Hash(alg) => format!("{alg} hash"),
+    }
+}
