@@ -442,7 +442,11 @@ fn decide_lock(image: &ImageFacts) -> Result<Decision> {
     let originals: BTreeMap<&str, &str> = cloud.files.iter().map(|f| (f.path.as_str(), f.text.as_str())).collect();
     let writes: Vec<Write> = changes
         .into_iter()
-        .filter(|(path, content)| originals.get(path.as_str()).copied() != content.as_deref())
+        // A file restored and then locked back to what it is now needs no write.
+        .filter(|(path, content)| match originals.get(path.as_str()) {
+            Some(now) => Some(*now) != content.as_deref(),
+            None => path == lock::JOURNAL || content.is_some(),
+        })
         .map(|(path, content)| Write { path, content, private: false, like: crate::cloud_config::CLOUD_CFG })
         .collect();
     Ok(Decision {

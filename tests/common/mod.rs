@@ -23,6 +23,10 @@ pub const SSHD_WITH_INCLUDE: &str =
 pub const UBUNTU_60_CLOUDIMG: &str = "PasswordAuthentication no\n";
 pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\nops:x:1001:1001::/home/ops:/bin/bash\n";
 
+/// Shadow entries for PASSWD: `ops` has a password but is locked.
+pub const SHADOW: &str =
+    "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nops:!$6$oldsalt$oldhash:19000:0:99999:7::19001:\n";
+
 /// The phony guests, by name. Each is a qcow2 file in the cache directory.
 pub struct Fixtures {
     pub dir: PathBuf,
@@ -44,6 +48,7 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("no-os", 64, build_no_os),
     ("two-roots", 256, build_two_roots),
     ("hostile-guests", 320, build_hostile_guests),
+    ("debian-no-cloud-init", 64, build_debian_no_cloud_init),
 ];
 
 /// Builds the fixtures once per recipe (this file and the cloud.cfg fixtures), shared by all test
@@ -134,6 +139,9 @@ fn os_root(g: &Handle, os_release: &str, cloud_cfg: Option<&str>, version_py: Op
     put(g, "/etc/os-release", os_release);
     put(g, "/etc/fstab", fstab);
     put(g, "/etc/passwd", PASSWD);
+    put(g, "/etc/shadow", SHADOW);
+    g.chmod(0o640, "/etc/shadow").unwrap();
+    g.chown(0, 42, "/etc/shadow").unwrap();
     put(g, "/etc/ssh/sshd_config", SSHD_WITH_INCLUDE);
     g.mkdir_p("/etc/ssh/sshd_config.d").unwrap();
     g.mkdir_p("/var/lib/cloud").unwrap();
@@ -213,10 +221,22 @@ fn build_rocky_lvm_xfs(g: &Handle, dev: &str) {
     // Rocky's sshd_config says no after the Include; cloud-init 23.4 writes its drop-in, read first.
     put(g, "/etc/ssh/sshd_config", &format!("{SSHD_WITH_INCLUDE}PasswordAuthentication no\n"));
     g.lsetxattr("security.selinux", SELINUX_LABEL, SELINUX_LABEL.len() as i32, "/etc/cloud/cloud.cfg").unwrap();
+    g.lsetxattr("security.selinux", SHADOW_LABEL, SHADOW_LABEL.len() as i32, "/etc/shadow").unwrap();
     booted_instance(g);
 }
 
 pub const SELINUX_LABEL: &str = "system_u:object_r:etc_t:s0";
+pub const SHADOW_LABEL: &str = "system_u:object_r:shadow_t:s0";
+
+/// A Debian without cloud-init whose sshd refuses passwords in its main file.
+fn build_debian_no_cloud_init(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    let root = format!("{dev}1");
+    mkfs(g, "ext4", &root, None);
+    g.mount(&root, "/").unwrap();
+    os_root(g, DEBIAN_RELEASE, None, None, "PARTUUID=1 / ext4 rw 0 1\n");
+    put(g, "/etc/ssh/sshd_config", &format!("PasswordAuthentication no\n{SSHD_WITH_INCLUDE}"));
+}
 
 /// cloud-init's state after a first boot, and a NoCloud seed that `cloud-init clean` keeps.
 fn booted_instance(g: &Handle) {
