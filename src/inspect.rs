@@ -303,7 +303,7 @@ pub fn render(r: &ImageReport) -> String {
             Some(s) => line(
                 "sshd",
                 format!(
-                    "PasswordAuthentication {} ({}), PermitRootLogin {} ({})",
+                    "once cloud-init has run: PasswordAuthentication {} ({}), PermitRootLogin {} ({})",
                     if s.password_authentication.password_authentication { "yes" } else { "no" },
                     s.password_authentication.set_by.as_deref().unwrap_or("default"),
                     s.permit_root_login.value,

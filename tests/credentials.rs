@@ -139,34 +139,13 @@ fn shadow_route_on_a_booted_image_and_on_an_image_without_cloud_init() {
     let t = |name: &str| tmp.path().join(name);
     std::fs::write(t("pw"), format!("{PASSWORD}\n")).unwrap();
     let (rocky, bare) = (fx.image("rocky-lvm-xfs"), fx.image("debian-no-cloud-init"));
-    let pw = p(&t("pw")).to_string();
-    let jobs = [
-        vec![
-            "customize".to_string(),
-            p(&rocky).into(),
-            "-o".into(),
-            p(&t("rocky.qcow2")).into(),
-            "--password-file".into(),
-            pw.clone(),
-            "--method".into(),
-            "auto".into(),
-            "--user".into(),
-            "ops".into(),
-        ],
-        vec![
-            "customize".to_string(),
-            p(&bare).into(),
-            "-o".into(),
-            p(&t("bare.qcow2")).into(),
-            "--password-file".into(),
-            pw.clone(),
-            "--method".into(),
-            "auto".into(),
-            "--user".into(),
-            "ops".into(),
-            "--expire".into(),
-        ],
-    ];
+    let shadow_job = |input: &Path, output: &str, extra: &[&str]| -> Vec<String> {
+        let (out, pw) = (t(output), t("pw"));
+        let base =
+            ["customize", p(input), "-o", p(&out), "--password-file", p(&pw), "--method", "auto", "--user", "ops"];
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let jobs = [shadow_job(&rocky, "rocky.qcow2", &[]), shadow_job(&bare, "bare.qcow2", &["--expire"])];
     let outs: Vec<_> = jobs
         .into_iter()
         .map(|args| {
