@@ -132,7 +132,7 @@ pub struct InspectArgs {
     #[arg(long, value_name = "DEVICE")]
     pub root: Option<String>,
 
-    /// Print only the verdicts and findings
+    /// No progress lines, only the reports
     #[arg(short, long)]
     pub quiet: bool,
 

@@ -314,7 +314,7 @@ fn decide_shadow(
         with_code(BAD_GUEST)(anyhow::anyhow!("the image has no {} to set the password in", shadow::SHADOW))
     })?;
     let (algorithm, why) = shadow::default_algorithm(&image.os_release, image.login_defs.as_deref());
-    let mut notes = vec![format!("{algorithm:?} hash: {why}")];
+    let mut notes = vec![format!("{} hash: {why}", algorithm.name())];
     let mut writes = Vec::new();
     let current_hash =
         text.lines().find_map(|l| l.strip_prefix(&format!("{user}:"))).and_then(|rest| rest.split(':').next());
@@ -365,8 +365,11 @@ fn decide_shadow(
         _ => {}
     }
     if !writes.is_empty() {
-        diff =
-            format!("{} for `{user}`: a new {algorithm:?} hash (not shown), account unlocked\n{diff}", shadow::SHADOW);
+        diff = format!(
+            "{} for `{user}`: a new {} hash (not shown), account unlocked\n{diff}",
+            shadow::SHADOW,
+            algorithm.name()
+        );
     }
     Ok(Decision {
         method: "shadow",

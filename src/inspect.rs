@@ -119,7 +119,7 @@ fn inspect_image(path: &Path, opts: &Options, report: &Reporter) -> ImageReport 
         }
     }
     out.unmet = unmet(&out, &opts.require);
-    if !out.unmet.is_empty() && out.exit_code == SUCCESS || out.exit_code == BAD_INPUT && !out.unmet.is_empty() {
+    if !out.unmet.is_empty() && matches!(out.exit_code, SUCCESS | BAD_INPUT) {
         out.exit_code = UNMET;
     }
     out
@@ -352,5 +352,54 @@ fn shadow_state(s: &shadow::State) -> String {
         shadow::State::NoPassword => "no password".into(),
         shadow::State::Locked => "locked".into(),
         shadow::State::Hash(alg) => format!("{alg} hash"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(exit_code: i32) -> ImageReport {
+        ImageReport {
+            path: "x.qcow2".into(),
+            file: FileFacts {
+                format: Some(Format::Qcow2),
+                compat: Some("1.1".into()),
+                virtual_size: Some(1),
+                file_size: 1,
+                allocated_bytes: 1,
+                refused: None,
+            },
+            system: None,
+            analysis: None,
+            password_login: None,
+            findings: Vec::new(),
+            error: None,
+            unmet: Vec::new(),
+            exit_code,
+        }
+    }
+
+    #[test]
+    fn the_most_serious_status_wins() {
+        let codes = |list: &[i32]| exit_code(&list.iter().map(|c| report(*c)).collect::<Vec<_>>());
+        assert_eq!(codes(&[SUCCESS, SUCCESS]), SUCCESS);
+        assert_eq!(codes(&[BAD_INPUT, SUCCESS]), BAD_INPUT);
+        assert_eq!(codes(&[BAD_INPUT, UNMET]), UNMET);
+        assert_eq!(codes(&[UNMET, BAD_GUEST]), BAD_GUEST);
+        assert_eq!(codes(&[BAD_GUEST, APPLIANCE, UNMET]), APPLIANCE);
+    }
+
+    #[test]
+    fn requirements_name_their_reason_and_an_unread_guest_fails_them() {
+        let mut r = report(SUCCESS);
+        r.file.refused = Some("the qcow2 names a backing file `base.img`".into());
+        let all =
+            [Requirement::Standalone, Requirement::PasswordLogin, Requirement::NoPlaintext, Requirement::NotBooted];
+        let unmet = unmet(&r, &all);
+        assert_eq!(unmet.len(), 4, "{unmet:?}");
+        assert!(unmet[0].starts_with("standalone: the qcow2 names a backing file"));
+        assert!(unmet[1].starts_with("password-login: the qcow2 names"));
+        assert!(super::unmet(&report(SUCCESS), &[Requirement::Standalone]).is_empty());
     }
 }

@@ -138,11 +138,7 @@ fn print_summary(summary: &customize::Summary, diff: &str) {
         ),
         (None, "shadow") => println!(
             "user {user}: password set in /etc/shadow ({} hash) because {}",
-            summary.shadow_algorithm.map_or("", |a| if a == cloudimg::shadow::Algorithm::Yescrypt {
-                "yescrypt"
-            } else {
-                "SHA-512"
-            }),
+            summary.shadow_algorithm.map_or("", |a| a.name()),
             summary.method_reason
         ),
         _ => println!("locked: no password is set by cloud-init's configuration"),

@@ -16,6 +16,15 @@ pub enum Algorithm {
     Sha512,
 }
 
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Yescrypt => "yescrypt",
+            Algorithm::Sha512 => "SHA-512",
+        }
+    }
+}
+
 /// The distribution's default algorithm, when its libc can check it: yescrypt on Debian 11+ and
 /// Ubuntu 20.04+ (libxcrypt), or wherever `login.defs` asks for it; SHA-512 everywhere else, which
 /// every glibc since 2.7 reads.

@@ -53,6 +53,8 @@ impl Image {
 /// A running VM; qemu is killed when this is dropped, on every path out of the test.
 struct Vm {
     name: &'static str,
+    /// The instance-id its NoCloud seed gives it.
+    instance: String,
     child: Child,
     port: u16,
     serial: PathBuf,
@@ -79,13 +81,17 @@ fn run(cmd: &mut Command) {
 impl Vm {
     /// Boots a copy-on-write overlay of `disk` with the image's own kernel and a fresh NoCloud seed.
     fn boot(name: &'static str, disk: &Path, image: &Image) -> Vm {
+        Vm::boot_as(name, disk, image, &format!("iid-cloudimg-{}-{}", name, std::process::id()))
+    }
+
+    /// Like [`Vm::boot`], as instance `instance` (the same id as an earlier boot: the same instance).
+    fn boot_as(name: &'static str, disk: &Path, image: &Image, instance: &str) -> Vm {
         let dir = tempfile::tempdir().unwrap();
         let overlay = dir.path().join("overlay.qcow2");
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
             .arg(disk)
             .arg(&overlay));
-        let instance = format!("iid-cloudimg-{}-{}", name, std::process::id());
         std::fs::write(dir.path().join("meta-data"), format!("instance-id: {instance}\nlocal-hostname: {name}\n"))
             .unwrap();
         // User-data that sets no password: any password login must come from the image.
@@ -126,7 +132,16 @@ impl Vm {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        Vm { name, child, port, serial, overlay, _dir: dir }
+        Vm { name, instance: instance.to_string(), child, port, serial, overlay, _dir: dir }
+    }
+
+    /// Stops the VM once its writes have reached the disk, and writes its disk as a standalone qcow2.
+    fn stop_and_save_disk(&mut self, dest: &Path) {
+        // ext4 commits its journal every 5 s; cloud-init finished before this is called.
+        std::thread::sleep(Duration::from_secs(12));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        run(Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&self.overlay).arg(dest));
     }
 
     fn console(&self) -> String {
@@ -270,4 +285,35 @@ fn an_instance_booted_from_the_output_accepts_the_password() {
     }
     eprintln!("boot: all verdicts after {:.0} s", started.elapsed().as_secs_f64());
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+
+    // The disk of the instance that booted the unmodified image: cloud-init has created `debian`
+    // with a locked password and will not run set_passwords again for this instance. `--method
+    // auto` must choose /etc/shadow, and the same instance, booted again, must accept the password.
+    let (booted, _) = vms.pop().expect("the unmodified VM");
+    drop(vms);
+    let mut booted = booted;
+    let booted_disk = tmp.path().join("booted.qcow2");
+    booted.stop_and_save_disk(&booted_disk);
+    let reset = tmp.path().join("reset.qcow2");
+    let args = [
+        "customize",
+        booted_disk.to_str().unwrap(),
+        "-o",
+        reset.to_str().unwrap(),
+        "--password-file",
+        pw.to_str().unwrap(),
+        "--method",
+        "auto",
+    ];
+    let result = cloudimg(&args, None, &[]);
+    assert!(result.status.success(), "cloudimg {args:?}: {}", text(&result.stderr));
+    let said = text(&result.stdout);
+    eprint!("{said}");
+    assert!(said.contains("Method: /etc/shadow, because the disk was booted before"), "{said}");
+    let mut again = Vm::boot_as("shadow-reset", &reset, &image, &booted.instance);
+    match verdict(&mut again, true, Instant::now() + BOOT_DEADLINE) {
+        Ok(report) => eprintln!("{report}"),
+        Err(why) => panic!("shadow-reset: {why}\n{}", again.diagnose()),
+    }
+    eprintln!("boot: shadow reset verified after {:.0} s", started.elapsed().as_secs_f64());
 }
