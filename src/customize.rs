@@ -490,7 +490,9 @@ fn launch(
         why.map(|w| format!(": {w}")).unwrap_or_default()
     ));
     let options = LaunchOptions { accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
+    let spinner = report.spinner("starting the appliance");
     let guest = Guest::launch(&[drive], &options).map_err(with_code(APPLIANCE))?;
+    drop(spinner);
     Ok((guest, accel))
 }
 
@@ -566,7 +568,10 @@ fn produce_output(
     report.phase(&format!("Writing the {} image {}", format.as_str(), dest.display()));
     let pending = Pending::beside(&dest).map_err(with_code(OUTPUT))?;
     sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
-    output::convert(overlay, format, compress, pending.path()).map_err(with_code(OUTPUT))?;
+    let mut progress = report.progress("converting");
+    output::convert(overlay, format, compress, pending.path(), &mut |percent| progress.set(percent))
+        .map_err(with_code(OUTPUT))?;
+    drop(progress);
     cleanup::fault_point("converted");
     let saved_password = match (&s.password, secret) {
         (Some(source), Some(secret)) => reveal_random_password(source, secret)?,

@@ -167,7 +167,9 @@ fn read_guest(path: &Path, format: Format, opts: &Options, report: &Reporter) ->
     ));
     let work = crate::cleanup::work_dir()?;
     let launch = LaunchOptions { accel, timeout: opts.timeout, debug: false, tmpdir: work.path() };
+    let spinner = report.spinner("starting the appliance");
     let guest = Guest::launch(&[Drive { path, format, readonly: true }], &launch).map_err(with_code(APPLIANCE))?;
+    drop(spinner);
     let root = locate::find_root(&guest, opts.root.as_deref()).map_err(with_code(BAD_GUEST))?;
     for note in locate::mount_root(&guest, &root, true).map_err(with_code(BAD_GUEST))? {
         report.warn(&note);

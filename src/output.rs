@@ -26,8 +26,15 @@ pub fn create_overlay(input: &Path, format: Format, overlay: &Path) -> Result<()
     )
 }
 
-/// Writes the overlay's contents (input plus edits) to `dest` as a standalone image.
-pub fn convert(overlay: &Path, format: Format, compress: bool, dest: &Path) -> Result<()> {
+/// Writes the overlay's contents (input plus edits) to `dest` as a standalone image, telling
+/// `progress` the percentage done as qemu-img reports it.
+pub fn convert(
+    overlay: &Path,
+    format: Format,
+    compress: bool,
+    dest: &Path,
+    progress: &mut dyn FnMut(f64),
+) -> Result<()> {
     let mut cmd = Command::new("qemu-img");
     cmd.args(["convert", "-f", "qcow2", "-O", format.as_str()]);
     if format == Format::Qcow2 {
@@ -36,24 +43,58 @@ pub fn convert(overlay: &Path, format: Format, compress: bool, dest: &Path) -> R
             cmd.arg("-c");
         }
     }
-    run_qemu_img(cmd.arg(overlay).arg(dest), &format!("writing the output image {}", dest.display()), "converting")
+    cmd.arg("-p").arg(overlay).arg(dest);
+    run_qemu_img_with(&mut cmd, &format!("writing the output image {}", dest.display()), "converting", Some(progress))
 }
 
 /// Runs qemu-img to its end; `fault_point` names the moment it has started, for the fault tests.
 fn run_qemu_img(cmd: &mut Command, what: &str, fault_point: &str) -> Result<()> {
+    run_qemu_img_with(cmd, what, fault_point, None)
+}
+
+fn run_qemu_img_with(
+    cmd: &mut Command,
+    what: &str,
+    fault_point: &str,
+    progress: Option<&mut dyn FnMut(f64)>,
+) -> Result<()> {
     cleanup::die_with_parent(cmd);
-    let child = cmd
-        .stdout(Stdio::null())
+    let mut child = cmd
+        .stdout(if progress.is_some() { Stdio::piped() } else { Stdio::null() })
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("{what}: running qemu-img (is qemu-utils installed?)"))?;
     cleanup::fault_point(fault_point);
-    let out = child.wait_with_output().with_context(|| format!("{what}: waiting for qemu-img"))?;
+    // Read stderr on the side so that neither pipe can fill up and stall qemu-img.
+    let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
+        text
+    });
+    if let (Some(progress), Some(mut stdout)) = (progress, child.stdout.take()) {
+        let mut buffer = [0u8; 512];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buffer) {
+            if n == 0 {
+                break;
+            }
+            if let Some(percent) = last_progress(&String::from_utf8_lossy(&buffer[..n])) {
+                progress(percent);
+            }
+        }
+    }
+    let status = child.wait().with_context(|| format!("{what}: waiting for qemu-img"))?;
+    let stderr = stderr.join().unwrap_or_default();
     cleanup::checkpoint();
-    if !out.status.success() {
-        bail!("{what}: qemu-img failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    if !status.success() {
+        bail!("{what}: qemu-img failed: {}", stderr.trim());
     }
     Ok(())
+}
+
+/// The last percentage in qemu-img's `-p` output, which redraws `    (12.34/100%)` with carriage returns.
+fn last_progress(chunk: &str) -> Option<f64> {
+    chunk.rsplit('(').find_map(|part| part.split_once("/100%)")?.0.trim().parse().ok())
 }
 
 /// A temporary file beside the destination that becomes the destination on [`Pending::commit`] and
@@ -153,6 +194,14 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_img_progress_is_read_from_its_redraws() {
+        assert_eq!(last_progress("    (0.00/100%)\r    (12.50/100%)\r"), Some(12.5));
+        assert_eq!(last_progress("    (100.00/100%)\n"), Some(100.0));
+        assert_eq!(last_progress("    (50.0"), None);
+        assert_eq!(last_progress("(3.00/100%)\r    (4"), Some(3.0));
+    }
 
     #[test]
     fn commit_keeps_an_existing_destination_unless_asked() {

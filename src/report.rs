@@ -1,8 +1,10 @@
 //! Talking to the user: one line per phase with the elapsed time, like the virt tools, on stdout (on
 //! stderr with --json, whose report owns stdout); warnings and errors on stderr.
 
-use std::io::Write;
-use std::time::Instant;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::settings::Verbosity;
 
@@ -24,22 +26,54 @@ impl Reporter {
     /// A phase starts: `[  12.3] Opening the image`.
     pub fn phase(&self, what: &str) {
         if self.verbosity >= Verbosity::Normal {
-            self.progress(&format!("[{:6.1}] {what}", self.elapsed_secs()));
+            self.line(&format!("[{:6.1}] {what}", self.elapsed_secs()));
         }
     }
 
     /// Detail shown with -v.
     pub fn detail(&self, what: &str) {
         if self.verbosity >= Verbosity::Verbose {
-            self.progress(&format!("         {what}"));
+            self.line(&format!("         {what}"));
         }
+    }
+
+    /// A long phase with a known end: a bar on a terminal, a plain line at each quarter otherwise.
+    pub fn progress(&self, label: &str) -> Progress<'_> {
+        let bar = self.on_terminal().then(|| {
+            let bar = ProgressBar::new(100).with_message(label.to_string());
+            bar.set_style(
+                ProgressStyle::with_template("         {msg} [{bar:30}] {pos:>3}% {elapsed}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Progress { reporter: self, label: label.to_string(), bar, quarters: 0 }
+    }
+
+    /// A long phase with no measurable progress (the appliance launch): a ticking spinner with the
+    /// elapsed time on a terminal, nothing more otherwise. It stops when dropped.
+    pub fn spinner(&self, label: &str) -> Option<ProgressBar> {
+        self.on_terminal().then(|| {
+            let spinner = ProgressBar::new_spinner().with_message(label.to_string());
+            spinner.set_style(
+                ProgressStyle::with_template("         {spinner} {msg} {elapsed}").expect("a valid template"),
+            );
+            spinner.enable_steady_tick(Duration::from_millis(200));
+            spinner
+        })
+    }
+
+    /// Bars are drawn on stderr, so they need a terminal there and a human reader.
+    fn on_terminal(&self) -> bool {
+        self.verbosity >= Verbosity::Normal && std::io::stderr().is_terminal()
     }
 
     pub fn warn(&self, what: &str) {
         eprintln!("cloudimg: warning: {what}");
     }
 
-    fn progress(&self, line: &str) {
+    fn line(&self, line: &str) {
         if self.json {
             eprintln!("{line}");
         } else {
@@ -47,5 +81,59 @@ impl Reporter {
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
         }
+    }
+}
+
+/// See [`Reporter::progress`].
+pub struct Progress<'a> {
+    reporter: &'a Reporter,
+    label: String,
+    bar: Option<ProgressBar>,
+    /// Quarters already reported as plain lines.
+    quarters: u32,
+}
+
+impl Progress<'_> {
+    pub fn set(&mut self, percent: f64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(percent.clamp(0.0, 100.0) as u64),
+            None => {
+                if let Some(quarter) = quarter_reached(self.quarters, percent) {
+                    self.quarters = quarter;
+                    if self.reporter.verbosity >= Verbosity::Normal {
+                        self.reporter.line(&format!("         {}: {}%", self.label, quarter * 25));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Progress<'_> {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The quarter (1–4) that `percent` newly reaches after `done` quarters, if any.
+fn quarter_reached(done: u32, percent: f64) -> Option<u32> {
+    let quarter = (percent.clamp(0.0, 100.0) / 25.0).floor() as u32;
+    (quarter > done).then_some(quarter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_progress_lines_come_once_per_quarter() {
+        assert_eq!(quarter_reached(0, 10.0), None);
+        assert_eq!(quarter_reached(0, 25.0), Some(1));
+        assert_eq!(quarter_reached(1, 49.9), None);
+        assert_eq!(quarter_reached(1, 80.0), Some(3));
+        assert_eq!(quarter_reached(3, 100.0), Some(4));
+        assert_eq!(quarter_reached(4, 100.0), None);
     }
 }

@@ -75,7 +75,7 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     assert!(o["analysis"].is_null());
     assert_eq!((sha256(&debian), sha256(&rocky)), sums, "inspect must not change an image");
 
-    ok(
+    let keyed = ok(
         run(&[
             "customize",
             p(&debian),
@@ -90,6 +90,10 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
         ]),
         "customize with keys",
     );
+    // Not a terminal: the conversion's progress comes as plain lines, one per quarter.
+    let progress: Vec<String> =
+        text(&keyed.stdout).lines().filter(|l| l.contains("converting: ")).map(|l| l.trim().to_string()).collect();
+    assert_eq!(progress.last().map(String::as_str), Some("converting: 100%"), "{}", text(&keyed.stdout));
     let lock = ok(run(&["customize", p(&t("keys.qcow2")), "-o", p(&t("locked.qcow2")), "--lock"]), "lock");
     assert!(text(&lock.stdout).contains("restored as it was before cloudimg changed it"), "{}", text(&lock.stdout));
 
