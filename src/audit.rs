@@ -307,6 +307,49 @@ mod tests {
     }
 
     #[test]
+    fn real_distribution_files_analyse_as_their_images_behave() {
+        let cfg = |name: &str| {
+            let text = std::fs::read_to_string(format!("fixtures/cloud-cfg/{name}.cloud.cfg")).unwrap();
+            [file("/etc/cloud/cloud.cfg", &text)]
+        };
+        let ubuntu_sshd: sshd::Files = [
+            (sshd::MAIN_CONFIG.to_string(), format!("{SSHD}KbdInteractiveAuthentication no\n")),
+            ("/etc/ssh/sshd_config.d/60-cloudimg-settings.conf".to_string(), "PasswordAuthentication no\n".to_string()),
+        ]
+        .into();
+        let cases = [
+            ("debian-12-22.4.2", "22.4.2", "debian", None, true),
+            ("ubuntu-26", "24.4.1", "ubuntu", None, false),
+            ("rocky-26", "23.4", "rocky", Some(false), false),
+        ];
+        for (name, version, user, ssh_pwauth, sshd_yes) in cases {
+            let files = cfg(name);
+            let debian_sshd: sshd::Files = [(sshd::MAIN_CONFIG.to_string(), SSHD.to_string())].into();
+            let sshd = if name.starts_with("ubuntu") { &ubuntu_sshd } else { &debian_sshd };
+            let mut rocky_sshd = debian_sshd.clone();
+            rocky_sshd.insert(sshd::MAIN_CONFIG.into(), format!("{SSHD}PasswordAuthentication no\n"));
+            let sshd = if name.starts_with("rocky") { &rocky_sshd } else { sshd };
+            let a = analyse(&Image {
+                files: &files,
+                version: Some(version.parse().unwrap()),
+                sshd: Some(sshd),
+                shadow: None,
+                booted_before: false,
+                user: None,
+            });
+            let ci = a.cloud_init.as_ref().unwrap();
+            assert_eq!(ci.default_user.as_deref(), Some(user), "{name}");
+            assert!(ci.set_passwords_runs && ci.disable_root && ci.expire, "{name}");
+            assert_eq!(ci.passwords, vec![], "{name}: stock images set no password");
+            assert_eq!(ci.ssh_pwauth, ssh_pwauth, "{name}");
+            let decision = &a.sshd.as_ref().unwrap().password_authentication;
+            assert_eq!(decision.password_authentication, sshd_yes, "{name}: {decision:?}");
+            let login = password_login(&a, None);
+            assert!(!login.works && login.reasons[0].contains("nothing sets a password"), "{name}: {login:?}");
+        }
+    }
+
+    #[test]
     fn without_cloud_init_the_shadow_file_decides() {
         let sshd: sshd::Files = [(sshd::MAIN_CONFIG.to_string(), String::new())].into();
         let img = Image {

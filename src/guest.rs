@@ -176,6 +176,15 @@ impl Guest {
         self.bounded(&format!("reading the filesystem type of {device}"), |g| g.vfs_type(device))
     }
 
+    /// `gpt`, `msdos`, ...; `None` for a disk without a partition table.
+    pub fn partition_table(&self, disk: &str) -> Result<Option<String>> {
+        let partitions = self.bounded(&format!("listing the partitions of {disk}"), |g| g.list_partitions())?;
+        if !partitions.iter().any(|p| p.starts_with(disk)) {
+            return Ok(None);
+        }
+        self.bounded(&format!("reading the partition table of {disk}"), |g| g.part_get_parttype(disk)).map(Some)
+    }
+
     pub fn mount(&self, device: &str, mountpoint: &str, readonly: bool) -> Result<()> {
         let options = if readonly { "ro" } else { "" };
         self.bounded(&format!("mounting {device} on {mountpoint}"), |g| g.mount_options(options, device, mountpoint))

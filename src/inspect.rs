@@ -45,6 +45,10 @@ pub struct FileFacts {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct System {
     pub root: Root,
+    /// The disk's partition table (`gpt`, `msdos`), `None` for a whole-disk filesystem.
+    pub partition_table: Option<String>,
+    /// Whether the root is an LVM logical volume.
+    pub lvm_root: bool,
     /// os-release `ID` and `VERSION_ID`.
     pub os_id: Option<String>,
     pub os_version: Option<String>,
@@ -171,10 +175,14 @@ fn read_guest(path: &Path, format: Format, opts: &Options, report: &Reporter) ->
     let guest = Guest::launch(&[Drive { path, format, readonly: true }], &launch).map_err(with_code(APPLIANCE))?;
     drop(spinner);
     let root = locate::find_root(&guest, opts.root.as_deref()).map_err(with_code(BAD_GUEST))?;
+    // One drive is attached, so the disk is /dev/sda.
+    let partition_table = guest.partition_table("/dev/sda").map_err(with_code(BAD_GUEST))?;
     for note in locate::mount_root(&guest, &root, true).map_err(with_code(BAD_GUEST))? {
         report.warn(&note);
     }
-    let result = analyse_guest(&guest, root, opts.user.as_deref(), report).map_err(with_code(BAD_GUEST));
+    let result = analyse_guest(&guest, root, opts.user.as_deref(), report)
+        .map(|(system, analysis)| (System { partition_table, ..system }, analysis))
+        .map_err(with_code(BAD_GUEST));
     // Read-only: nothing to flush; the appliance goes with the handle.
     let _ = guest.umount_all();
     result
@@ -202,7 +210,9 @@ fn analyse_guest(guest: &Guest, root: Root, user: Option<&str>, report: &Reporte
         user,
     });
     let system = System {
+        lvm_root: !root.device.starts_with("/dev/sd") && !root.device.starts_with("/dev/vd"),
         root,
+        partition_table: None,
         os_id: os_release_field(&os_release, "ID"),
         os_version: os_release_field(&os_release, "VERSION_ID"),
     };
@@ -266,9 +276,17 @@ pub fn render(r: &ImageReport) -> String {
         ),
     );
     if let Some(s) = &r.system {
+        let table =
+            s.partition_table.as_ref().map_or("no partition table".to_string(), |t| format!("{t} partition table"));
         line(
             "system",
-            format!("{} on {} ({})", s.root.os.as_deref().unwrap_or("unknown OS"), s.root.device, s.root.fs_type),
+            format!(
+                "{} on {} ({}{}), {table}",
+                s.root.os.as_deref().unwrap_or("unknown OS"),
+                s.root.device,
+                s.root.fs_type,
+                if s.lvm_root { ", LVM" } else { "" },
+            ),
         );
     }
     if let Some(a) = &r.analysis {

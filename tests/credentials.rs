@@ -63,7 +63,11 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     assert_eq!(d["analysis"]["cloud_init"]["passwords"], serde_json::json!([]));
     assert_eq!(d["analysis"]["booted_before"], false);
     assert_eq!(d["password_login"]["works"], false);
+    assert_eq!(d["system"]["partition_table"], "msdos");
+    assert_eq!(d["system"]["lvm_root"], false);
     let r = &reports[1];
+    assert_eq!(r["system"]["root"]["device"], "/dev/rl/root");
+    assert_eq!(r["system"]["lvm_root"], true);
     assert_eq!(r["analysis"]["booted_before"], true);
     assert_eq!(r["analysis"]["cloud_init"]["ssh_pwauth"], false);
     assert_eq!(r["analysis"]["sshd"]["password_authentication"]["password_authentication"], false);
