@@ -159,6 +159,9 @@ Examples:
   # See what would change, with the secret masked; writes nothing
   cloudimg customize in.qcow2 --dry-run --password-file pw.txt
 
+  # A release's images in one appliance launch; a bad image fails alone
+  cloudimg customize debian-12.qcow2 ubuntu-24.04.qcow2 rocky-9.qcow2 --out-dir ready/ --password-file pw.txt
+
   # One-off reset of an existing image file, in place (atomic: old or new image, never half)
   cloudimg customize vm.qcow2 --in-place --password-file pw.txt --clean-instance-state
 
@@ -216,14 +219,19 @@ pub enum Method {
 #[command(group(ArgGroup::new("password").args(["password_file", "password_stdin", "random_password", "visible_password"])))]
 #[command(group(ArgGroup::new("job").required(true).multiple(true).args(["password_file", "password_stdin", "random_password", "visible_password", "ssh_key", "lock"])))]
 pub struct CustomizeArgs {
-    /// The image to customize (qcow2 or raw)
-    pub input: PathBuf,
+    /// The images to customize (qcow2 or raw); several share one appliance launch
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
 
-    /// Where to write the new image; it must not exist unless --force
-    #[arg(short, long, value_name = "OUTPUT", required_unless_present_any = ["in_place", "dry_run"], conflicts_with = "in_place")]
+    /// Where to write the new image (one INPUT); it must not exist unless --force
+    #[arg(short, long, value_name = "OUTPUT", required_unless_present_any = ["in_place", "dry_run", "out_dir"], conflicts_with_all = ["in_place", "out_dir"])]
     pub output: Option<PathBuf>,
 
-    /// Edit INPUT itself (a new image replaces it atomically at the end)
+    /// Write each new image into DIR, named after its INPUT (`NAME.qcow2` or `NAME.raw`)
+    #[arg(long, value_name = "DIR", conflicts_with = "in_place")]
+    pub out_dir: Option<PathBuf>,
+
+    /// Edit each INPUT itself (a new image replaces it atomically at the end)
     #[arg(long)]
     pub in_place: bool,
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::accel::{self, Accel, HostKvm};
+use crate::batch;
 use crate::checks::{self, Effective, Finding, Severity};
 use crate::cleanup;
 use crate::cli::Method;
@@ -93,41 +94,251 @@ struct Decision {
     diff: String,
 }
 
-/// Runs the pipeline; returns the summary and the masked diff of what changes.
-pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
-    report.phase(&format!("Examining {}", s.input.display()));
-    let info = image_file::inspect(&s.input).map_err(with_code(BAD_INPUT))?;
-    report.detail(&format!("{} image, virtual size {} bytes", info.format.as_str(), info.virtual_size));
-    let _lock = match s.output {
-        Output::InPlace { .. } => Some(lock_for_in_place(&s.input)?),
-        _ => None,
-    };
-    let secret = s.password.as_ref().map(|p| p.read()).transpose().map_err(with_code(USAGE))?;
+/// One image's outcome: its summary and the masked diff of what changes, or why it failed.
+pub type ImageResult = Result<(Summary, String)>;
 
+/// One input, checked and ready to be attached.
+struct Prepared {
+    index: usize,
+    input: PathBuf,
+    info: ImageInfo,
+    /// Held for the whole run when the input is edited in place.
+    _lock: Option<File>,
+    /// The working overlay the edits go to; `None` for a dry run, which attaches the input read-only.
+    overlay: Option<PathBuf>,
+    target: Option<Target>,
+}
+
+/// Where one image's output goes.
+#[derive(Clone)]
+struct Target {
+    dest: PathBuf,
+    format: Format,
+    compress: bool,
+    in_place: bool,
+    replace: bool,
+}
+
+/// Runs the pipeline on every input, in one appliance launch where that is safe; returns one result
+/// per input, in order. An error here (no password, no temporary directory) concerns every image.
+pub fn run(s: &Customize, report: &Reporter) -> Result<Vec<ImageResult>> {
+    let secret = s.password.as_ref().map(|p| p.read()).transpose().map_err(with_code(USAGE))?;
     let work = cleanup::work_dir()?;
     sweep(&std::env::temp_dir(), cleanup::WORK_DIR_MARKER, report);
-    let dry_run = s.output == Output::DryRun;
-    let overlay = work.path().join("overlay.qcow2");
-    let (guest, accel) = launch(s, &info, (!dry_run).then_some(overlay.as_path()), work.path(), report)?;
-    cleanup::fault_point("launched");
+    let mut results: Vec<Option<ImageResult>> = s.inputs.iter().map(|_| None).collect();
+    let mut ready = Vec::new();
+    for (index, input) in s.inputs.iter().enumerate() {
+        match prepare(s, index, input, work.path(), report) {
+            Ok(p) => ready.push(p),
+            Err(e) => results[index] = Some(Err(named(s, input, e))),
+        }
+    }
+    let all: Vec<&Prepared> = ready.iter().collect();
+    let (mut done, alone) = in_appliance(s, &all, secret.as_ref(), work.path(), report);
+    for index in alone {
+        let solo = [&ready[ready.iter().position(|p| p.index == index).expect("a prepared image")]];
+        done.extend(in_appliance(s, &solo, secret.as_ref(), work.path(), report).0);
+    }
+    let mut edited = Vec::new();
+    for (index, result) in done {
+        match result {
+            Ok(ok) => edited.push((index, ok)),
+            Err(e) => results[index] = Some(Err(named(s, &s.inputs[index], e))),
+        }
+    }
+    edited.sort_by_key(|(index, _)| *index);
+    let by_index = |index: usize| ready.iter().find(|p| p.index == index).expect("a prepared image");
+    if s.output == Output::DryRun {
+        for (index, (mut summary, diff)) in edited {
+            summary.elapsed_seconds = report.elapsed_secs();
+            results[index] = Some(Ok((summary, diff)));
+        }
+    } else {
+        let edited: Vec<(&Prepared, Summary, String)> =
+            edited.into_iter().map(|(index, (summary, diff))| (by_index(index), summary, diff)).collect();
+        for (index, result) in produce_outputs(s, edited, secret.as_ref(), report)? {
+            results[index] = Some(result.map_err(|e| named(s, &s.inputs[index], e)));
+        }
+    }
+    Ok(results.into_iter().map(|r| r.expect("every input has a result")).collect())
+}
 
-    report.phase("Finding the root filesystem");
-    let root = locate::find_root(&guest, s.root.as_deref()).map_err(with_code(BAD_GUEST))?;
+/// With several inputs, errors say which image they are about.
+fn named(s: &Customize, input: &Path, e: anyhow::Error) -> anyhow::Error {
+    if s.inputs.len() > 1 {
+        e.context(input.display().to_string())
+    } else {
+        e
+    }
+}
+
+/// The same error for another image of a shared launch (errors cannot be cloned), with its exit status.
+fn copy_error(e: &anyhow::Error) -> anyhow::Error {
+    with_code(crate::exit_codes::code_of(e))(anyhow::anyhow!("{e:#}"))
+}
+
+/// Checks one input's file and output, takes the in-place lock and creates its overlay.
+fn prepare(s: &Customize, index: usize, input: &Path, work: &Path, report: &Reporter) -> Result<Prepared> {
+    report.phase(&format!("Examining {}", input.display()));
+    let info = image_file::inspect(input).map_err(with_code(BAD_INPUT))?;
+    report.detail(&format!("{} image, virtual size {} bytes", info.format.as_str(), info.virtual_size));
+    let target = match &s.output {
+        Output::NewFile { path, format, compress, replace } => Some(Target {
+            dest: path.clone(),
+            format: format.unwrap_or(Format::Qcow2),
+            compress: *compress,
+            in_place: false,
+            replace: *replace,
+        }),
+        Output::Dir { dir, format, compress, replace } => {
+            let format = format.unwrap_or(Format::Qcow2);
+            let stem = input.file_stem().with_context(|| format!("{} has no file name", input.display()))?;
+            let dest = dir.join(format!("{}.{}", stem.to_string_lossy(), format.as_str()));
+            if s.inputs.iter().take(index).any(|other| other.file_stem() == Some(stem)) {
+                return Err(with_code(USAGE)(anyhow::anyhow!(
+                    "another input is also named {}; its output would be {} too",
+                    stem.to_string_lossy(),
+                    dest.display()
+                )));
+            }
+            crate::settings::check_output_path(input, &dest, *replace)?;
+            Some(Target { dest, format, compress: *compress, in_place: false, replace: *replace })
+        }
+        Output::InPlace { format, compress } => Some(Target {
+            dest: in_place_target(input)?,
+            format: format.unwrap_or(info.format),
+            compress: *compress,
+            in_place: true,
+            replace: true,
+        }),
+        Output::DryRun => None,
+    };
+    let lock = match s.output {
+        Output::InPlace { .. } => Some(lock_for_in_place(input)?),
+        _ => None,
+    };
+    let overlay = match target {
+        Some(_) => {
+            let overlay = work.join(format!("overlay-{index}.qcow2"));
+            output::create_overlay(input, info.format, &overlay)?;
+            Some(overlay)
+        }
+        None => None,
+    };
+    Ok(Prepared { index, input: input.to_path_buf(), info, _lock: lock, overlay, target })
+}
+
+/// Edits the images of `group` in one appliance. Returns each edited image's result, and the images
+/// the appliance could not serve safely (copies of another), which need one of their own.
+fn in_appliance(
+    s: &Customize,
+    group: &[&Prepared],
+    secret: Option<&Secret>,
+    tmpdir: &Path,
+    report: &Reporter,
+) -> (Vec<(usize, ImageResult)>, Vec<usize>) {
+    let fail_all = |e: anyhow::Error| group.iter().map(|p| (p.index, Err(copy_error(&e)))).collect::<Vec<_>>();
+    if group.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let (accel, why) = match accel::choose(s.accel, &HostKvm::probe()) {
+        Ok(choice) => choice,
+        Err(e) => return (fail_all(with_code(APPLIANCE)(e)), Vec::new()),
+    };
+    let drives: Vec<Drive> = group
+        .iter()
+        .map(|p| match &p.overlay {
+            Some(overlay) => Drive { path: overlay, format: Format::Qcow2, readonly: false },
+            None => Drive { path: &p.input, format: p.info.format, readonly: true },
+        })
+        .collect();
+    report.phase(&format!(
+        "Launching the appliance ({}{}){}",
+        if accel == Accel::Kvm { "KVM" } else { "TCG" },
+        why.map(|w| format!(": {w}")).unwrap_or_default(),
+        if group.len() > 1 { format!(" for {} images", group.len()) } else { String::new() }
+    ));
+    let options = LaunchOptions { accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
+    let spinner = report.spinner("starting the appliance");
+    let launched = Guest::launch(&drives, &options).map_err(with_code(APPLIANCE));
+    drop(spinner);
+    let guest = match launched {
+        Ok(guest) => guest,
+        Err(e) => return (fail_all(e), Vec::new()),
+    };
+    cleanup::fault_point("launched");
+    let split = if group.len() > 1 {
+        report.phase("Sorting out which filesystems belong to which image");
+        match batch::split(&guest).map_err(with_code(APPLIANCE)) {
+            Ok(split) => Some(split),
+            Err(e) => return (fail_all(e), Vec::new()),
+        }
+    } else {
+        None
+    };
+    let alone: Vec<usize> = split.as_ref().map_or(Vec::new(), |sp| sp.alone.iter().map(|(pos, _)| *pos).collect());
+    for (pos, why) in split.iter().flat_map(|sp| sp.alone.iter()) {
+        report.warn(&format!("{} gets an appliance launch of its own: {why}", group[*pos].input.display()));
+    }
+    let mut out: Vec<(usize, ImageResult)> = Vec::new();
+    for (pos, p) in group.iter().enumerate().filter(|(pos, _)| !alone.contains(pos)) {
+        if let Some(Err(e)) =
+            out.last().map(|(_, r)| r).filter(|r| matches!(r, Err(e) if crate::exit_codes::code_of(e) == APPLIANCE))
+        {
+            // The appliance is gone: nothing more can be done in it.
+            let e = copy_error(e);
+            out.push((p.index, Err(e)));
+            continue;
+        }
+        let disk = split.as_ref().map(|sp| &sp.disks[pos]);
+        let result = image_job(&guest, s, p, disk, secret, accel, report);
+        let _ = guest.umount_all();
+        out.push((p.index, result));
+    }
+    let alone = alone.into_iter().map(|pos| group[pos].index).collect();
+    if s.output == Output::DryRun {
+        return (out, alone);
+    }
+    cleanup::fault_point("edited");
+    let shut = guest.shutdown();
+    cleanup::fault_point("shut-down");
+    if let Err(e) = shut {
+        for (_, result) in out.iter_mut().filter(|(_, r)| r.is_ok()) {
+            *result = Err(copy_error(&e));
+        }
+    }
+    (out, alone)
+}
+
+/// Everything for one image inside the appliance: its root, its configuration, the decision, the writes.
+fn image_job(
+    guest: &Guest,
+    s: &Customize,
+    p: &Prepared,
+    disk: Option<&locate::Disk>,
+    secret: Option<&Secret>,
+    accel: Accel,
+    report: &Reporter,
+) -> ImageResult {
+    let dry_run = s.output == Output::DryRun;
+    let of = if s.inputs.len() > 1 { format!(" of {}", p.input.display()) } else { String::new() };
+    report.phase(&format!("Finding the root filesystem{of}"));
+    let root = locate::find_root(guest, s.root.as_deref(), disk).map_err(with_code(BAD_GUEST))?;
     report.detail(&format!("root {} ({}), {}", root.device, root.fs_type, root.os.as_deref().unwrap_or("unknown OS")));
-    for note in locate::mount_root(&guest, &root, dry_run).map_err(with_code(BAD_GUEST))? {
+    for note in locate::mount_root(guest, &root, dry_run, disk).map_err(with_code(BAD_GUEST))? {
         report.warn(&note);
     }
 
-    report.phase("Reading the image's configuration");
-    let image = read_image(&guest, s, report)?;
-    let decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret.as_ref(), report)? };
+    report.phase(&format!("Reading the image's configuration{of}"));
+    let image = read_image(guest, s, report)?;
+    let decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret, report)? };
     report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
     refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
     decision.notes.iter().for_each(|n| report.detail(n));
 
     let mut summary = Summary {
-        input: s.input.clone(),
-        input_format: info.format,
+        input: p.input.clone(),
+        input_format: p.info.format,
         output: None,
         output_format: None,
         dry_run,
@@ -150,32 +361,24 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<(Summary, String)> {
         elapsed_seconds: 0.0,
     };
     if !dry_run {
-        report.phase(&format!(
-            "Writing {}",
-            if summary.files_changed.is_empty() {
-                "nothing (no change)".to_string()
-            } else {
-                summary.files_changed.join(", ")
-            }
-        ));
+        let files = if summary.files_changed.is_empty() {
+            "nothing (no change)".to_string()
+        } else {
+            summary.files_changed.join(", ")
+        };
+        let into = if s.inputs.len() > 1 { format!(" in {}", p.input.display()) } else { String::new() };
+        report.phase(&format!("Writing {files}{into}"));
         for write in &decision.writes {
-            apply(&guest, write)?;
+            apply(guest, write)?;
         }
         if s.lock {
             guest.remove_dir_if_empty(lock::JOURNAL_DIR)?;
         }
         if s.clean_instance_state && image.booted_before {
-            guest_config::clean_instance_state(&guest)?;
+            guest_config::clean_instance_state(guest)?;
             summary.instance_state_cleaned = true;
         }
-        cleanup::fault_point("edited");
-        guest.shutdown()?;
-        cleanup::fault_point("shut-down");
-        let (dest, format) = produce_output(s, &info, &overlay, secret.as_ref(), report)?;
-        summary.output = Some(dest);
-        summary.output_format = Some(format);
     }
-    summary.elapsed_seconds = report.elapsed_secs();
     Ok((summary, decision.diff))
 }
 
@@ -468,34 +671,6 @@ fn decide_lock(image: &ImageFacts) -> Result<Decision> {
     })
 }
 
-/// Starts the appliance on the input (read-only, for a dry run) or on a fresh overlay over it.
-fn launch(
-    s: &Customize,
-    info: &ImageInfo,
-    overlay: Option<&Path>,
-    tmpdir: &Path,
-    report: &Reporter,
-) -> Result<(Guest, Accel)> {
-    let (accel, why) = accel::choose(s.accel, &HostKvm::probe()).map_err(with_code(APPLIANCE))?;
-    let drive = match overlay {
-        None => Drive { path: &s.input, format: info.format, readonly: true },
-        Some(overlay) => {
-            output::create_overlay(&s.input, info.format, overlay)?;
-            Drive { path: overlay, format: Format::Qcow2, readonly: false }
-        }
-    };
-    report.phase(&format!(
-        "Launching the appliance ({}{})",
-        if accel == Accel::Kvm { "KVM" } else { "TCG" },
-        why.map(|w| format!(": {w}")).unwrap_or_default()
-    ));
-    let options = LaunchOptions { accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
-    let spinner = report.spinner("starting the appliance");
-    let guest = Guest::launch(&[drive], &options).map_err(with_code(APPLIANCE))?;
-    drop(spinner);
-    Ok((guest, accel))
-}
-
 /// What the decisions need from the mounted guest.
 struct ImageFacts {
     /// `None` without /etc/cloud/cloud.cfg.
@@ -548,50 +723,69 @@ fn read_image(guest: &Guest, s: &Customize, report: &Reporter) -> Result<ImageFa
     })
 }
 
-/// Converts the edited overlay into the output (or the in-place replacement) and renames it into place.
-fn produce_output(
+/// Converts each edited overlay into its output (or in-place replacement) beside the destination, then
+/// renames them into place. Returns each image's result.
+fn produce_outputs(
     s: &Customize,
-    info: &ImageInfo,
-    overlay: &Path,
+    edited: Vec<(&Prepared, Summary, String)>,
     secret: Option<&Secret>,
     report: &Reporter,
-) -> Result<(PathBuf, Format)> {
-    let (dest, format, compress, in_place, replace) = match &s.output {
-        Output::NewFile { path, format, compress, replace } => {
-            (path.clone(), format.unwrap_or(Format::Qcow2), *compress, false, *replace)
+) -> Result<Vec<(usize, ImageResult)>> {
+    let mut results = Vec::new();
+    let mut converted = Vec::new();
+    for (p, summary, diff) in edited {
+        let target = p.target.clone().expect("a real run has targets");
+        let overlay = p.overlay.as_deref().expect("a real run has overlays");
+        report.phase(&format!("Writing the {} image {}", target.format.as_str(), target.dest.display()));
+        let pending = Pending::beside(&target.dest).map_err(with_code(OUTPUT)).and_then(|pending| {
+            sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
+            let mut progress = report.progress("converting");
+            output::convert(overlay, target.format, target.compress, pending.path(), &mut |percent| {
+                progress.set(percent)
+            })
+            .map_err(with_code(OUTPUT))?;
+            Ok(pending)
+        });
+        cleanup::fault_point("converted");
+        match pending {
+            Ok(pending) => converted.push((p.index, summary, diff, pending, target)),
+            Err(e) => results.push((p.index, Err(e))),
         }
-        Output::InPlace { format, compress } => {
-            (in_place_target(&s.input)?, format.unwrap_or(info.format), *compress, true, true)
-        }
-        Output::DryRun => unreachable!("a dry run produces no output"),
-    };
-    report.phase(&format!("Writing the {} image {}", format.as_str(), dest.display()));
-    let pending = Pending::beside(&dest).map_err(with_code(OUTPUT))?;
-    sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
-    let mut progress = report.progress("converting");
-    output::convert(overlay, format, compress, pending.path(), &mut |percent| progress.set(percent))
-        .map_err(with_code(OUTPUT))?;
-    drop(progress);
-    cleanup::fault_point("converted");
+    }
+    if converted.is_empty() {
+        return Ok(results);
+    }
     let saved_password = match (&s.password, secret) {
         (Some(source), Some(secret)) => reveal_random_password(source, secret)?,
         _ => None,
     };
-    let (mode, owner_like) = if in_place {
-        let mode = std::fs::metadata(&dest).context("reading the input's mode")?.permissions().mode() & 0o7777;
-        (mode, Some(dest.as_path()))
-    } else {
-        (output::default_file_mode(), None)
-    };
-    // Past this point the output appears; an interrupt that arrived during the conversion wins.
+    // Past this point outputs appear; an interrupt that arrived during the conversion wins.
     cleanup::checkpoint();
-    if let Err(e) = pending.commit(mode, owner_like, replace) {
+    let mut committed = 0;
+    for (index, mut summary, diff, pending, target) in converted {
+        let mode = if target.in_place {
+            std::fs::metadata(&target.dest).context("reading the input's mode").map(|m| m.permissions().mode() & 0o7777)
+        } else {
+            Ok(output::default_file_mode())
+        };
+        let owner_like = target.in_place.then_some(target.dest.as_path());
+        match mode.and_then(|mode| pending.commit(mode, owner_like, target.replace)) {
+            Ok(()) => {
+                committed += 1;
+                summary.output = Some(target.dest.clone());
+                summary.output_format = Some(target.format);
+                summary.elapsed_seconds = report.elapsed_secs();
+                results.push((index, Ok((summary, diff))));
+            }
+            Err(e) => results.push((index, Err(with_code(OUTPUT)(e)))),
+        }
+    }
+    if committed == 0 {
         if let Some(path) = saved_password {
             let _ = std::fs::remove_file(path);
         }
-        return Err(with_code(OUTPUT)(e));
     }
-    Ok((dest, format))
+    Ok(results)
 }
 
 /// Removes what killed runs left in `dir`, and says so.

@@ -171,6 +171,41 @@ impl Guest {
         Ok(list)
     }
 
+    /// The attached disks, in the order they were added (`/dev/sda`, `/dev/sdb`, ...).
+    pub fn devices(&self) -> Result<Vec<String>> {
+        self.bounded("listing the disks", |g| g.list_devices())
+    }
+
+    pub fn partitions(&self) -> Result<Vec<String>> {
+        self.bounded("listing partitions", |g| g.list_partitions())
+    }
+
+    /// The LVM physical volumes LVM uses (a duplicate of one is left out).
+    pub fn lvm_pvs(&self) -> Result<Vec<String>> {
+        self.bounded("listing LVM physical volumes", |g| g.pvs())
+    }
+
+    pub fn lvm_pv_uuid(&self, device: &str) -> Result<String> {
+        self.bounded(&format!("reading the LVM PV UUID of {device}"), |g| g.pvuuid(device))
+    }
+
+    /// The UUIDs of the physical volumes of volume group `vg`.
+    pub fn lvm_vg_pv_uuids(&self, vg: &str) -> Result<Vec<String>> {
+        self.bounded(&format!("reading the physical volumes of {vg}"), |g| g.vgpvuuids(vg))
+    }
+
+    pub fn lvm_vgs(&self) -> Result<Vec<String>> {
+        self.bounded("listing LVM volume groups", |g| g.vgs())
+    }
+
+    pub fn vfs_uuid(&self, device: &str) -> Result<String> {
+        self.bounded(&format!("reading the filesystem UUID of {device}"), |g| g.vfs_uuid(device))
+    }
+
+    pub fn vfs_label(&self, device: &str) -> Result<String> {
+        self.bounded(&format!("reading the filesystem label of {device}"), |g| g.vfs_label(device))
+    }
+
     /// The filesystem type on one device (`ext4`, `xfs`, ...).
     pub fn vfs_type(&self, device: &str) -> Result<String> {
         self.bounded(&format!("reading the filesystem type of {device}"), |g| g.vfs_type(device))
@@ -185,8 +220,15 @@ impl Guest {
         self.bounded(&format!("reading the partition table of {disk}"), |g| g.part_get_parttype(disk)).map(Some)
     }
 
-    pub fn mount(&self, device: &str, mountpoint: &str, readonly: bool) -> Result<()> {
-        let options = if readonly { "ro" } else { "" };
+    /// Mounts a filesystem of type `fs_type`. xfs gets `nouuid`: an identical copy of the image may be
+    /// attached too, and xfs refuses a second filesystem with a UUID it has seen.
+    pub fn mount(&self, device: &str, fs_type: &str, mountpoint: &str, readonly: bool) -> Result<()> {
+        let options = match (readonly, fs_type == "xfs") {
+            (true, true) => "ro,nouuid",
+            (true, false) => "ro",
+            (false, true) => "nouuid",
+            (false, false) => "",
+        };
         self.bounded(&format!("mounting {device} on {mountpoint}"), |g| g.mount_options(options, device, mountpoint))
     }
 

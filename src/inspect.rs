@@ -174,10 +174,10 @@ fn read_guest(path: &Path, format: Format, opts: &Options, report: &Reporter) ->
     let spinner = report.spinner("starting the appliance");
     let guest = Guest::launch(&[Drive { path, format, readonly: true }], &launch).map_err(with_code(APPLIANCE))?;
     drop(spinner);
-    let root = locate::find_root(&guest, opts.root.as_deref()).map_err(with_code(BAD_GUEST))?;
+    let root = locate::find_root(&guest, opts.root.as_deref(), None).map_err(with_code(BAD_GUEST))?;
     // One drive is attached, so the disk is /dev/sda.
     let partition_table = guest.partition_table("/dev/sda").map_err(with_code(BAD_GUEST))?;
-    for note in locate::mount_root(&guest, &root, true).map_err(with_code(BAD_GUEST))? {
+    for note in locate::mount_root(&guest, &root, true, None).map_err(with_code(BAD_GUEST))? {
         report.warn(&note);
     }
     let result = analyse_guest(&guest, root, opts.user.as_deref(), report)

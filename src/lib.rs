@@ -2,6 +2,7 @@
 pub mod accel;
 pub mod assets;
 pub mod audit;
+pub mod batch;
 pub mod checks;
 pub mod cleanup;
 pub mod cli;

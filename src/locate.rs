@@ -19,9 +19,19 @@ pub struct Root {
     pub os: Option<String>,
 }
 
-/// Every filesystem that holds an OS root.
-/// Finds the root: the only one, or the one named with `--root`.
-pub fn find_root(guest: &Guest, named: Option<&str>) -> Result<Root> {
+/// One attached image's disk and the filesystems on it, when several images share the appliance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Disk {
+    pub device: String,
+    /// `(device, type)`, partitions and the LVM volumes whose physical volumes are on this disk.
+    pub filesystems: Vec<(String, String)>,
+}
+
+/// Finds the root: the only one, or the one named with `--root`; with `disk`, among its filesystems.
+pub fn find_root(guest: &Guest, named: Option<&str>, disk: Option<&Disk>) -> Result<Root> {
+    if let Some(disk) = disk {
+        return choose_root(roots_among(guest, disk.filesystems.clone())?, named);
+    }
     if let Some(named) = named {
         // Look at the named filesystem alone first; scan the others only to list them when it is not
         // a root.
@@ -44,7 +54,7 @@ fn roots_among(guest: &Guest, candidates: Vec<(String, String)>) -> Result<Vec<R
         }
         // A filesystem that will not mount (damaged, or a btrfs volume whose root is a subvolume
         // listed separately) is simply not a root.
-        if guest.mount(&device, "/", true).is_err() {
+        if guest.mount(&device, &fs_type, "/", true).is_err() {
             continue;
         }
         let found = looks_like_root(guest).map(|is_root| is_root.then(|| os_name(guest)));
@@ -101,9 +111,10 @@ fn choose_root(roots: Vec<Root>, named: Option<&str>) -> Result<Root> {
     }
 }
 
-/// Mounts the chosen root at `/`, then `/usr` and `/var` when fstab puts them elsewhere.
-pub fn mount_root(guest: &Guest, root: &Root, readonly: bool) -> Result<Vec<String>> {
-    guest.mount(&root.device, "/", readonly)?;
+/// Mounts the chosen root at `/`, then `/usr` and `/var` when fstab puts them elsewhere (on `disk`,
+/// when several images share the appliance).
+pub fn mount_root(guest: &Guest, root: &Root, readonly: bool, disk: Option<&Disk>) -> Result<Vec<String>> {
+    guest.mount(&root.device, &root.fs_type, "/", readonly)?;
     let mut notes = Vec::new();
     let Some(fstab) = guest.read_config_file("/etc/fstab")? else {
         return Ok(notes);
@@ -112,23 +123,39 @@ pub fn mount_root(guest: &Guest, root: &Root, readonly: bool) -> Result<Vec<Stri
         if !matches!(entry.mountpoint.as_str(), "/usr" | "/var") {
             continue;
         }
-        let device = match resolve_spec(guest, &entry.spec) {
+        let device = match resolve_spec(guest, &entry.spec, disk) {
             Ok(d) => d,
             Err(e) => {
                 notes.push(format!("could not mount {} from /etc/fstab ({}): {e:#}", entry.mountpoint, entry.spec));
                 continue;
             }
         };
-        guest.mount(&device, &entry.mountpoint, readonly)?;
+        let fs_type = guest.vfs_type(&device)?;
+        guest.mount(&device, &fs_type, &entry.mountpoint, readonly)?;
     }
     Ok(notes)
 }
 
-fn resolve_spec(guest: &Guest, spec: &str) -> Result<String> {
+fn resolve_spec(guest: &Guest, spec: &str, disk: Option<&Disk>) -> Result<String> {
+    // With several images attached, a UUID or label can be on a copy: look on this disk only.
+    let on_disk = |read: &dyn Fn(&str) -> Result<String>, wanted: &str| -> Result<String> {
+        let disk = disk.expect("called with a disk");
+        disk.filesystems
+            .iter()
+            .find(|(device, _)| read(device).is_ok_and(|v| v == wanted))
+            .map(|(device, _)| device.clone())
+            .with_context(|| format!("no filesystem on {} has {spec}", disk.device))
+    };
     if let Some(uuid) = spec.strip_prefix("UUID=") {
-        guest.findfs_uuid(uuid.trim_matches('"'))
+        match disk {
+            Some(_) => on_disk(&|d| guest.vfs_uuid(d), uuid.trim_matches('"')),
+            None => guest.findfs_uuid(uuid.trim_matches('"')),
+        }
     } else if let Some(label) = spec.strip_prefix("LABEL=") {
-        guest.findfs_label(label.trim_matches('"'))
+        match disk {
+            Some(_) => on_disk(&|d| guest.vfs_label(d), label.trim_matches('"')),
+            None => guest.findfs_label(label.trim_matches('"')),
+        }
     } else if let Some(name) = spec.strip_prefix("/dev/mapper/") {
         lvm_path_from_mapper(name).with_context(|| format!("{spec} is not an LVM volume name"))
     } else if spec.starts_with("/dev/") && spec.matches('/').count() == 3 {

@@ -40,19 +40,67 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
         Err(e) => return fail(&e),
     };
     let report = Reporter::new(settings.verbosity, settings.json);
-    match customize::run(&settings, &report) {
-        Ok((summary, diff)) => {
-            if settings.json {
-                let mut out = std::io::stdout().lock();
-                let _ = serde_json::to_writer_pretty(&mut out, &summary);
-                let _ = writeln!(out);
-            } else if settings.verbosity > Verbosity::Quiet {
-                print_summary(&summary, &diff);
+    let results = match customize::run(&settings, &report) {
+        Ok(results) => results,
+        Err(e) => return fail(&e),
+    };
+    cloudimg::cleanup::checkpoint();
+    if let [single] = &results[..] {
+        return match single {
+            Ok((summary, diff)) => {
+                if settings.json {
+                    print_json(summary);
+                } else if settings.verbosity > Verbosity::Quiet {
+                    print_summary(summary, diff);
+                }
+                exit_codes::SUCCESS
             }
-            exit_codes::SUCCESS
-        }
-        Err(e) => fail(&e),
+            Err(e) => fail(e),
+        };
     }
+    // Several images: every one is reported; the status is the first failure's.
+    let mut code = exit_codes::SUCCESS;
+    let mut entries = Vec::new();
+    for (input, result) in settings.inputs.iter().zip(&results) {
+        match result {
+            Ok((summary, diff)) => {
+                if !settings.json && settings.verbosity > Verbosity::Quiet {
+                    println!("== {}", input.display());
+                    print_summary(summary, diff);
+                }
+                entries.push(serde_json::json!({"input": input, "ok": true, "exit_code": 0, "report": summary}));
+            }
+            Err(e) => {
+                let this = exit_codes::code_of(e);
+                if code == exit_codes::SUCCESS {
+                    code = this;
+                }
+                eprintln!("cloudimg: error: {e:#}");
+                entries.push(
+                    serde_json::json!({"input": input, "ok": false, "exit_code": this, "error": format!("{e:#}")}),
+                );
+            }
+        }
+    }
+    let failed = entries.iter().filter(|e| e["ok"] == false).count();
+    if settings.json {
+        print_json(&entries);
+    } else if settings.verbosity > Verbosity::Quiet {
+        let done = if settings.output == cloudimg::settings::Output::DryRun { "checked" } else { "written" };
+        println!(
+            "{} of {} images {done}{}",
+            results.len() - failed,
+            results.len(),
+            if failed > 0 { format!("; {failed} failed") } else { String::new() }
+        );
+    }
+    code
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, value);
+    let _ = writeln!(out);
 }
 
 fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {

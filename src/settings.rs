@@ -26,6 +26,13 @@ pub enum Output {
         compress: bool,
         replace: bool,
     },
+    /// Each input to `DIR/NAME.qcow2` (or `.raw`).
+    Dir {
+        dir: PathBuf,
+        format: Option<Format>,
+        compress: bool,
+        replace: bool,
+    },
     /// Replace the input atomically; `format` `None` keeps the input's.
     InPlace {
         format: Option<Format>,
@@ -45,7 +52,7 @@ pub enum Verbosity {
 
 #[derive(Debug)]
 pub struct Customize {
-    pub input: PathBuf,
+    pub inputs: Vec<PathBuf>,
     pub output: Output,
     /// `None`: no password is set (keys alone, or --lock).
     pub password: Option<Source>,
@@ -96,6 +103,11 @@ impl Customize {
                 "--plaintext is for cloud-init; /etc/shadow always holds a hash"
             )));
         }
+        if args.inputs.len() > 1 && args.root.is_some() {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "--root names a device of one image; give one input with it"
+            )));
+        }
         let has_password = password.is_some();
         let mut ssh_keys = Vec::new();
         for path in &args.ssh_key {
@@ -108,9 +120,22 @@ impl Customize {
             Output::DryRun
         } else if args.in_place {
             Output::InPlace { format: args.output_format, compress: args.compress }
+        } else if let Some(dir) = args.out_dir {
+            if !dir.is_dir() {
+                return Err(with_code(OUTPUT)(anyhow::anyhow!(
+                    "the output directory {} does not exist",
+                    dir.display()
+                )));
+            }
+            Output::Dir { dir, format: args.output_format, compress: args.compress, replace: args.force }
         } else {
-            let path = args.output.expect("clap requires -o without --in-place or --dry-run");
-            check_output_path(&args.input, &path, args.force)?;
+            let path = args.output.expect("clap requires -o without --in-place, --out-dir or --dry-run");
+            if args.inputs.len() > 1 {
+                return Err(with_code(USAGE)(anyhow::anyhow!(
+                    "-o names one output; with several inputs use --out-dir DIR"
+                )));
+            }
+            check_output_path(&args.inputs[0], &path, args.force)?;
             Output::NewFile { path, format: args.output_format, compress: args.compress, replace: args.force }
         };
         let cloud_init_version = args.cloud_init_version.map(|v| v.parse()).transpose().map_err(with_code(USAGE))?;
@@ -121,7 +146,7 @@ impl Customize {
             (false, _) => Verbosity::Debug,
         };
         Ok(Customize {
-            input: args.input,
+            inputs: args.inputs,
             output,
             password,
             user: args.user,
@@ -150,7 +175,7 @@ impl Customize {
     }
 }
 
-fn check_output_path(input: &std::path::Path, path: &std::path::Path, force: bool) -> Result<()> {
+pub fn check_output_path(input: &std::path::Path, path: &std::path::Path, force: bool) -> Result<()> {
     if output::same_file(input, path) {
         return Err(with_code(BAD_INPUT)(anyhow::anyhow!(
             "the output {} is the input; use --in-place to edit the input itself",

@@ -49,6 +49,7 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("two-roots", 256, build_two_roots),
     ("hostile-guests", 320, build_hostile_guests),
     ("debian-no-cloud-init", 64, build_debian_no_cloud_init),
+    ("debian-xfs", 320, build_debian_xfs),
 ];
 
 /// Builds the fixtures once per recipe (this file and the cloud.cfg fixtures), shared by all test
@@ -227,6 +228,15 @@ fn build_rocky_lvm_xfs(g: &Handle, dev: &str) {
 
 pub const SELINUX_LABEL: &str = "system_u:object_r:etc_t:s0";
 pub const SHADOW_LABEL: &str = "system_u:object_r:shadow_t:s0";
+
+/// Debian on a plain xfs root (xfs refuses a second filesystem with the same UUID unless told).
+fn build_debian_xfs(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    let root = format!("{dev}1");
+    mkfs(g, "xfs", &root, None);
+    g.mount(&root, "/").unwrap();
+    os_root(g, DEBIAN_RELEASE, Some(DEBIAN_CFG), Some((DEBIAN_VERSION_PY, "22.4.2")), "/dev/sda1 / xfs defaults 0 1\n");
+}
 
 /// A Debian without cloud-init whose sshd refuses passwords in its main file.
 fn build_debian_no_cloud_init(g: &Handle, dev: &str) {

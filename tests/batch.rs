@@ -1,0 +1,107 @@
+//! Several images in one `cloudimg customize` run: identical copies (ext4, xfs, LVM), a broken guest
+//! and a file that is no image among them. Each written image is read back and judged by PyYAML and
+//! the system's crypt(3).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{cloudimg, fixtures, pyyaml, sha256, system_crypt_verifies, text, ReadBack};
+use serde_json::Value;
+
+const PASSWORD: &str = "batch: one password, many images";
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The password hash cloud-init will set for `user`, read from the image's cloud.cfg.
+fn configured_hash(files: &std::collections::BTreeMap<String, Option<Vec<u8>>>, user: &str) -> String {
+    let cfg = &pyyaml(&[text(files["/etc/cloud/cloud.cfg"].as_ref().expect("cloud.cfg"))])[0];
+    let users = cfg["chpasswd"]["users"].as_array().expect("chpasswd.users");
+    let entry = users.iter().find(|u| u["name"] == user).expect("an entry for the user");
+    entry["password"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn one_run_customizes_copies_and_fails_only_the_bad_images() {
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name);
+    std::fs::write(t("pw"), format!("{PASSWORD}\n")).unwrap();
+    let copy = |fixture: &str, name: &str| -> PathBuf {
+        std::fs::copy(fx.image(fixture), t(name)).unwrap();
+        t(name)
+    };
+    let inputs = [
+        copy("debian-ext4", "ext4-a.qcow2"),
+        copy("debian-xfs", "xfs-a.qcow2"),
+        copy("rocky-lvm-xfs", "lvm-a.qcow2"),
+        copy("no-os", "no-os.qcow2"),
+        copy("debian-ext4", "ext4-b.qcow2"),
+        copy("debian-xfs", "xfs-b.qcow2"),
+        copy("rocky-lvm-xfs", "lvm-b.qcow2"),
+    ];
+    let junk = t("junk.qcow2");
+    std::fs::write(&junk, vec![0x5a; 70_000]).unwrap();
+    let sums: Vec<String> = inputs.iter().map(|i| sha256(i)).collect();
+    std::fs::create_dir(t("out")).unwrap();
+    let (out_dir, pw) = (t("out"), t("pw"));
+
+    let mut args = vec!["customize"];
+    args.extend(inputs[..4].iter().map(|i| p(i)));
+    args.push(p(&junk));
+    args.extend(inputs[4..].iter().map(|i| p(i)));
+    args.extend(["--out-dir", p(&out_dir), "--password-file", p(&pw), "--clean-instance-state", "--json"]);
+    let out = cloudimg(&args, None, &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "the first failure (no OS) decides the status: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+    let entries = report.as_array().unwrap();
+    assert_eq!(entries.len(), 8);
+    let by_name = |name: &str| entries.iter().find(|e| e["input"].as_str().unwrap().ends_with(name)).unwrap();
+    for name in ["ext4-a", "ext4-b", "xfs-a", "xfs-b", "lvm-a", "lvm-b"] {
+        let e = by_name(&format!("{name}.qcow2"));
+        assert_eq!(e["ok"], true, "{name}: {e}");
+        assert_eq!(e["report"]["output"], p(&t(&format!("out/{name}.qcow2"))));
+    }
+    assert_eq!(by_name("no-os.qcow2")["exit_code"], 4);
+    assert!(by_name("no-os.qcow2")["error"].as_str().unwrap().contains("no operating system"));
+    assert_eq!(by_name("junk.qcow2")["exit_code"], 3);
+    assert!(!t("out/no-os.qcow2").exists() && !t("out/junk.qcow2").exists());
+    // The LVM copies cannot share an appliance (LVM activates neither); the others did.
+    for name in ["lvm-a", "lvm-b"] {
+        assert!(stderr.contains(&format!("{name}.qcow2 gets an appliance launch of its own")), "{stderr}");
+    }
+    assert!(!stderr.contains("ext4-a.qcow2 gets") && !stderr.contains("xfs-b.qcow2 gets"), "{stderr}");
+    assert_eq!(inputs.iter().map(|i| sha256(i)).collect::<Vec<_>>(), sums, "inputs unchanged");
+
+    // In place, several at once.
+    let in_place = [copy("debian-ext4", "in-place-1.qcow2"), copy("debian-xfs", "in-place-2.qcow2")];
+    let mut args = vec!["customize"];
+    args.extend(in_place.iter().map(|i| p(i)));
+    args.extend(["--in-place", "--password-file", p(&pw)]);
+    let out = cloudimg(&args, None, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("2 of 2 images written"), "{}", text(&out.stdout));
+
+    let cfg = ["/etc/cloud/cloud.cfg"];
+    let o = |name: &str| t(&format!("out/{name}.qcow2"));
+    let (ext4_a, ext4_b, xfs_a, xfs_b, lvm_a, lvm_b) =
+        (o("ext4-a"), o("ext4-b"), o("xfs-a"), o("xfs-b"), o("lvm-a"), o("lvm-b"));
+    let back = ReadBack::open(&[&ext4_a, &ext4_b, &xfs_a, &xfs_b, &lvm_a, &in_place[0], &in_place[1]]);
+    let mut hashes = vec![
+        configured_hash(&back.read("/dev/sda1", "", &cfg), "debian"),
+        configured_hash(&back.read("/dev/sdb1", "", &cfg), "debian"),
+        configured_hash(&back.read("/dev/sdc1", "nouuid", &cfg), "debian"),
+        configured_hash(&back.read("/dev/sdd1", "nouuid", &cfg), "debian"),
+        configured_hash(&back.read("/dev/rl/root", "nouuid", &cfg), "rocky"),
+        configured_hash(&back.read("/dev/sdf1", "", &cfg), "debian"),
+        configured_hash(&back.read("/dev/sdg1", "nouuid", &cfg), "debian"),
+    ];
+    drop(back);
+    hashes.push(configured_hash(&ReadBack::open(&[&lvm_b]).read("/dev/rl/root", "", &cfg), "rocky"));
+    for hash in &hashes {
+        assert!(system_crypt_verifies(PASSWORD, hash), "{hash}");
+    }
+}
