@@ -71,6 +71,23 @@ pub struct ImageReport {
     pub exit_code: i32,
 }
 
+impl ImageReport {
+    /// A report with the file's facts and nothing read from the guest yet.
+    fn new(path: &Path, file: FileFacts) -> Self {
+        ImageReport {
+            path: path.to_path_buf(),
+            file,
+            system: None,
+            analysis: None,
+            password_login: None,
+            findings: Vec::new(),
+            error: None,
+            unmet: Vec::new(),
+            exit_code: SUCCESS,
+        }
+    }
+}
+
 pub fn run(images: &[PathBuf], opts: &Options, report: &Reporter) -> Vec<ImageReport> {
     images.iter().map(|path| inspect_image(path, opts, report)).collect()
 }
@@ -88,17 +105,7 @@ pub fn exit_code(reports: &[ImageReport]) -> i32 {
 fn inspect_image(path: &Path, opts: &Options, report: &Reporter) -> ImageReport {
     report.phase(&format!("Inspecting {}", path.display()));
     let (file, info) = file_facts(path);
-    let mut out = ImageReport {
-        path: path.to_path_buf(),
-        file,
-        system: None,
-        analysis: None,
-        password_login: None,
-        findings: Vec::new(),
-        error: None,
-        unmet: Vec::new(),
-        exit_code: SUCCESS,
-    };
+    let mut out = ImageReport::new(path, file);
     if let Some(reason) = &out.file.refused {
         let pulls_in = reason.contains("backing file") || reason.contains("external data file");
         out.findings.push(Finding {
@@ -380,24 +387,15 @@ mod tests {
     use super::*;
 
     fn report(exit_code: i32) -> ImageReport {
-        ImageReport {
-            path: "x.qcow2".into(),
-            file: FileFacts {
-                format: Some(Format::Qcow2),
-                compat: Some("1.1".into()),
-                virtual_size: Some(1),
-                file_size: 1,
-                allocated_bytes: 1,
-                refused: None,
-            },
-            system: None,
-            analysis: None,
-            password_login: None,
-            findings: Vec::new(),
-            error: None,
-            unmet: Vec::new(),
-            exit_code,
-        }
+        let file = FileFacts {
+            format: Some(Format::Qcow2),
+            compat: Some("1.1".into()),
+            virtual_size: Some(1),
+            file_size: 1,
+            allocated_bytes: 1,
+            refused: None,
+        };
+        ImageReport { exit_code, ..ImageReport::new(Path::new("x.qcow2"), file) }
     }
 
     #[test]
