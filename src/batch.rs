@@ -30,7 +30,9 @@ struct DiskFacts {
 pub fn split(guest: &Guest) -> Result<Split> {
     let devices = guest.devices()?;
     let filesystems = guest.filesystems()?;
-    let visible_pvs = guest.lvm_pvs()?;
+    // PV UUIDs are read once: each guest call costs time, and every LV needs them.
+    let visible_pvs: Vec<(String, String)> =
+        guest.lvm_pvs()?.into_iter().filter_map(|pv| guest.lvm_pv_uuid(&pv).ok().map(|uuid| (pv, uuid))).collect();
     let mut facts = vec![DiskFacts::default(); devices.len()];
     let mut disks: Vec<Disk> = devices.iter().map(|d| Disk { device: d.clone(), filesystems: Vec::new() }).collect();
     for candidate in guest.partitions()?.into_iter().chain(devices.iter().cloned()) {
@@ -53,8 +55,8 @@ pub fn split(guest: &Guest) -> Result<Split> {
                 let uuids = guest.lvm_vg_pv_uuids(&vg).unwrap_or_default();
                 let owners: Vec<usize> = visible_pvs
                     .iter()
-                    .filter(|pv| guest.lvm_pv_uuid(pv).is_ok_and(|u| uuids.contains(&u)))
-                    .filter_map(|pv| disk_of(&devices, pv))
+                    .filter(|(_, uuid)| uuids.contains(uuid))
+                    .filter_map(|(pv, _)| disk_of(&devices, pv))
                     .collect();
                 match owners[..] {
                     [one] => Some(one),

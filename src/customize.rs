@@ -281,18 +281,22 @@ fn in_appliance(
         report.warn(&format!("{} gets an appliance launch of its own: {why}", group[*pos].input.display()));
     }
     let mut out: Vec<(usize, ImageResult)> = Vec::new();
+    // Once the appliance is gone, nothing more can be done in it: the remaining images get its error.
+    let mut gone: Option<anyhow::Error> = None;
     for (pos, p) in group.iter().enumerate().filter(|(pos, _)| !alone.contains(pos)) {
-        if let Some(Err(e)) =
-            out.last().map(|(_, r)| r).filter(|r| matches!(r, Err(e) if crate::exit_codes::code_of(e) == APPLIANCE))
-        {
-            // The appliance is gone: nothing more can be done in it.
-            let e = copy_error(e);
-            out.push((p.index, Err(e)));
-            continue;
+        let result = match &gone {
+            Some(e) => Err(copy_error(e)),
+            None => {
+                let disk = split.as_ref().map(|sp| &sp.disks[pos]);
+                let result = image_job(&guest, s, p, disk, secret, accel, report);
+                let _ = guest.umount_all();
+                result
+            }
+        };
+        match &result {
+            Err(e) if gone.is_none() && crate::exit_codes::code_of(e) == APPLIANCE => gone = Some(copy_error(e)),
+            _ => {}
         }
-        let disk = split.as_ref().map(|sp| &sp.disks[pos]);
-        let result = image_job(&guest, s, p, disk, secret, accel, report);
-        let _ = guest.umount_all();
         out.push((p.index, result));
     }
     let alone = alone.into_iter().map(|pos| group[pos].index).collect();
@@ -519,8 +523,7 @@ fn decide_shadow(
     let (algorithm, why) = shadow::default_algorithm(&image.os_release, image.login_defs.as_deref());
     let mut notes = vec![format!("{} hash: {why}", algorithm.name())];
     let mut writes = Vec::new();
-    let current_hash =
-        text.lines().find_map(|l| l.strip_prefix(&format!("{user}:"))).and_then(|rest| rest.split(':').next());
+    let current_hash = shadow::hash_of(text, &user);
     if !current_hash.is_some_and(|h| h.starts_with('$') && password::matches(secret, h)) {
         let hash = match algorithm {
             shadow::Algorithm::Yescrypt => password::hash_yescrypt(secret),

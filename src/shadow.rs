@@ -72,11 +72,18 @@ pub enum State {
     Hash(String),
 }
 
+/// The password field of `user`'s line (`None` without a line).
+pub fn hash_of<'a>(shadow: &'a str, user: &str) -> Option<&'a str> {
+    shadow.lines().find_map(|l| {
+        let mut fields = l.split(':');
+        (fields.next() == Some(user)).then(|| fields.next().unwrap_or(""))
+    })
+}
+
 pub fn state(shadow: &str, user: &str) -> State {
-    let Some(fields) = shadow.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f[0] == user) else {
+    let Some(hash) = hash_of(shadow, user) else {
         return State::Missing;
     };
-    let hash = fields.get(1).copied().unwrap_or("");
     match hash {
         "" => State::Empty,
         h if h.starts_with('!') && h.trim_start_matches('!').starts_with('$') => State::Locked,
