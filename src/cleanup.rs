@@ -12,12 +12,18 @@ use anyhow::{Context, Result};
 static TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static MAIN_PARKED: AtomicBool = AtomicBool::new(false);
+/// Undoes a half-done change outside this machine (a created Glance image) when a signal arrives.
+type Undo = Box<dyn FnOnce() + Send>;
+static ON_INTERRUPT: Mutex<Option<Undo>> = Mutex::new(None);
 
 /// Installs the handler for SIGINT, SIGTERM and SIGHUP: kill children, remove temporaries, exit.
 pub fn install_signal_handler() {
     // Failing to install (a handler already exists) only loses the clean-up, not correctness.
     let _ = ctrlc::set_handler(|| {
         INTERRUPTED.store(true, Ordering::SeqCst);
+        if let Some(undo) = ON_INTERRUPT.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            undo();
+        }
         // The main thread may be inside libguestfs, creating files in our temporary directory or
         // starting qemu: keep killing children until it has parked at a checkpoint (bounded wait).
         for _ in 0..500 {
@@ -43,6 +49,11 @@ pub fn checkpoint() {
             std::thread::park();
         }
     }
+}
+
+/// Sets (`Some`) or clears (`None`) what a signal must undo before the process exits.
+pub fn on_interrupt(undo: Option<Undo>) {
+    *ON_INTERRUPT.lock().unwrap_or_else(|e| e.into_inner()) = undo;
 }
 
 /// Registers a path (file or directory) that must not survive the process.

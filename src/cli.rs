@@ -25,6 +25,10 @@ pub enum Command {
     #[command(after_long_help = format!("{INSPECT_HELP}\n{}", exit_codes::INSPECT_HELP), after_help = "Examples and exit statuses: cloudimg inspect --help")]
     Inspect(InspectArgs),
 
+    /// Upload an image to Glance and check that Glance stored exactly this file
+    #[command(after_long_help = format!("{UPLOAD_EXAMPLES}\n{}", exit_codes::UPLOAD_HELP), after_help = "Examples and exit statuses: cloudimg upload --help")]
+    Upload(UploadArgs),
+
     /// Check that this host can run cloudimg, and print the fix for anything that stops it
     #[command(after_long_help = DOCTOR_HELP)]
     Doctor(DoctorArgs),
@@ -78,6 +82,29 @@ pub struct DoctorArgs {
     #[arg(long, default_value_t = 300, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
 }
+
+const UPLOAD_EXAMPLES: &str = "\
+Creates the image record (disk and container format, min_disk and the properties from the manifest
+or the file), streams the file with a progress bar while computing its MD5 and SHA-512, waits for
+Glance to make the image active, and compares Glance's size, checksum and os_hash_value with the
+file's. On any failure the half-created image is deleted (unless --keep-failed) and Glance's own
+error is shown. Credentials as the openstack CLI takes them: --os-cloud NAME (or OS_CLOUD) from
+clouds.yaml (./, ~/.config/openstack/, /etc/openstack/; secure.yaml merged over it), else the OS_*
+variables (OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME, OS_USER_DOMAIN_NAME,
+OS_PROJECT_DOMAIN_NAME, OS_REGION_NAME, OS_INTERFACE, OS_CACERT, OS_INSECURE). Keystone v3 password
+authentication; tokens and passwords are never printed.
+
+Examples:
+  # What customize wrote, with its manifest: formats, min_disk, os_distro... and the hashes to check
+  cloudimg upload debian-12-pw.qcow2 --manifest debian-12-pw.json --name debian-12-pw --os-cloud mycloud
+
+  # From an openrc file, with an extra property, machine-readable
+  source project-openrc.sh
+  cloudimg upload out.raw --name web-base --property hw_disk_bus=scsi --json | jq -r .image_id
+
+  # Customize and upload in one step
+  cloudimg customize in.qcow2 -o out.qcow2 --password-file pw.txt --upload --name debian-12-pw
+";
 
 const INSPECT_HELP: &str = "\
 Opens each image read-only (the file is never written) and reports: the file (format, qcow2 compat,
@@ -191,6 +218,61 @@ booted before) and /etc/shadow otherwise, and says which it chose and why.
 The input is never modified (unless --in-place), its format is read from its header (qcow2 or raw;
 never probed), and qcow2 files with backing or external data files are refused.
 ";
+
+/// Where the image goes in Glance; shared by `upload` and `customize --upload`.
+#[derive(Debug, Clone, Args)]
+pub struct GlanceArgs {
+    /// Image name in Glance [default: the file name without its extension]
+    #[arg(long, value_name = "NAME", help_heading = "Glance")]
+    pub name: Option<String>,
+
+    /// An image property (repeatable); overrides one derived from the image
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = crate::upload::parse_property, help_heading = "Glance")]
+    pub properties: Vec<(String, String)>,
+
+    /// Image visibility [default: Glance's own, shared]
+    #[arg(long, value_parser = ["private", "shared", "community", "public"], help_heading = "Glance")]
+    pub visibility: Option<String>,
+
+    /// The cloud in clouds.yaml [default: $OS_CLOUD; without either, the OS_* variables]
+    #[arg(long, value_name = "NAME", help_heading = "Glance")]
+    pub os_cloud: Option<String>,
+
+    /// Keep the Glance image when the upload fails or Glance's copy differs
+    #[arg(long, help_heading = "Glance")]
+    pub keep_failed: bool,
+
+    /// How long to wait for Glance to make the uploaded image active
+    #[arg(long, default_value_t = 600, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Glance")]
+    pub wait: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// The image file: a standalone qcow2 or raw image
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+
+    /// The manifest `customize --manifest` wrote for IMAGE: its formats, min_disk and properties are
+    /// used, and its hashes must match the file's
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+
+    /// Declare this disk_format instead of the file's own (Glance 30+ rejects content that does not match)
+    #[arg(long, value_name = "FORMAT")]
+    pub disk_format: Option<String>,
+
+    #[command(flatten)]
+    pub glance: GlanceArgs,
+
+    /// Print a JSON report (image id, hashes, properties) on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    /// Print only errors and warnings
+    #[arg(short, long)]
+    pub quiet: bool,
+}
 
 /// How `ssh_pwauth` is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -315,6 +397,22 @@ pub struct CustomizeArgs {
     /// Compress the qcow2 output
     #[arg(long, help_heading = "Output")]
     pub compress: bool,
+
+    /// Write the Glance manifest (formats, sizes, min_disk, MD5 and SHA-512, properties read from the
+    /// image) to FILE, or without FILE beside each output as OUTPUT.json
+    #[arg(long, value_name = "FILE", num_args = 0..=1, help_heading = "Output")]
+    pub manifest: Option<Option<PathBuf>>,
+
+    /// Do not trim the guest filesystems' free space before writing (the output may be larger)
+    #[arg(long, help_heading = "Output")]
+    pub no_trim: bool,
+
+    /// Upload each new image to Glance when it is written, and check Glance's copy
+    #[arg(long, conflicts_with = "dry_run", help_heading = "Glance")]
+    pub upload: bool,
+
+    #[command(flatten)]
+    pub glance: GlanceArgs,
 
     /// Replace OUTPUT if it exists
     #[arg(long, help_heading = "Output")]

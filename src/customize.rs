@@ -19,14 +19,18 @@ use crate::cloud_config::lock;
 use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, USAGE};
 use crate::guest::{Drive, Guest, LaunchOptions};
 use crate::guest_config;
+use crate::exit_codes::UPLOAD;
+use crate::hashing;
 use crate::image_file::{self, Format, ImageInfo};
 use crate::locate::{self, Root};
+use crate::manifest::{self, GuestFacts, Manifest};
 use crate::method;
 use crate::output::{self, Pending};
 use crate::password::{self, Secret, Source};
 use crate::plan::{self, Facts, Request};
 use crate::report::Reporter;
-use crate::settings::{Customize, Output, Verbosity};
+use crate::settings::{Customize, ManifestRequest, Output, Verbosity};
+use crate::upload::{self, Connection, Uploaded};
 use crate::shadow;
 use crate::sshd;
 
@@ -63,6 +67,14 @@ pub struct Summary {
     pub findings: Vec<Finding>,
     pub notes: Vec<String>,
     pub instance_state_cleaned: bool,
+    /// Glance properties read from the image (os_distro, os_version, os_admin_user, ...).
+    pub properties: BTreeMap<String, String>,
+    /// The `openstack image create` command that uploads the output with these properties.
+    pub openstack_command: Option<String>,
+    /// With --manifest, --json or --upload: what Glance needs to know, hashes included.
+    pub manifest: Option<Manifest>,
+    /// With --upload: what Glance holds.
+    pub upload: Option<Uploaded>,
     pub elapsed_seconds: f64,
 }
 
@@ -123,6 +135,11 @@ struct Target {
 /// per input, in order. An error here (no password, no temporary directory) concerns every image.
 pub fn run(s: &Customize, report: &Reporter) -> Result<Vec<ImageResult>> {
     let secret = s.password.as_ref().map(|p| p.read()).transpose().map_err(with_code(USAGE))?;
+    // Bad credentials should cost nothing: authenticate before any image work.
+    let glance = match &s.upload {
+        Some(args) => Some(upload::connect(&upload::resolve_credentials(args.os_cloud.as_deref())?, report)?),
+        None => None,
+    };
     let work = cleanup::work_dir()?;
     sweep(&std::env::temp_dir(), cleanup::WORK_DIR_MARKER, report);
     let mut results: Vec<Option<ImageResult>> = s.inputs.iter().map(|_| None).collect();
@@ -156,7 +173,7 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<Vec<ImageResult>> {
     } else {
         let edited: Vec<(&Prepared, Summary, String)> =
             edited.into_iter().map(|(index, (summary, diff))| (by_index(index), summary, diff)).collect();
-        for (index, result) in produce_outputs(s, edited, secret.as_ref(), report)? {
+        for (index, result) in produce_outputs(s, edited, secret.as_ref(), glance.as_ref(), report)? {
             results[index] = Some(result.map_err(|e| named(s, &s.inputs[index], e)));
         }
     }
@@ -335,6 +352,7 @@ fn image_job(
 
     report.phase(&format!("Reading the image's configuration{of}"));
     let image = read_image(guest, s, report)?;
+    let facts = guest_facts(guest, &image, disk.map_or("/dev/sda", |d| d.device.as_str())).map_err(with_code(BAD_GUEST))?;
     let decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret, report)? };
     report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
     refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
@@ -362,6 +380,10 @@ fn image_job(
         findings: decision.findings,
         notes: decision.notes,
         instance_state_cleaned: false,
+        properties: manifest::properties(&facts),
+        openstack_command: None,
+        manifest: None,
+        upload: None,
         elapsed_seconds: 0.0,
     };
     if !dry_run {
@@ -382,8 +404,26 @@ fn image_job(
             guest_config::clean_instance_state(guest)?;
             summary.instance_state_cleaned = true;
         }
+        if s.trim {
+            report.phase(&format!("Trimming free space{of}"));
+            guest.trim_mounted()?;
+        }
     }
     Ok((summary, decision.diff))
+}
+
+/// What the image says about itself for Glance; `disk` is its whole-disk device.
+fn guest_facts(guest: &Guest, image: &ImageFacts, disk: &str) -> Result<GuestFacts> {
+    let partition_table = guest.partition_table(disk)?;
+    let gpt_types = if partition_table.as_deref() == Some("gpt") { guest.gpt_types(disk)? } else { Vec::new() };
+    Ok(GuestFacts {
+        os_id: locate::os_release_field(&image.os_release, "ID"),
+        os_version: locate::os_release_field(&image.os_release, "VERSION_ID"),
+        admin_user: image.cloud.as_ref().and_then(|c| credentials::default_user(&merged(&c.files))),
+        guest_agent: guest.exists("/usr/bin/qemu-ga")? || guest.exists("/usr/sbin/qemu-ga")?,
+        partition_table,
+        gpt_types,
+    })
 }
 
 fn apply(guest: &Guest, write: &Write) -> Result<()> {
@@ -726,12 +766,14 @@ fn read_image(guest: &Guest, s: &Customize, report: &Reporter) -> Result<ImageFa
     })
 }
 
-/// Converts each edited overlay into its output (or in-place replacement) beside the destination, then
-/// renames them into place. Returns each image's result.
+/// Converts each edited overlay into its output (or in-place replacement) beside the destination,
+/// checks it as Glance will, then renames them into place, writes manifests and uploads. Returns each
+/// image's result.
 fn produce_outputs(
     s: &Customize,
     edited: Vec<(&Prepared, Summary, String)>,
     secret: Option<&Secret>,
+    glance: Option<&Connection>,
     report: &Reporter,
 ) -> Result<Vec<(usize, ImageResult)>> {
     let mut results = Vec::new();
@@ -747,11 +789,25 @@ fn produce_outputs(
                 progress.set(percent)
             })
             .map_err(with_code(OUTPUT))?;
-            Ok(pending)
+            drop(progress);
+            let written = output::check_written(pending.path(), target.format, p.info.virtual_size)
+                .with_context(|| format!("checking the new image for {}", target.dest.display()))
+                .map_err(with_code(OUTPUT))?;
+            let manifest = if s.wants_digests() {
+                report.phase("Computing MD5 and SHA-512 for Glance");
+                let mut progress = report.progress("hashing");
+                let total = written.file_size.max(1) as f64;
+                let digests = hashing::file_digests(pending.path(), &mut |n| progress.set(n as f64 * 100.0 / total))
+                    .map_err(with_code(OUTPUT))?;
+                Some(Manifest::new(&target.dest, &written, digests, summary.properties.clone()))
+            } else {
+                None
+            };
+            Ok((pending, written, manifest))
         });
         cleanup::fault_point("converted");
         match pending {
-            Ok(pending) => converted.push((p.index, summary, diff, pending, target)),
+            Ok((pending, written, manifest)) => converted.push((p.index, summary, diff, pending, target, written, manifest)),
             Err(e) => results.push((p.index, Err(e))),
         }
     }
@@ -765,23 +821,32 @@ fn produce_outputs(
     // Past this point outputs appear; an interrupt that arrived during the conversion wins.
     cleanup::checkpoint();
     let mut committed = 0;
-    for (index, mut summary, diff, pending, target) in converted {
+    for (index, mut summary, diff, pending, target, written, manifest) in converted {
         let mode = if target.in_place {
             std::fs::metadata(&target.dest).context("reading the input's mode").map(|m| m.permissions().mode() & 0o7777)
         } else {
             Ok(output::default_file_mode())
         };
         let owner_like = target.in_place.then_some(target.dest.as_path());
-        match mode.and_then(|mode| pending.commit(mode, owner_like, target.replace)) {
-            Ok(()) => {
-                committed += 1;
-                summary.output = Some(target.dest.clone());
-                summary.output_format = Some(target.format);
-                summary.elapsed_seconds = report.elapsed_secs();
-                results.push((index, Ok((summary, diff))));
-            }
-            Err(e) => results.push((index, Err(with_code(OUTPUT)(e)))),
+        if let Err(e) = mode.and_then(|mode| pending.commit(mode, owner_like, target.replace)) {
+            results.push((index, Err(with_code(OUTPUT)(e))));
+            continue;
         }
+        committed += 1;
+        summary.output = Some(target.dest.clone());
+        summary.output_format = Some(target.format);
+        let name = s.upload.as_ref().and_then(|g| g.name.clone()).unwrap_or_else(|| upload::default_name(&target.dest));
+        summary.openstack_command = Some(manifest::openstack_command(
+            target.format.as_str(),
+            written.virtual_size,
+            &summary.properties,
+            &target.dest,
+            &name,
+        ));
+        summary.manifest = manifest;
+        let result = finish_output(s, &mut summary, &target.dest, &name, glance, report);
+        summary.elapsed_seconds = report.elapsed_secs();
+        results.push((index, result.map(|()| (summary, diff))));
     }
     if committed == 0 {
         if let Some(path) = saved_password {
@@ -789,6 +854,44 @@ fn produce_outputs(
         }
     }
     Ok(results)
+}
+
+/// After an output is in place: its manifest file, then the upload.
+fn finish_output(
+    s: &Customize,
+    summary: &mut Summary,
+    dest: &Path,
+    name: &str,
+    glance: Option<&Connection>,
+    report: &Reporter,
+) -> Result<()> {
+    let manifest_path = match &s.manifest {
+        ManifestRequest::None => None,
+        ManifestRequest::Beside => Some(PathBuf::from(format!("{}.json", dest.display()))),
+        ManifestRequest::File(path) => Some(path.clone()),
+    };
+    if let (Some(path), Some(manifest)) = (manifest_path, &summary.manifest) {
+        output::write_small_file(&path, &serde_json::to_string_pretty(manifest)?)
+            .with_context(|| format!("the image {} was written, but not its manifest", dest.display()))
+            .map_err(with_code(OUTPUT))?;
+    }
+    if let (Some(args), Some(conn)) = (&s.upload, glance) {
+        let options = upload::Options {
+            image: dest.to_path_buf(),
+            manifest: summary.manifest.clone(),
+            name: name.to_string(),
+            properties: args.properties.iter().cloned().collect(),
+            disk_format: None,
+            visibility: args.visibility.clone(),
+            keep_failed: args.keep_failed,
+            wait: std::time::Duration::from_secs(args.wait),
+        };
+        let uploaded = upload::run(&options, conn, report)
+            .with_context(|| format!("the image {} was written, but not uploaded", dest.display()))
+            .map_err(with_code(UPLOAD))?;
+        summary.upload = Some(uploaded);
+    }
+    Ok(())
 }
 
 /// Removes what killed runs left in `dir`, and says so.

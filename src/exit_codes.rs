@@ -21,6 +21,9 @@ pub const APPLIANCE: i32 = 6;
 pub const OUTPUT: i32 = 7;
 /// `inspect --require`: an image does not meet a required condition.
 pub const UNMET: i32 = 8;
+/// Upload: Keystone or Glance refused, the upload failed, or Glance's copy differs from the file; the
+/// half-created image was deleted (unless --keep-failed).
+pub const UPLOAD: i32 = 9;
 /// Interrupted by a signal; temporary files were removed (128 + SIGINT, as shells report it).
 pub const INTERRUPTED: i32 = 130;
 
@@ -35,7 +38,20 @@ Exit status:
   5    the password login would not work (overridden settings, sshd); nothing written
   6    the libguestfs appliance failed to start or timed out
   7    the output exists (use --force) or could not be written
+  9    --upload: Keystone or Glance refused, the upload failed, or Glance's copy differs (the output
+       is kept; the half-created Glance image was deleted unless --keep-failed)
   130  interrupted; temporary files removed";
+
+/// Text for `upload --help`.
+pub const UPLOAD_HELP: &str = "\
+Exit status:
+  0    uploaded; Glance's size, checksum and os_hash_value match the file
+  1    unexpected failure
+  2    bad command line, or no credentials
+  3    the file was refused (not a standalone qcow2 or raw image, or not the manifest's file)
+  9    Keystone or Glance refused, the upload failed or was cut, or Glance's copy differs; the
+       half-created image was deleted (unless --keep-failed)
+  130  interrupted; the half-created image was deleted";
 
 /// Text for `inspect --help`.
 pub const INSPECT_HELP: &str = "\

@@ -220,6 +220,28 @@ impl Guest {
         self.bounded(&format!("reading the partition table of {disk}"), |g| g.part_get_parttype(disk)).map(Some)
     }
 
+    /// The GPT type GUID of each partition on `disk`.
+    pub fn gpt_types(&self, disk: &str) -> Result<Vec<String>> {
+        let mut types = Vec::new();
+        for partition in self.partitions()?.into_iter().filter(|p| p.starts_with(disk)) {
+            let number = self.bounded(&format!("numbering {partition}"), |g| g.part_to_partnum(&partition))?;
+            types.push(self.bounded(&format!("reading the GPT type of {partition}"), |g| g.part_get_gpt_type(disk, number))?);
+        }
+        Ok(types)
+    }
+
+    /// Tells every mounted filesystem's free blocks to the disk as discarded, so that the output
+    /// conversion skips them.
+    pub fn trim_mounted(&self) -> Result<()> {
+        let mut mountpoints: Vec<String> = self.bounded("listing mountpoints", |g| g.mountpoints())?.into_values().collect();
+        mountpoints.sort();
+        for mountpoint in mountpoints {
+            let none = guestfs::FstrimOptArgs { offset: None, length: None, minimumfreeextent: None };
+            self.bounded(&format!("trimming free space on {mountpoint}"), |g| g.fstrim(&mountpoint, none))?;
+        }
+        Ok(())
+    }
+
     /// Mounts a filesystem of type `fs_type`. xfs gets `nouuid`: an identical copy of the image may be
     /// attached too, and xfs refuses a second filesystem with a UUID it has seen.
     pub fn mount(&self, device: &str, fs_type: &str, mountpoint: &str, readonly: bool) -> Result<()> {

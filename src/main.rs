@@ -10,6 +10,7 @@ use cloudimg::doctor;
 use cloudimg::exit_codes;
 use cloudimg::inspect;
 use cloudimg::report::Reporter;
+use cloudimg::upload;
 use cloudimg::settings::{Customize, Verbosity};
 
 fn main() {
@@ -18,6 +19,7 @@ fn main() {
     let code = match cli.command {
         Command::Customize(args) => run_customize(args),
         Command::Inspect(args) => run_inspect(&args),
+        Command::Upload(args) => run_upload(args),
         Command::Doctor(args) => run_doctor(&args),
         Command::Completions { shell } => {
             cloudimg::assets::completions(shell, &mut std::io::stdout());
@@ -125,6 +127,36 @@ fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {
     inspect::exit_code(&reports)
 }
 
+fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
+    let report = Reporter::new(if args.quiet { Verbosity::Quiet } else { Verbosity::Normal }, args.json);
+    let options = match upload::options(&args.image, args.manifest.as_deref(), args.disk_format, &args.glance) {
+        Ok(options) => options,
+        Err(e) => return fail(&e),
+    };
+    let result = upload::resolve_credentials(args.glance.os_cloud.as_deref())
+        .and_then(|creds| upload::connect(&creds, &report))
+        .and_then(|conn| upload::run(&options, &conn, &report));
+    cloudimg::cleanup::checkpoint();
+    match result {
+        Ok(uploaded) => {
+            if args.json {
+                print_json(&uploaded);
+            } else if !args.quiet {
+                print_uploaded(&uploaded);
+            }
+            exit_codes::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn print_uploaded(u: &upload::Uploaded) {
+    println!(
+        "Uploaded {} as image {} ({}, {} bytes); Glance's size, checksum and {} match the file.",
+        u.name, u.image_id, u.disk_format, u.size, u.os_hash_algo
+    );
+}
+
 fn run_doctor(args: &cloudimg::cli::DoctorArgs) -> i32 {
     let opts =
         doctor::Options { accel: args.accel, timeout: std::time::Duration::from_secs(args.timeout), quick: args.quick };
@@ -193,6 +225,11 @@ fn print_summary(summary: &customize::Summary, diff: &str) {
     }
     if let Some(output) = &summary.output {
         println!("Wrote {} in {:.1} s.", output.display(), summary.elapsed_seconds);
+    }
+    match (&summary.upload, &summary.openstack_command) {
+        (Some(uploaded), _) => print_uploaded(uploaded),
+        (None, Some(command)) => println!("To upload it with its properties:\n  {command}"),
+        (None, None) => {}
     }
 }
 

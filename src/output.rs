@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::cleanup;
-use crate::image_file::Format;
+use crate::image_file::{self, Format, ImageInfo};
 
 /// Creates `overlay`, a qcow2 whose backing file is `input` with its format stated, so that neither
 /// qemu nor libguestfs probes it and the input is only ever opened read-only.
@@ -45,6 +45,34 @@ pub fn convert(
     }
     cmd.arg("-p").arg(overlay).arg(dest);
     run_qemu_img_with(&mut cmd, &format!("writing the output image {}", dest.display()), "converting", Some(progress))
+}
+
+/// Checks a written image the way Glance's format inspection will: the declared format, standalone
+/// (no backing or data file), no unknown qcow2 features, qcow2 compat 1.1, the input's virtual size.
+pub fn check_written(path: &Path, format: Format, virtual_size: u64) -> Result<ImageInfo> {
+    let info = image_file::inspect(path)?;
+    verify_written(&info, format, virtual_size)?;
+    Ok(info)
+}
+
+fn verify_written(info: &ImageInfo, format: Format, virtual_size: u64) -> Result<()> {
+    if info.format != format {
+        bail!("it is {}, not {}", info.format.as_str(), format.as_str());
+    }
+    if format == Format::Qcow2 && info.qcow2_version != Some(3) {
+        bail!("it is not qcow2 compat 1.1 (version {:?})", info.qcow2_version);
+    }
+    if info.virtual_size != virtual_size {
+        bail!("its virtual size is {} bytes, the input's {virtual_size}", info.virtual_size);
+    }
+    Ok(())
+}
+
+/// Writes a small file (a manifest) through a temporary file, so it is whole or absent.
+pub fn write_small_file(path: &Path, text: &str) -> Result<()> {
+    let pending = Pending::beside(path)?;
+    std::fs::write(pending.path(), text).with_context(|| format!("writing {}", pending.path().display()))?;
+    pending.commit(default_file_mode(), None, true)
 }
 
 /// Runs qemu-img to its end; `fault_point` names the moment it has started, for the fault tests.
@@ -219,6 +247,17 @@ mod tests {
         pending.commit(0o640, None, true).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"new");
         assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o640);
+    }
+
+    #[test]
+    fn a_written_image_must_be_what_glance_expects() {
+        let qcow2 = ImageInfo { format: Format::Qcow2, virtual_size: 100, file_size: 50, qcow2_version: Some(3) };
+        verify_written(&qcow2, Format::Qcow2, 100).unwrap();
+        let err = |info: &ImageInfo, f, v| format!("{:#}", verify_written(info, f, v).unwrap_err());
+        assert!(err(&qcow2, Format::Raw, 100).contains("not raw"));
+        assert!(err(&qcow2, Format::Qcow2, 101).contains("virtual size"));
+        let v2 = ImageInfo { qcow2_version: Some(2), ..qcow2 };
+        assert!(err(&v2, Format::Qcow2, 100).contains("compat 1.1"));
     }
 
     #[test]

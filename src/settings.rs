@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 
 use crate::accel;
-use crate::cli::{CustomizeArgs, Method, SshPwauth};
+use crate::cli::{CustomizeArgs, GlanceArgs, Method, SshPwauth};
 use crate::cloud_config::credentials::CloudInitVersion;
 use crate::cloud_config::keys;
 use crate::cloud_config::{CLOUD_CFG, DROP_IN};
@@ -74,6 +74,27 @@ pub struct Customize {
     pub timeout: Duration,
     pub verbosity: Verbosity,
     pub json: bool,
+    /// Trim the guest filesystems' free space before writing.
+    pub trim: bool,
+    pub manifest: ManifestRequest,
+    /// `--upload`, with where to.
+    pub upload: Option<GlanceArgs>,
+}
+
+/// Whether and where `customize` writes a Glance manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ManifestRequest {
+    None,
+    /// `OUTPUT.json` beside each output.
+    Beside,
+    File(PathBuf),
+}
+
+impl Customize {
+    /// The hashes cost a read of each output: only when a manifest, a JSON report or an upload uses them.
+    pub fn wants_digests(&self) -> bool {
+        self.manifest != ManifestRequest::None || self.json || self.upload.is_some()
+    }
 }
 
 impl Customize {
@@ -138,6 +159,37 @@ impl Customize {
             check_output_path(&args.inputs[0], &path, args.force)?;
             Output::NewFile { path, format: args.output_format, compress: args.compress, replace: args.force }
         };
+        let one_input = |what: &str| -> Result<()> {
+            if args.inputs.len() > 1 {
+                return Err(with_code(USAGE)(anyhow::anyhow!("{what} names one image; give one input with it")));
+            }
+            Ok(())
+        };
+        let manifest = match args.manifest {
+            None => ManifestRequest::None,
+            Some(None) => ManifestRequest::Beside,
+            Some(Some(path)) => {
+                one_input("--manifest FILE")?;
+                ManifestRequest::File(path)
+            }
+        };
+        if manifest != ManifestRequest::None && args.dry_run {
+            return Err(with_code(USAGE)(anyhow::anyhow!("--dry-run writes no image, so no manifest")));
+        }
+        let glance = args.glance;
+        if glance.name.is_some() {
+            one_input("--name")?;
+        }
+        let glance_given = glance.name.is_some()
+            || !glance.properties.is_empty()
+            || glance.visibility.is_some()
+            || glance.os_cloud.is_some()
+            || glance.keep_failed;
+        if glance_given && !args.upload {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "--name, --property, --visibility, --os-cloud and --keep-failed go with --upload"
+            )));
+        }
         let cloud_init_version = args.cloud_init_version.map(|v| v.parse()).transpose().map_err(with_code(USAGE))?;
         let verbosity = match (args.quiet, args.verbose) {
             (true, _) => Verbosity::Quiet,
@@ -171,6 +223,9 @@ impl Customize {
             timeout: Duration::from_secs(args.timeout),
             verbosity,
             json: args.json,
+            trim: !args.no_trim,
+            manifest,
+            upload: args.upload.then_some(glance),
         })
     }
 }
