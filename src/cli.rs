@@ -19,7 +19,7 @@ pub struct Cli {
 pub enum Command {
     /// Give an image a working password login through its own cloud-init
     #[command(after_long_help = format!("{CUSTOMIZE_EXAMPLES}\n{}", exit_codes::HELP), after_help = "Examples and exit statuses: cloudimg customize --help")]
-    Customize(CustomizeArgs),
+    Customize(Box<CustomizeArgs>),
 
     /// Audit images read-only: file safety, OS, cloud-init and sshd settings, who gets a password
     #[command(after_long_help = format!("{INSPECT_HELP}\n{}", exit_codes::INSPECT_HELP), after_help = "Examples and exit statuses: cloudimg inspect --help")]

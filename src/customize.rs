@@ -16,10 +16,10 @@ use crate::cleanup;
 use crate::cli::Method;
 use crate::cloud_config::credentials::{self, CloudInitVersion, Form, Stored};
 use crate::cloud_config::lock;
+use crate::exit_codes::UPLOAD;
 use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, USAGE};
 use crate::guest::{Drive, Guest, LaunchOptions};
 use crate::guest_config;
-use crate::exit_codes::UPLOAD;
 use crate::hashing;
 use crate::image_file::{self, Format, ImageInfo};
 use crate::locate::{self, Root};
@@ -30,9 +30,9 @@ use crate::password::{self, Secret, Source};
 use crate::plan::{self, Facts, Request};
 use crate::report::Reporter;
 use crate::settings::{Customize, ManifestRequest, Output, Verbosity};
-use crate::upload::{self, Connection, Uploaded};
 use crate::shadow;
 use crate::sshd;
+use crate::upload::{self, Connection, Uploaded};
 
 /// What happened, for the human summary and for `--json`.
 #[derive(Debug, serde::Serialize)]
@@ -352,7 +352,8 @@ fn image_job(
 
     report.phase(&format!("Reading the image's configuration{of}"));
     let image = read_image(guest, s, report)?;
-    let facts = guest_facts(guest, &image, disk.map_or("/dev/sda", |d| d.device.as_str())).map_err(with_code(BAD_GUEST))?;
+    let facts =
+        guest_facts(guest, &image, disk.map_or("/dev/sda", |d| d.device.as_str())).map_err(with_code(BAD_GUEST))?;
     let decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret, report)? };
     report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
     refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
@@ -807,7 +808,9 @@ fn produce_outputs(
         });
         cleanup::fault_point("converted");
         match pending {
-            Ok((pending, written, manifest)) => converted.push((p.index, summary, diff, pending, target, written, manifest)),
+            Ok((pending, written, manifest)) => {
+                converted.push((p.index, summary, diff, pending, target, written, manifest))
+            }
             Err(e) => results.push((p.index, Err(e))),
         }
     }

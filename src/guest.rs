@@ -225,7 +225,9 @@ impl Guest {
         let mut types = Vec::new();
         for partition in self.partitions()?.into_iter().filter(|p| p.starts_with(disk)) {
             let number = self.bounded(&format!("numbering {partition}"), |g| g.part_to_partnum(&partition))?;
-            types.push(self.bounded(&format!("reading the GPT type of {partition}"), |g| g.part_get_gpt_type(disk, number))?);
+            types.push(
+                self.bounded(&format!("reading the GPT type of {partition}"), |g| g.part_get_gpt_type(disk, number))?,
+            );
         }
         Ok(types)
     }
@@ -233,7 +235,8 @@ impl Guest {
     /// Tells every mounted filesystem's free blocks to the disk as discarded, so that the output
     /// conversion skips them.
     pub fn trim_mounted(&self) -> Result<()> {
-        let mut mountpoints: Vec<String> = self.bounded("listing mountpoints", |g| g.mountpoints())?.into_values().collect();
+        let mut mountpoints: Vec<String> =
+            self.bounded("listing mountpoints", |g| g.mountpoints())?.into_values().collect();
         mountpoints.sort();
         for mountpoint in mountpoints {
             let none = guestfs::FstrimOptArgs { offset: None, length: None, minimumfreeextent: None };

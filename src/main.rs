@@ -10,14 +10,14 @@ use cloudimg::doctor;
 use cloudimg::exit_codes;
 use cloudimg::inspect;
 use cloudimg::report::Reporter;
-use cloudimg::upload;
 use cloudimg::settings::{Customize, Verbosity};
+use cloudimg::upload;
 
 fn main() {
     let cli = Cli::parse();
     cloudimg::cleanup::install_signal_handler();
     let code = match cli.command {
-        Command::Customize(args) => run_customize(args),
+        Command::Customize(args) => run_customize(*args),
         Command::Inspect(args) => run_inspect(&args),
         Command::Upload(args) => run_upload(args),
         Command::Doctor(args) => run_doctor(&args),

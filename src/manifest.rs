@@ -159,8 +159,7 @@ pub fn openstack_command(
 }
 
 fn shell_quote(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word.chars().all(|c| c.is_ascii_alphanumeric() || "_-./=:@%+,".contains(c));
+    let plain = !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "_-./=:@%+,".contains(c));
     if plain {
         word.to_string()
     } else {
@@ -217,7 +216,13 @@ mod tests {
 
     #[test]
     fn the_openstack_command_is_quoted_for_the_shell() {
-        let cmd = openstack_command("qcow2", 3 * GIB, &properties(&facts()), Path::new("out dir/img.qcow2"), "Debian 12 (pw)");
+        let cmd = openstack_command(
+            "qcow2",
+            3 * GIB,
+            &properties(&facts()),
+            Path::new("out dir/img.qcow2"),
+            "Debian 12 (pw)",
+        );
         assert!(cmd.starts_with("openstack image create --disk-format qcow2 --container-format bare --min-disk 3 "));
         assert!(cmd.contains("--property os_distro=debian"));
         assert!(cmd.ends_with("--file 'out dir/img.qcow2' 'Debian 12 (pw)'"));
@@ -228,7 +233,8 @@ mod tests {
     fn a_manifest_round_trips_through_json() {
         use crate::image_file::Format;
         let info = ImageInfo { format: Format::Raw, virtual_size: GIB, file_size: GIB, qcow2_version: None };
-        let m = Manifest::new(Path::new("a.raw"), &info, Digests { md5: "1".into(), sha512: "2".into() }, BTreeMap::new());
+        let m =
+            Manifest::new(Path::new("a.raw"), &info, Digests { md5: "1".into(), sha512: "2".into() }, BTreeMap::new());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.json");
         std::fs::write(&path, serde_json::to_string(&m).unwrap()).unwrap();

@@ -259,7 +259,7 @@ mod tests {
     fn settings(args: &[&str]) -> Result<Customize> {
         let cli = Cli::try_parse_from(["cloudimg", "customize"].iter().chain(args)).unwrap();
         match cli.command {
-            Command::Customize(args) => Customize::from_args(args),
+            Command::Customize(args) => Customize::from_args(*args),
             other => panic!("not customize: {other:?}"),
         }
     }

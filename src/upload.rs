@@ -59,7 +59,12 @@ pub struct Uploaded {
 }
 
 /// The options for one image, from the command line's Glance arguments.
-pub fn options(image: &Path, manifest: Option<&Path>, disk_format: Option<String>, args: &GlanceArgs) -> Result<Options> {
+pub fn options(
+    image: &Path,
+    manifest: Option<&Path>,
+    disk_format: Option<String>,
+    args: &GlanceArgs,
+) -> Result<Options> {
     Ok(Options {
         image: image.to_path_buf(),
         manifest: manifest.map(Manifest::read).transpose().map_err(with_code(USAGE))?,
@@ -121,9 +126,8 @@ pub fn resolve_credentials(cloud: Option<&str>) -> Result<Credentials> {
 
 /// Reads the file's facts and checks them against the manifest, before anything is sent.
 fn local_facts(opts: &Options, report: &Reporter) -> Result<(image_file::ImageInfo, String)> {
-    let info = image_file::inspect(&opts.image)
-        .context("Glance refuses such files too")
-        .map_err(with_code(BAD_INPUT))?;
+    let info =
+        image_file::inspect(&opts.image).context("Glance refuses such files too").map_err(with_code(BAD_INPUT))?;
     if let Some(m) = &opts.manifest {
         if m.disk_format != info.format.as_str() || m.size != info.file_size || m.virtual_size != info.virtual_size {
             return Err(with_code(BAD_INPUT)(anyhow::anyhow!(
@@ -226,7 +230,12 @@ fn send_and_verify(
     let local = reader.finish();
     drop(progress);
     if sent != info.file_size {
-        bail!("{} changed size during the upload ({} bytes sent, {} expected)", opts.image.display(), sent, info.file_size);
+        bail!(
+            "{} changed size during the upload ({} bytes sent, {} expected)",
+            opts.image.display(),
+            sent,
+            info.file_size
+        );
     }
     if let Some(m) = &opts.manifest {
         if m.digests() != local {
@@ -330,7 +339,10 @@ mod tests {
         compare(&good, 10, &local).unwrap();
         let bad = json!({"size": 9, "checksum": "ab", "os_hash_algo": "sha512", "os_hash_value": "bc"});
         let err = format!("{:#}", compare(&bad, 10, &local).unwrap_err());
-        assert!(err.contains("size 9 (file: 10)") && err.contains("checksum") && err.contains("os_hash_value"), "{err}");
+        assert!(
+            err.contains("size 9 (file: 10)") && err.contains("checksum") && err.contains("os_hash_value"),
+            "{err}"
+        );
         let other_algo = json!({"size": 10, "checksum": "aa", "os_hash_algo": "sha256", "os_hash_value": "x"});
         assert!(format!("{:#}", compare(&other_algo, 10, &local).unwrap_err()).contains("sha256"));
     }

@@ -77,7 +77,8 @@ impl Fields<'_> {
             self.get(&format!("auth.{kind}_domain_id"), &format!("OS_{env_kind}_DOMAIN_ID"))
                 .map(Domain::Id)
                 .or_else(|| {
-                    self.get(&format!("auth.{kind}_domain_name"), &format!("OS_{env_kind}_DOMAIN_NAME")).map(Domain::Name)
+                    self.get(&format!("auth.{kind}_domain_name"), &format!("OS_{env_kind}_DOMAIN_NAME"))
+                        .map(Domain::Name)
                 })
                 .or_else(|| self.get("auth.domain_id", "OS_DOMAIN_ID").map(Domain::Id))
                 .or_else(|| self.get("auth.domain_name", "OS_DOMAIN_NAME").map(Domain::Name))
@@ -140,9 +141,8 @@ pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Credentials> {
 /// The files to look in for `clouds.yaml` / `secure.yaml`, in the `openstack` CLI's order.
 pub fn search_path(file: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
     let mut paths = vec![PathBuf::from(file)];
-    let config_home = env("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env("HOME").map(|h| Path::new(&h).join(".config")));
+    let config_home =
+        env("XDG_CONFIG_HOME").map(PathBuf::from).or_else(|| env("HOME").map(|h| Path::new(&h).join(".config")));
     if let Some(home) = config_home {
         paths.push(home.join("openstack").join(file));
     }
@@ -151,20 +151,15 @@ pub fn search_path(file: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<Path
 }
 
 /// Credentials for cloud `name` from the text of a `clouds.yaml` and, optionally, a `secure.yaml`.
-pub fn from_clouds_yaml(
-    name: &str,
-    clouds: (&Path, &str),
-    secure: Option<(&Path, &str)>,
-) -> Result<Credentials> {
+pub fn from_clouds_yaml(name: &str, clouds: (&Path, &str), secure: Option<(&Path, &str)>) -> Result<Credentials> {
     let cloud = |(path, text): (&Path, &str)| -> Result<Option<Mapping>> {
         let doc = yaml11::parse(text).with_context(|| format!("reading {}", path.display()))?;
         let clouds = doc.root.get("clouds").and_then(Value::as_map);
         Ok(clouds.and_then(|c| c.get(name)).and_then(Value::as_map).cloned())
     };
     let (clouds_path, _) = clouds;
-    let main = cloud(clouds)?.with_context(|| {
-        format!("{} has no cloud named `{name}` (under `clouds:`)", clouds_path.display())
-    })?;
+    let main = cloud(clouds)?
+        .with_context(|| format!("{} has no cloud named `{name}` (under `clouds:`)", clouds_path.display()))?;
     let extra = secure.map(cloud).transpose()?.flatten();
     let get = |yaml: &str, _: &str| {
         let lookup = |m: &Mapping| {
@@ -238,7 +233,10 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(minimal.user, Named::Name { name: "a".into(), domain: Domain::Id("default".into()) });
-        assert_eq!((minimal.project, minimal.interface.as_str(), minimal.insecure), (Named::Id("123".into()), "public", false));
+        assert_eq!(
+            (minimal.project, minimal.interface.as_str(), minimal.insecure),
+            (Named::Id("123".into()), "public", false)
+        );
     }
 
     #[test]

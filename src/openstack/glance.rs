@@ -12,9 +12,30 @@ use super::{error_text, Http};
 
 /// Properties Glance manages itself or takes as top-level fields: not settable with --property.
 pub const RESERVED: &[&str] = &[
-    "id", "name", "status", "disk_format", "container_format", "min_disk", "min_ram", "size", "virtual_size",
-    "checksum", "os_hash_algo", "os_hash_value", "owner", "visibility", "protected", "tags", "created_at",
-    "updated_at", "file", "schema", "self", "direct_url", "locations", "os_hidden",
+    "id",
+    "name",
+    "status",
+    "disk_format",
+    "container_format",
+    "min_disk",
+    "min_ram",
+    "size",
+    "virtual_size",
+    "checksum",
+    "os_hash_algo",
+    "os_hash_value",
+    "owner",
+    "visibility",
+    "protected",
+    "tags",
+    "created_at",
+    "updated_at",
+    "file",
+    "schema",
+    "self",
+    "direct_url",
+    "locations",
+    "os_hidden",
 ];
 
 /// What a new image record holds.

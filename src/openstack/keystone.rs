@@ -66,7 +66,10 @@ pub fn image_endpoint(token_body: &Value, interface: &str, region: Option<&str>)
                 regions.extend(e["region_id"].as_str().map(str::to_string));
             }
             _ => {
-                return e["url"].as_str().map(|u| u.trim_end_matches('/').to_string()).context("an endpoint without a URL")
+                return e["url"]
+                    .as_str()
+                    .map(|u| u.trim_end_matches('/').to_string())
+                    .context("an endpoint without a URL")
             }
         }
     }
@@ -128,21 +131,24 @@ mod tests {
         assert_eq!(image_endpoint(&catalog(), "internal", Some("R1")).unwrap(), "http://g1-int:9292");
         let err = format!("{:#}", image_endpoint(&catalog(), "internal", Some("R2")).unwrap_err());
         assert!(err.contains("no internal endpoint in region R2"), "{err}");
-        assert!(format!("{:#}", image_endpoint(&json!({"token": {}}), "public", None).unwrap_err()).contains("no service catalog"));
+        assert!(format!("{:#}", image_endpoint(&json!({"token": {}}), "public", None).unwrap_err())
+            .contains("no service catalog"));
     }
 
     #[test]
     fn the_auth_request_is_keystone_v3_password_with_a_project_scope() {
         let c = crate::openstack::credentials::from_env(&|k| {
-            Some(match k {
-                "OS_AUTH_URL" => "http://k:5000",
-                "OS_USERNAME" => "u",
-                "OS_PASSWORD" => "p",
-                "OS_PROJECT_NAME" => "proj",
-                "OS_USER_DOMAIN_NAME" => "Default",
-                _ => return None,
-            }
-            .to_string())
+            Some(
+                match k {
+                    "OS_AUTH_URL" => "http://k:5000",
+                    "OS_USERNAME" => "u",
+                    "OS_PASSWORD" => "p",
+                    "OS_PROJECT_NAME" => "proj",
+                    "OS_USER_DOMAIN_NAME" => "Default",
+                    _ => return None,
+                }
+                .to_string(),
+            )
         })
         .unwrap();
         let body = auth_request(&c);

@@ -67,7 +67,8 @@ impl Http {
 
     /// POSTs JSON; `token` is `None` for the authentication request itself.
     pub fn post_json(&self, url: &str, token: Option<&str>, body: &serde_json::Value) -> Result<Answer> {
-        let mut request = self.agent.post(url).header("Content-Type", "application/json").header("Accept", "application/json");
+        let mut request =
+            self.agent.post(url).header("Content-Type", "application/json").header("Accept", "application/json");
         if let Some(token) = token {
             request = request.header("X-Auth-Token", token);
         }
@@ -89,8 +90,7 @@ impl Http {
 fn answer(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>, url: &str) -> Result<Answer> {
     let mut response = result.with_context(|| format!("no answer from {url}"))?;
     let status = response.status().as_u16();
-    let subject_token =
-        response.headers().get("X-Subject-Token").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let subject_token = response.headers().get("X-Subject-Token").and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = response.body_mut().with_config().limit(MAX_BODY).read_to_string().unwrap_or_default();
     Ok(Answer { status, subject_token, body })
 }
@@ -121,11 +121,8 @@ pub fn error_text(body: &str) -> String {
     // webob pages repeat the title (`415 Unsupported Media Type`) in <title> and <h1>.
     let words: Vec<&str> = joined.split(' ').collect();
     let half = words.len() / 2;
-    let deduped = (1..=half)
-        .rev()
-        .find(|&n| words[..n] == words[n..2 * n])
-        .map(|n| words[n..].join(" "))
-        .unwrap_or(joined);
+    let deduped =
+        (1..=half).rev().find(|&n| words[..n] == words[n..2 * n]).map(|n| words[n..].join(" ")).unwrap_or(joined);
     deduped.chars().take(600).collect()
 }
 
