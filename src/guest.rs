@@ -233,16 +233,22 @@ impl Guest {
     }
 
     /// Tells every mounted filesystem's free blocks to the disk as discarded, so that the output
-    /// conversion skips them.
-    pub fn trim_mounted(&self) -> Result<()> {
+    /// conversion skips them. A filesystem that cannot be trimmed only costs space: it is returned
+    /// with the reason, not an error (a lost appliance still is).
+    pub fn trim_mounted(&self) -> Result<Vec<String>> {
         let mut mountpoints: Vec<String> =
             self.bounded("listing mountpoints", |g| g.mountpoints())?.into_values().collect();
         mountpoints.sort();
+        let mut untrimmed = Vec::new();
         for mountpoint in mountpoints {
             let none = guestfs::FstrimOptArgs { offset: None, length: None, minimumfreeextent: None };
-            self.bounded(&format!("trimming free space on {mountpoint}"), |g| g.fstrim(&mountpoint, none))?;
+            match self.bounded(&format!("trimming free space on {mountpoint}"), |g| g.fstrim(&mountpoint, none)) {
+                Ok(()) => {}
+                Err(e) if crate::exit_codes::code_of(&e) == APPLIANCE => return Err(e),
+                Err(e) => untrimmed.push(format!("{e:#}")),
+            }
         }
-        Ok(())
+        Ok(untrimmed)
     }
 
     /// Mounts a filesystem of type `fs_type`. xfs gets `nouuid`: an identical copy of the image may be
