@@ -417,15 +417,14 @@ fn image_job(
 
 /// What the image says about itself for Glance; `disk` is its whole-disk device.
 fn guest_facts(guest: &Guest, image: &ImageFacts, disk: &str) -> Result<GuestFacts> {
-    let partition_table = guest.partition_table(disk)?;
-    let gpt_types = if partition_table.as_deref() == Some("gpt") { guest.gpt_types(disk)? } else { Vec::new() };
+    let table = guest.partition_table(disk)?;
     Ok(GuestFacts {
         os_id: locate::os_release_field(&image.os_release, "ID"),
         os_version: locate::os_release_field(&image.os_release, "VERSION_ID"),
         admin_user: image.cloud.as_ref().and_then(|c| credentials::default_user(&merged(&c.files))),
         guest_agent: guest.exists("/usr/bin/qemu-ga")? || guest.exists("/usr/sbin/qemu-ga")?,
-        partition_table,
-        gpt_types,
+        partition_table: table.as_ref().map(|t| t.kind.to_string()),
+        gpt_types: table.map(|t| t.gpt_types).unwrap_or_default(),
     })
 }
 

@@ -183,7 +183,7 @@ fn read_guest(path: &Path, format: Format, opts: &Options, report: &Reporter) ->
     drop(spinner);
     let root = locate::find_root(&guest, opts.root.as_deref(), None).map_err(with_code(BAD_GUEST))?;
     // One drive is attached, so the disk is /dev/sda.
-    let partition_table = guest.partition_table("/dev/sda").map_err(with_code(BAD_GUEST))?;
+    let partition_table = guest.partition_table("/dev/sda").map_err(with_code(BAD_GUEST))?.map(|t| t.kind.to_string());
     for note in locate::mount_root(&guest, &root, true, None).map_err(with_code(BAD_GUEST))? {
         report.warn(&note);
     }

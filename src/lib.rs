@@ -20,6 +20,7 @@ pub mod manifest;
 pub mod method;
 pub mod openstack;
 pub mod output;
+pub mod partition_table;
 pub mod password;
 pub mod plan;
 pub mod report;

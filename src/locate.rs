@@ -42,7 +42,7 @@ pub fn find_root(guest: &Guest, named: Option<&str>, disk: Option<&Disk>) -> Res
             }
         }
     }
-    choose_root(roots_among(guest, guest.filesystems()?)?, named)
+    choose_root(roots_among(guest, guest.probe_filesystems()?)?, named)
 }
 
 /// The filesystems among `candidates` (device, type) that hold an operating system root.

@@ -315,6 +315,17 @@ fn customized_images_of_every_layout_read_back_correctly() {
     assert_eq!(ubuntu_report["file"], json!(drop_in));
     assert_eq!(ubuntu_report["effective"]["sshd"]["password_authentication"], json!(true));
     assert_eq!(ubuntu_report["root"]["device"], json!("/dev/sda3"));
+    // Glance properties read from the images: a GPT disk with an EFI system partition and no BIOS boot
+    // partition boots only with UEFI; the JSON report carries the manifest, hashes of the output included.
+    assert_eq!(ubuntu_report["properties"]["hw_firmware_type"], json!("uefi"));
+    assert_eq!(ubuntu_report["properties"]["os_distro"], json!("ubuntu"));
+    assert_eq!(rocky_report["properties"]["os_distro"], json!("rocky"));
+    assert_eq!(rocky_report["properties"]["os_version"], json!("9.4"));
+    assert_eq!(rocky_report["properties"].get("hw_firmware_type"), None);
+    let sha512 = std::process::Command::new("sha512sum").arg(t("ubuntu.qcow2")).output().unwrap();
+    assert_eq!(ubuntu_report["manifest"]["os_hash_value"].as_str(), text(&sha512.stdout).split_whitespace().next());
+    assert_eq!(rocky_report["manifest"]["disk_format"], json!("raw"));
+    assert!(ubuntu_report["openstack_command"].as_str().unwrap().contains("--property hw_firmware_type=uefi"));
     let dry = text(&outputs[5].stdout);
     assert!(dry.contains("+++ b/etc/cloud/cloud.cfg") && dry.contains("password: '********'"), "{dry}");
     let again: Value = serde_json::from_slice(&again[0].stdout).unwrap();

@@ -145,10 +145,11 @@ fn images_reach_a_real_glance_intact_and_failures_leave_nothing() {
     let out = t("debian-pw.qcow2");
 
     // 1. customize + --manifest + --upload, credentials from OS_* variables.
+    let input = fixtures().image("debian-deleted-data");
     let run = cloudimg_with(
         &[
             "customize",
-            p(&fixtures().image("debian-ext4")),
+            p(&input),
             "-o",
             p(&out),
             "--password-file",
@@ -184,6 +185,13 @@ fn images_reach_a_real_glance_intact_and_failures_leave_nothing() {
     assert_eq!(manifest["properties"]["os_distro"], "debian");
     assert_eq!(manifest["properties"]["os_version"], "12");
     assert_eq!(manifest["properties"]["os_admin_user"], "debian");
+    assert_eq!(manifest["properties"]["hw_qemu_guest_agent"], "yes");
+    assert_eq!(manifest["properties"].get("hw_firmware_type"), None, "an MBR disk boots with BIOS");
+    let (input_size, output_size) = (std::fs::metadata(&input).unwrap().len(), std::fs::metadata(&out).unwrap().len());
+    assert!(
+        output_size + (40 << 20) < input_size,
+        "the deleted file's 48 MiB were trimmed away: input {input_size} bytes, output {output_size}"
+    );
     let id = report["upload"]["image_id"].as_str().expect("an image id").to_string();
     let record = assert_stored(&os, &id, &out);
     assert_eq!(record["name"], "debian pw (env)");

@@ -50,6 +50,7 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("hostile-guests", 320, build_hostile_guests),
     ("debian-no-cloud-init", 64, build_debian_no_cloud_init),
     ("debian-xfs", 320, build_debian_xfs),
+    ("debian-deleted-data", 128, build_debian_deleted_data),
 ];
 
 /// Builds the fixtures once per recipe (this file and the cloud.cfg fixtures), shared by all test
@@ -236,6 +237,15 @@ fn build_debian_xfs(g: &Handle, dev: &str) {
     mkfs(g, "xfs", &root, None);
     g.mount(&root, "/").unwrap();
     os_root(g, DEBIAN_RELEASE, Some(DEBIAN_CFG), Some((DEBIAN_VERSION_PY, "22.4.2")), "/dev/sda1 / xfs defaults 0 1\n");
+}
+
+/// A Debian with qemu-guest-agent whose filesystem still holds 48 MiB of a deleted file: only a trim
+/// keeps those blocks out of an output.
+fn build_debian_deleted_data(g: &Handle, dev: &str) {
+    build_debian_ext4(g, dev);
+    put(g, "/usr/bin/qemu-ga", "#!/bin/sh\n");
+    g.fill_pattern("deleted data", 48 << 20, "/var/tmp/deleted").unwrap();
+    g.rm("/var/tmp/deleted").unwrap();
 }
 
 /// A Debian without cloud-init whose sshd refuses passwords in its main file.
