@@ -795,7 +795,7 @@ fn produce_outputs(
             let written = output::check_written(pending.path(), target.format, p.info.virtual_size)
                 .with_context(|| format!("checking the new image for {}", target.dest.display()))
                 .map_err(with_code(OUTPUT))?;
-            let manifest = if s.wants_digests() {
+            let manifest = if s.hash_after_writing() {
                 report.phase("Computing MD5 and SHA-512 for Glance");
                 let mut progress = report.progress("hashing");
                 let total = written.file_size.max(1) as f64;
@@ -848,7 +848,7 @@ fn produce_outputs(
             &name,
         ));
         summary.manifest = manifest;
-        let result = finish_output(s, &mut summary, &target.dest, &name, glance, report);
+        let result = finish_output(s, &mut summary, (&target.dest, &written), &name, glance, report);
         summary.elapsed_seconds = report.elapsed_secs();
         results.push((index, result.map(|()| (summary, diff))));
     }
@@ -864,7 +864,7 @@ fn produce_outputs(
 fn finish_output(
     s: &Customize,
     summary: &mut Summary,
-    dest: &Path,
+    (dest, written): (&Path, &ImageInfo),
     name: &str,
     glance: Option<&Connection>,
     report: &Reporter,
@@ -884,7 +884,7 @@ fn finish_output(
             image: dest.to_path_buf(),
             manifest: summary.manifest.clone(),
             name: name.to_string(),
-            properties: args.properties.iter().cloned().collect(),
+            properties: summary.properties.clone().into_iter().chain(args.properties.iter().cloned()).collect(),
             disk_format: None,
             visibility: args.visibility.clone(),
             keep_failed: args.keep_failed,
@@ -893,6 +893,11 @@ fn finish_output(
         let uploaded = upload::run(&options, conn, report)
             .with_context(|| format!("the image {} was written, but not uploaded", dest.display()))
             .map_err(with_code(UPLOAD))?;
+        if summary.manifest.is_none() {
+            // The hashes the upload computed while sending, which Glance's matched.
+            let digests = hashing::Digests { md5: uploaded.checksum.clone(), sha512: uploaded.os_hash_value.clone() };
+            summary.manifest = Some(Manifest::new(dest, written, digests, summary.properties.clone()));
+        }
         summary.upload = Some(uploaded);
     }
     Ok(())

@@ -91,9 +91,11 @@ pub enum ManifestRequest {
 }
 
 impl Customize {
-    /// The hashes cost a read of each output: only when a manifest, a JSON report or an upload uses them.
-    pub fn wants_digests(&self) -> bool {
-        self.manifest != ManifestRequest::None || self.json || self.upload.is_some()
+    /// Whether each output is hashed right after it is written (a read of it, from the page cache):
+    /// for a manifest file, or for a JSON report without an upload. An upload hashes the bytes it
+    /// sends instead, so `--upload` alone reads the output once.
+    pub fn hash_after_writing(&self) -> bool {
+        self.manifest != ManifestRequest::None || (self.json && self.upload.is_none())
     }
 }
 

@@ -244,7 +244,10 @@ fn build_debian_xfs(g: &Handle, dev: &str) {
 fn build_debian_deleted_data(g: &Handle, dev: &str) {
     build_debian_ext4(g, dev);
     put(g, "/usr/bin/qemu-ga", "#!/bin/sh\n");
+    g.mkdir_p("/var/tmp").unwrap();
     g.fill_pattern("deleted data", 48 << 20, "/var/tmp/deleted").unwrap();
+    // On the disk before it is deleted (ext4's delayed allocation would never write it otherwise).
+    g.sync().unwrap();
     g.rm("/var/tmp/deleted").unwrap();
 }
 
