@@ -29,20 +29,24 @@ struct DiskFacts {
 
 pub fn split(guest: &Guest) -> Result<Split> {
     let devices = guest.devices()?;
-    let filesystems = guest.filesystems()?;
+    let filesystems = guest.probe_filesystems()?;
+    let pv_devices: Vec<&String> = filesystems.iter().filter(|(_, t)| t == "LVM2_member").map(|(d, _)| d).collect();
+    // LVM questions cost ~0.2-0.4 s each under TCG: only asked when a disk holds a physical volume.
+    let lvm = !pv_devices.is_empty();
     // PV UUIDs are read once: each guest call costs time, and every LV needs them.
-    let visible_pvs: Vec<(String, String)> =
-        guest.lvm_pvs()?.into_iter().filter_map(|pv| guest.lvm_pv_uuid(&pv).ok().map(|uuid| (pv, uuid))).collect();
+    let visible_pvs: Vec<(String, String)> = if lvm {
+        guest.lvm_pvs()?.into_iter().filter_map(|pv| guest.lvm_pv_uuid(&pv).ok().map(|uuid| (pv, uuid))).collect()
+    } else {
+        Vec::new()
+    };
     let mut facts = vec![DiskFacts::default(); devices.len()];
     let mut disks: Vec<Disk> = devices.iter().map(|d| Disk { device: d.clone(), filesystems: Vec::new() }).collect();
-    for candidate in guest.partitions()?.into_iter().chain(devices.iter().cloned()) {
-        if guest.vfs_type(&candidate).is_ok_and(|t| t == "LVM2_member") {
-            if let (Some(i), Ok(uuid)) = (disk_of(&devices, &candidate), guest.lvm_pv_uuid(&candidate)) {
-                facts[i].pv_uuids.push(uuid);
-            }
+    for pv in pv_devices {
+        if let (Some(i), Ok(uuid)) = (disk_of(&devices, pv), guest.lvm_pv_uuid(pv)) {
+            facts[i].pv_uuids.push(uuid);
         }
     }
-    let mut vg_names = guest.lvm_vgs()?;
+    let mut vg_names = if lvm { guest.lvm_vgs()? } else { Vec::new() };
     vg_names.sort();
     let duplicate_vg = vg_names.windows(2).find(|w| w[0] == w[1]).map(|w| w[0].clone());
     let mut alone = BTreeMap::new();
