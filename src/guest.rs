@@ -170,9 +170,9 @@ impl Guest {
     }
 
     /// Filesystems by device, e.g. `("/dev/sda1", "ext4")`, sorted: what `list_filesystems` gives,
-    /// without its slow extra probes (it runs partitioning tools on
-    /// every partition, ~2.5 s under TCG): partitions, disks without partitions, LVM logical volumes
-    /// and md arrays with a filesystem signature, and btrfs subvolumes as `btrfsvol:DEVICE/PATH`.
+    /// without its slow extra probes (it runs partitioning tools on every partition, ~2.5 s under
+    /// TCG): partitions, disks without partitions, LVM logical volumes and md arrays with a
+    /// filesystem signature, and btrfs subvolumes as `btrfsvol:DEVICE/PATH`.
     pub fn probe_filesystems(&self) -> Result<Vec<(String, String)>> {
         let partitions = self.partitions()?;
         let whole_disks = self.devices()?.into_iter().filter(|d| !partitions.iter().any(|p| p.starts_with(d.as_str())));

@@ -72,29 +72,26 @@ fn hex(bytes: &[u8]) -> String {
 /// Reads `path` once and returns its digests; `progress` gets the bytes read so far.
 pub fn file_digests(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<Digests> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = HashingReader::new(file);
+    let mut reader = HashingReader::new(file, progress);
+    // Big reads: each one is a message to both hashing threads.
     let mut buffer = vec![0u8; CHUNK];
-    loop {
-        let n = reader.read(&mut buffer).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        progress(reader.bytes);
-    }
+    while reader.read(&mut buffer).with_context(|| format!("reading {}", path.display()))? > 0 {}
     Ok(reader.finish())
 }
 
-/// A reader that hashes what passes through it (for an upload: one read of the file for both).
-pub struct HashingReader<R> {
+/// A reader that hashes what passes through it (for an upload: one read of the file for both), and
+/// tells `progress` the bytes read so far.
+pub struct HashingReader<'a, R> {
     inner: R,
     hashing: Hashing,
+    progress: &'a mut dyn FnMut(u64),
     /// Bytes read so far.
     pub bytes: u64,
 }
 
-impl<R: Read> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        HashingReader { inner, hashing: Hashing::start(), bytes: 0 }
+impl<'a, R: Read> HashingReader<'a, R> {
+    pub fn new(inner: R, progress: &'a mut dyn FnMut(u64)) -> Self {
+        HashingReader { inner, hashing: Hashing::start(), progress, bytes: 0 }
     }
 
     pub fn finish(self) -> Digests {
@@ -102,11 +99,12 @@ impl<R: Read> HashingReader<R> {
     }
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl<R: Read> Read for HashingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hashing.update(&buf[..n]);
         self.bytes += n as u64;
+        (self.progress)(self.bytes);
         Ok(n)
     }
 }

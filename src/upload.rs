@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -224,7 +223,7 @@ fn send_and_verify(
     let mut progress = report.progress("uploading");
     let total = info.file_size.max(1) as f64;
     let mut on_read = |n: u64| progress.set(n as f64 * 100.0 / total);
-    let mut reader = HashingReader::new(Watched { inner: file, seen: 0, on_read: &mut on_read });
+    let mut reader = HashingReader::new(file, &mut on_read);
     glance.upload(id, info.file_size, &mut reader)?;
     let sent = reader.bytes;
     let local = reader.finish();
@@ -295,22 +294,6 @@ fn undo_on_interrupt(http: &Http, session: &Session, id: &str, keep: bool) -> Bo
             Err(e) => eprintln!("cloudimg: interrupted; could not delete image {id}: {e:#}"),
         }
     })
-}
-
-/// Counts bytes as they are read, for the progress bar.
-struct Watched<'a, R> {
-    inner: R,
-    seen: u64,
-    on_read: &'a mut dyn FnMut(u64),
-}
-
-impl<R: Read> Read for Watched<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.seen += n as u64;
-        (self.on_read)(self.seen);
-        Ok(n)
-    }
 }
 
 /// The image name when none is given: the file name without its extension.
