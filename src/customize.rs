@@ -785,25 +785,22 @@ fn produce_outputs(
         report.phase(&format!("Writing the {} image {}", target.format.as_str(), target.dest.display()));
         let pending = Pending::beside(&target.dest).map_err(with_code(OUTPUT)).and_then(|pending| {
             sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
-            let mut progress = report.progress("converting");
-            output::convert(overlay, target.format, target.compress, pending.path(), &mut |percent| {
-                progress.set(percent)
-            })
+            let mut progress = report.progress("writing");
+            let digests = output::write_image(
+                overlay,
+                target.format,
+                target.compress,
+                pending.path(),
+                s.hash_while_writing(),
+                &mut |percent| progress.set(percent),
+            )
             .map_err(with_code(OUTPUT))?;
             drop(progress);
             let written = output::check_written(pending.path(), target.format, p.info.virtual_size)
                 .with_context(|| format!("checking the new image for {}", target.dest.display()))
                 .map_err(with_code(OUTPUT))?;
-            let manifest = if s.hash_after_writing() {
-                report.phase("Computing MD5 and SHA-512 for Glance");
-                let mut progress = report.progress("hashing");
-                let total = written.file_size.max(1) as f64;
-                let digests = hashing::file_digests(pending.path(), &mut |n| progress.set(n as f64 * 100.0 / total))
-                    .map_err(with_code(OUTPUT))?;
-                Some(Manifest::new(&target.dest, &written, digests, summary.properties.clone()))
-            } else {
-                None
-            };
+            let manifest =
+                digests.map(|digests| Manifest::new(&target.dest, &written, digests, summary.properties.clone()));
             Ok((pending, written, manifest))
         });
         cleanup::fault_point("converted");

@@ -49,7 +49,11 @@ impl Hashing {
     }
 
     pub fn update(&self, bytes: &[u8]) {
-        let chunk: Arc<[u8]> = Arc::from(bytes);
+        self.update_shared(Arc::from(bytes));
+    }
+
+    /// Like [`Hashing::update`], without copying bytes the caller already shares.
+    pub fn update_shared(&self, chunk: Arc<[u8]>) {
         for sender in &self.senders {
             // A worker only stops when its sender is dropped, so sending cannot fail.
             let _ = sender.send(Arc::clone(&chunk));

@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::cleanup;
+use crate::hashing::{self, Digests};
 use crate::image_file::{self, Format, ImageInfo};
+use crate::image_writer;
 
 /// Creates `overlay`, a qcow2 whose backing file is `input` with its format stated, so that neither
 /// qemu nor libguestfs probes it and the input is only ever opened read-only.
@@ -27,24 +29,33 @@ pub fn create_overlay(input: &Path, format: Format, overlay: &Path) -> Result<()
 }
 
 /// Writes the overlay's contents (input plus edits) to `dest` as a standalone image, telling
-/// `progress` the percentage done as qemu-img reports it.
-pub fn convert(
+/// `progress` the percentage done; returns the file's digests when `hash` is set. Uncompressed images
+/// are written by cloudimg in one pass that hashes as it writes ([`image_writer`]); a compressed
+/// qcow2 is qemu-img's (its tables depend on the compressed sizes, so they cannot precede the data in
+/// a one-pass file) and is read once more to be hashed.
+pub fn write_image(
     overlay: &Path,
     format: Format,
     compress: bool,
     dest: &Path,
+    hash: bool,
     progress: &mut dyn FnMut(f64),
-) -> Result<()> {
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["convert", "-f", "qcow2", "-O", format.as_str()]);
-    if format == Format::Qcow2 {
-        cmd.args(["-o", "compat=1.1"]);
-        if compress {
-            cmd.arg("-c");
-        }
+) -> Result<Option<Digests>> {
+    let what = format!("writing the output image {}", dest.display());
+    if !(compress && format == Format::Qcow2) {
+        cleanup::fault_point("converting");
+        let digests = image_writer::write(overlay, format, dest, hash, progress).context(what)?;
+        cleanup::checkpoint();
+        return Ok(digests);
     }
-    cmd.arg("-p").arg(overlay).arg(dest);
-    run_qemu_img_with(&mut cmd, &format!("writing the output image {}", dest.display()), "converting", Some(progress))
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1", "-c", "-p"]).arg(overlay).arg(dest);
+    run_qemu_img_with(&mut cmd, &what, "converting", Some(&mut |percent| progress(percent * 0.5)))?;
+    if !hash {
+        return Ok(None);
+    }
+    let total = std::fs::metadata(dest).with_context(|| format!("reading {}", dest.display()))?.len().max(1) as f64;
+    hashing::file_digests(dest, &mut |n| progress(50.0 + n as f64 * 50.0 / total)).map(Some)
 }
 
 /// Checks a written image the way Glance's format inspection will: the declared format, standalone

@@ -91,10 +91,10 @@ pub enum ManifestRequest {
 }
 
 impl Customize {
-    /// Whether each output is hashed right after it is written (a read of it, from the page cache):
-    /// for a manifest file, or for a JSON report without an upload. An upload hashes the bytes it
-    /// sends instead, so `--upload` alone reads the output once.
-    pub fn hash_after_writing(&self) -> bool {
+    /// Whether each output is hashed as it is written: for a manifest file, or for a JSON report
+    /// without an upload. An upload hashes the bytes it sends instead, so `--upload` alone costs no
+    /// hashing while writing.
+    pub fn hash_while_writing(&self) -> bool {
         self.manifest != ManifestRequest::None || (self.json && self.upload.is_none())
     }
 }

@@ -1,0 +1,108 @@
+//! The one-pass output writer against qemu's own reading of the result: images built with qemu-img and
+//! qemu-io (no appliance), written by cloudimg, then judged by `qemu-img check`, `qemu-img compare`
+//! and coreutils' hashes.
+
+use std::path::Path;
+use std::process::Command;
+
+use cloudimg::image_file::Format;
+use cloudimg::output;
+
+const MIB: u64 = 1 << 20;
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn qemu_io(image: &Path, format: &str, commands: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", format]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    run(cmd.arg(image));
+}
+
+fn digest(tool: &str, path: &Path) -> String {
+    run(Command::new(tool).arg(path)).split_whitespace().next().unwrap().to_string()
+}
+
+/// A compressed qcow2 base (like Ubuntu's images) with data in three L2 ranges and a disk size that
+/// ends inside a cluster, under an overlay that changes, adds and discards data.
+fn overlay(dir: &Path) -> std::path::PathBuf {
+    let raw = dir.join("base.raw");
+    let size = 1536 * MIB + 512;
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&raw).arg(size.to_string()));
+    qemu_io(
+        &raw,
+        "raw",
+        &[
+            "write -P 0x11 0 3M",
+            "write -P 0x22 600M 1M",
+            "write -P 0x33 1100M 65k",
+            &format!("write -P 0x44 {} 512", size - 512),
+        ],
+    );
+    let base = dir.join("base.qcow2");
+    run(Command::new("qemu-img").args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&base));
+    let overlay = dir.join("overlay.qcow2");
+    output::create_overlay(&base, Format::Qcow2, &overlay).unwrap();
+    qemu_io(&overlay, "qcow2", &["write -P 0x55 1M 64k", "write -z 600M 1M", "write -P 0x66 900M 4k", "discard 0 64k"]);
+    overlay
+}
+
+#[test]
+fn written_images_read_back_as_the_overlay_with_the_hashes_of_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let overlay = overlay(dir.path());
+    for (format, compress) in [(Format::Qcow2, false), (Format::Raw, false), (Format::Qcow2, true)] {
+        let out = dir.path().join(format!("out-{}-{compress}", format.as_str()));
+        std::fs::File::create(&out).unwrap();
+        let mut last = 0.0;
+        let digests = output::write_image(&overlay, format, compress, &out, true, &mut |p| last = p).unwrap().unwrap();
+        assert!((99.9..=100.0).contains(&last), "progress ends at 100 % ({last})");
+        if format == Format::Qcow2 {
+            let check = run(Command::new("qemu-img").args(["check", "--output=json", "-f", "qcow2"]).arg(&out));
+            let check: serde_json::Value = serde_json::from_str(&check).unwrap();
+            assert!(check.get("corruptions").is_none() && check.get("leaks").is_none(), "{check}");
+            assert_eq!(check["check-errors"], 0, "{check}");
+        }
+        run(Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "qcow2", "-F", format.as_str()])
+            .arg(&overlay)
+            .arg(&out));
+        assert_eq!(digests.md5, digest("md5sum", &out), "{}", out.display());
+        assert_eq!(digests.sha512, digest("sha512sum", &out), "{}", out.display());
+        if format == Format::Raw {
+            // The test data has no partition table, which check_written would ask of a raw image.
+            assert_eq!(std::fs::metadata(&out).unwrap().len(), 1536 * MIB + 512);
+            continue;
+        }
+        let info = output::check_written(&out, format, 1536 * MIB + 512).unwrap();
+        if !compress {
+            // Only the clusters that hold data are stored: ~3 MiB + 64 KiB + 2 clusters + 4 KiB, plus tables.
+            assert!(info.file_size < 4 * MIB, "{} bytes", info.file_size);
+        }
+    }
+    // Without hashing nothing is hashed, and the image is the same.
+    let again = dir.path().join("again");
+    std::fs::File::create(&again).unwrap();
+    assert!(output::write_image(&overlay, Format::Qcow2, false, &again, false, &mut |_| {}).unwrap().is_none());
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.path().join("out-qcow2-false")).unwrap());
+}
+
+#[test]
+fn an_empty_disk_is_written_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("empty.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("10G"));
+    let overlay = dir.path().join("overlay.qcow2");
+    output::create_overlay(&base, Format::Qcow2, &overlay).unwrap();
+    let out = dir.path().join("out");
+    std::fs::File::create(&out).unwrap();
+    let digests = output::write_image(&overlay, Format::Qcow2, false, &out, true, &mut |_| {}).unwrap().unwrap();
+    run(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"]).arg(&overlay).arg(&out));
+    assert_eq!(digests.md5, digest("md5sum", &out));
+}
