@@ -48,11 +48,11 @@ pub enum Command {
 }
 
 const DOCTOR_HELP: &str = "\
-Checks, in order: the user and container; libguestfs and its backend; the appliance's qemu; qemu-img;
-the appliance files; a kernel that supermin can read (Ubuntu's /boot/vmlinuz-* are readable only by
-root); free space in $TMPDIR and in the appliance cache; whether KVM is usable (or why TCG is used);
-then it builds the appliance and starts it once, with the time each took. Every problem is printed
-with the command that fixes it.
+Checks, in order: the user and container; libguestfs and its backend; the appliance's qemu;
+qemu-img and qemu-nbd; the appliance files; a kernel that supermin can read (Ubuntu's /boot/vmlinuz-*
+are readable only by root); free space in $TMPDIR and in the appliance cache; whether KVM is usable
+(or why TCG is used); then it builds the appliance and starts it once, with the time each took.
+Every problem is printed with the command that fixes it.
 
 Examples:
   cloudimg doctor                # everything, ~15-30 s with TCG

@@ -83,7 +83,7 @@ pub fn run(opts: &Options, mut show: impl FnMut(&Check)) -> Report {
     record(libguestfs_check(&setup), &mut checks);
     let setup = setup.ok();
     record(qemu_check(setup.as_ref().map(|s| s.hv.as_str())), &mut checks);
-    record(qemu_img_check(command_version("qemu-img", &["--version"])), &mut checks);
+    record(qemu_utils_check(["qemu-img", "qemu-nbd"].map(|p| command_version(p, &["--version"]))), &mut checks);
     let appliance = setup.as_ref().map(|s| ApplianceKind::probe(Path::new(&s.appliance_path)));
     record(appliance_source_check(appliance.as_ref()), &mut checks);
     if matches!(appliance, Some(ApplianceKind::Supermin { .. })) {
@@ -194,12 +194,15 @@ fn qemu_check(hv: Option<&str>) -> Check {
     }
 }
 
-fn qemu_img_check(version: Result<String>) -> Check {
-    match version {
-        Ok(version) => Check::new("qemu-img", Status::Ok, version),
-        Err(e) => {
-            Check::new("qemu-img", Status::Fail, format!("qemu-img (which writes the output) does not run: {e:#}"))
-                .fix("sudo apt install qemu-utils")
+/// qemu-img (overlay, map, compressed output) and qemu-nbd (reading the edited image) from qemu-utils.
+fn qemu_utils_check(versions: [Result<String>; 2]) -> Check {
+    match versions {
+        [Ok(img), Ok(nbd)] => Check::new("qemu-utils", Status::Ok, format!("{img}; {nbd}")),
+        [img, nbd] => {
+            let errors: Vec<String> =
+                [img, nbd].into_iter().filter_map(|v| v.err()).map(|e| format!("{e:#}")).collect();
+            let detail = format!("qemu-img and qemu-nbd (which write the output) must run: {}", errors.join("; "));
+            Check::new("qemu-utils", Status::Fail, detail).fix("sudo apt install qemu-utils")
         }
     }
 }

@@ -94,10 +94,10 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
         ]),
         "customize with keys",
     );
-    // Not a terminal: the conversion's progress comes as plain lines, one per quarter.
+    // Not a terminal: the writing progress comes as plain lines, one per quarter.
     let progress: Vec<String> =
-        text(&keyed.stdout).lines().filter(|l| l.contains("converting: ")).map(|l| l.trim().to_string()).collect();
-    assert_eq!(progress.last().map(String::as_str), Some("converting: 100%"), "{}", text(&keyed.stdout));
+        text(&keyed.stdout).lines().filter(|l| l.contains("writing: ")).map(|l| l.trim().to_string()).collect();
+    assert_eq!(progress.last().map(String::as_str), Some("writing: 100%"), "{}", text(&keyed.stdout));
     let lock = ok(run(&["customize", p(&t("keys.qcow2")), "-o", p(&t("locked.qcow2")), "--lock"]), "lock");
     assert!(text(&lock.stdout).contains("restored as it was before cloudimg changed it"), "{}", text(&lock.stdout));
 

@@ -46,7 +46,7 @@ fn each_broken_setting_fails_its_check_with_the_command_that_fixes_it() {
         ("LIBGUESTFS_HV", "/nonexistent/qemu-system-x86_64", "qemu", "unset LIBGUESTFS_HV"),
         ("LIBGUESTFS_PATH", "/nonexistent/appliance", "appliance files", "unset LIBGUESTFS_PATH"),
         ("TMPDIR", "/nonexistent/tmp", "temporary directory", "export TMPDIR="),
-        ("PATH", "/nonexistent/bin", "qemu-img", "sudo apt install qemu-utils"),
+        ("PATH", "/nonexistent/bin", "qemu-utils", "sudo apt install qemu-utils"),
     ];
     for (variable, value, name, fix) in cases {
         let (code, report, _) = doctor(&["--quick"], &[(variable, value)]);
