@@ -788,6 +788,7 @@ fn produce_outputs(
             let mut progress = report.progress("writing");
             let digests = output::write_image(
                 overlay,
+                &p.input,
                 target.format,
                 target.compress,
                 pending.path(),

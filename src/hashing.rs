@@ -25,16 +25,16 @@ pub struct Digests {
 
 /// MD5 and SHA-512 running on their own threads; feed with [`Hashing::update`].
 pub struct Hashing {
-    senders: Vec<SyncSender<Arc<[u8]>>>,
+    senders: Vec<SyncSender<Arc<Vec<u8>>>>,
     workers: Vec<JoinHandle<String>>,
 }
 
-fn worker<D: Digest + Send + 'static>() -> (SyncSender<Arc<[u8]>>, JoinHandle<String>) {
-    let (tx, rx) = sync_channel::<Arc<[u8]>>(QUEUE);
+fn worker<D: Digest + Send + 'static>() -> (SyncSender<Arc<Vec<u8>>>, JoinHandle<String>) {
+    let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(QUEUE);
     let handle = std::thread::spawn(move || {
         let mut digest = D::new();
         for chunk in rx {
-            digest.update(&chunk);
+            digest.update(chunk.as_slice());
         }
         hex(&digest.finalize())
     });
@@ -49,11 +49,11 @@ impl Hashing {
     }
 
     pub fn update(&self, bytes: &[u8]) {
-        self.update_shared(Arc::from(bytes));
+        self.update_shared(Arc::new(bytes.to_vec()));
     }
 
     /// Like [`Hashing::update`], without copying bytes the caller already shares.
-    pub fn update_shared(&self, chunk: Arc<[u8]>) {
+    pub fn update_shared(&self, chunk: Arc<Vec<u8>>) {
         for sender in &self.senders {
             // A worker only stops when its sender is dropped, so sending cannot fail.
             let _ = sender.send(Arc::clone(&chunk));

@@ -28,13 +28,14 @@ pub fn create_overlay(input: &Path, format: Format, overlay: &Path) -> Result<()
     )
 }
 
-/// Writes the overlay's contents (input plus edits) to `dest` as a standalone image, telling
+/// Writes the overlay's contents (`input` plus edits) to `dest` as a standalone image, telling
 /// `progress` the percentage done; returns the file's digests when `hash` is set. Uncompressed images
 /// are written by cloudimg in one pass that hashes as it writes ([`image_writer`]); a compressed
 /// qcow2 is qemu-img's (its tables depend on the compressed sizes, so they cannot precede the data in
 /// a one-pass file) and is read once more to be hashed.
 pub fn write_image(
     overlay: &Path,
+    input: &Path,
     format: Format,
     compress: bool,
     dest: &Path,
@@ -44,7 +45,7 @@ pub fn write_image(
     let what = format!("writing the output image {}", dest.display());
     if !(compress && format == Format::Qcow2) {
         cleanup::fault_point("converting");
-        let digests = image_writer::write(overlay, format, dest, hash, progress).context(what)?;
+        let digests = image_writer::write(overlay, input, format, dest, hash, progress).context(what)?;
         cleanup::checkpoint();
         return Ok(digests);
     }

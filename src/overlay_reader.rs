@@ -1,7 +1,7 @@
 //! Reads what the guest sees through the working overlay (the untouched input plus the edits): where
-//! its data lies, from `qemu-img map`, and the bytes themselves, from a read-only `qemu-nbd` on a
-//! private Unix socket. qemu decodes the qcow2 (compressed clusters, the backing chain); cloudimg
-//! only ever receives plain disk bytes.
+//! its data lies and in which file, from `qemu-img map`; plain clusters are then read straight from
+//! the overlay or the input at the offsets qemu gave, and data only qemu can decode (compressed
+//! clusters) through a read-only `qemu-nbd` on a private Unix socket.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
@@ -16,9 +16,28 @@ use crate::cleanup;
 /// How long qemu-nbd may take to open the overlay and listen.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The virtual size of `overlay` and the byte ranges `(start, length)` where it holds data (anything
-/// else reads as zeros).
-pub fn data_extents(overlay: &Path) -> Result<(u64, Vec<(u64, u64)>)> {
+/// Where a range of the guest's disk is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Reads as zeros (unallocated, or the zero flag, which trimmed blocks get).
+    Zeros,
+    /// Plain bytes at `offset` in the overlay (`depth` 0) or in the input under it (`depth` 1), as
+    /// qemu located them: read straight from the file.
+    File { depth: u32, offset: u64 },
+    /// Data qemu must decode (compressed clusters): read through qemu-nbd.
+    Decoded,
+}
+
+/// A range of the guest's disk: `start` and `length` in bytes, and where its bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub length: u64,
+    pub source: Source,
+}
+
+/// The virtual size of `overlay` and its extents, in order, covering the whole disk.
+pub fn extents(overlay: &Path) -> Result<(u64, Vec<Extent>)> {
     let out = Command::new("qemu-img")
         .args(["map", "--output=json", "-f", "qcow2"])
         .arg(overlay)
@@ -35,16 +54,28 @@ pub fn data_extents(overlay: &Path) -> Result<(u64, Vec<(u64, u64)>)> {
 struct MapEntry {
     start: u64,
     length: u64,
+    depth: u32,
     data: bool,
     zero: bool,
+    offset: Option<u64>,
 }
 
-fn parse_map(json: &[u8]) -> Result<(u64, Vec<(u64, u64)>)> {
+fn parse_map(json: &[u8]) -> Result<(u64, Vec<Extent>)> {
     let entries: Vec<MapEntry> = serde_json::from_slice(json)?;
     let size = entries.iter().map(|e| e.start + e.length).max().unwrap_or(0);
-    // Clusters that read as zeros (unallocated, or the zero flag, which trimmed blocks get) are left out.
-    let data = entries.iter().filter(|e| e.data && !e.zero).map(|e| (e.start, e.length)).collect();
-    Ok((size, data))
+    let extents = entries
+        .iter()
+        .map(|e| Extent {
+            start: e.start,
+            length: e.length,
+            source: match (e.data && !e.zero, e.offset) {
+                (false, _) => Source::Zeros,
+                (true, Some(offset)) if e.depth <= 1 => Source::File { depth: e.depth, offset },
+                (true, _) => Source::Decoded,
+            },
+        })
+        .collect();
+    Ok((size, extents))
 }
 
 /// A read-only NBD export of the overlay, served by a qemu-nbd child that ends with it.
@@ -113,14 +144,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_map_keeps_only_ranges_that_hold_data() {
+    fn the_map_tells_where_each_range_is_read_from() {
         let json = br#"[
-            {"start": 0, "length": 65536, "depth": 1, "present": true, "zero": false, "data": true, "offset": 327680},
+            {"start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 327680},
             {"start": 65536, "length": 131072, "depth": 0, "present": true, "zero": true, "data": false},
-            {"start": 196608, "length": 65536, "depth": 0, "present": true, "zero": true, "data": true, "offset": 5},
+            {"start": 196608, "length": 65536, "depth": 1, "present": true, "zero": false, "data": true},
             {"start": 262144, "length": 1048576, "depth": 1, "present": false, "zero": true, "data": false}
         ]"#;
-        assert_eq!(parse_map(json).unwrap(), (1310720, vec![(0, 65536)]));
+        let (size, extents) = parse_map(json).unwrap();
+        assert_eq!(size, 1310720);
+        let sources: Vec<Source> = extents.iter().map(|e| e.source).collect();
+        let file = Source::File { depth: 0, offset: 327680 };
+        assert_eq!(sources, [file, Source::Zeros, Source::Decoded, Source::Zeros]);
         assert!(parse_map(b"{}").is_err());
     }
 }

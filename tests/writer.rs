@@ -2,7 +2,7 @@
 //! qemu-io (no appliance), written by cloudimg, then judged by `qemu-img check`, `qemu-img compare`
 //! and coreutils' hashes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cloudimg::image_file::Format;
@@ -29,9 +29,10 @@ fn digest(tool: &str, path: &Path) -> String {
     run(Command::new(tool).arg(path)).split_whitespace().next().unwrap().to_string()
 }
 
-/// A compressed qcow2 base (like Ubuntu's images) with data in three L2 ranges and a disk size that
-/// ends inside a cluster, under an overlay that changes, adds and discards data.
-fn overlay(dir: &Path) -> std::path::PathBuf {
+/// A qcow2 base, compressed (like Ubuntu's images, read through qemu-nbd) or not (read straight from
+/// the file), with data in three L2 ranges and a disk size that ends inside a cluster, under an overlay
+/// that changes, adds and discards data. Returns the base and the overlay.
+fn images(dir: &Path, compressed: bool) -> (PathBuf, PathBuf) {
     let raw = dir.join("base.raw");
     let size = 1536 * MIB + 512;
     run(Command::new("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&raw).arg(size.to_string()));
@@ -45,23 +46,32 @@ fn overlay(dir: &Path) -> std::path::PathBuf {
             &format!("write -P 0x44 {} 512", size - 512),
         ],
     );
-    let base = dir.join("base.qcow2");
-    run(Command::new("qemu-img").args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&base));
-    let overlay = dir.join("overlay.qcow2");
+    let base = dir.join(format!("base-{compressed}.qcow2"));
+    let compress = if compressed { "-c" } else { "-q" };
+    run(Command::new("qemu-img").args(["convert", "-q", compress, "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&base));
+    let overlay = dir.join(format!("overlay-{compressed}.qcow2"));
     output::create_overlay(&base, Format::Qcow2, &overlay).unwrap();
     qemu_io(&overlay, "qcow2", &["write -P 0x55 1M 64k", "write -z 600M 1M", "write -P 0x66 900M 4k", "discard 0 64k"]);
-    overlay
+    (base, overlay)
 }
 
 #[test]
 fn written_images_read_back_as_the_overlay_with_the_hashes_of_their_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let overlay = overlay(dir.path());
-    for (format, compress) in [(Format::Qcow2, false), (Format::Raw, false), (Format::Qcow2, true)] {
-        let out = dir.path().join(format!("out-{}-{compress}", format.as_str()));
+    let (base, overlay) = images(dir.path(), true);
+    let (plain_base, plain_overlay) = images(dir.path(), false);
+    let cases = [
+        ("plain", &plain_base, &plain_overlay, Format::Qcow2, false),
+        ("qcow2", &base, &overlay, Format::Qcow2, false),
+        ("raw", &base, &overlay, Format::Raw, false),
+        ("compressed", &base, &overlay, Format::Qcow2, true),
+    ];
+    for (name, base, overlay, format, compress) in cases {
+        let out = dir.path().join(name);
         std::fs::File::create(&out).unwrap();
         let mut last = 0.0;
-        let digests = output::write_image(&overlay, format, compress, &out, true, &mut |p| last = p).unwrap().unwrap();
+        let digests =
+            output::write_image(overlay, base, format, compress, &out, true, &mut |p| last = p).unwrap().unwrap();
         assert!((99.9..=100.0).contains(&last), "progress ends at 100 % ({last})");
         if format == Format::Qcow2 {
             let check = run(Command::new("qemu-img").args(["check", "--output=json", "-f", "qcow2"]).arg(&out));
@@ -71,7 +81,7 @@ fn written_images_read_back_as_the_overlay_with_the_hashes_of_their_bytes() {
         }
         run(Command::new("qemu-img")
             .args(["compare", "-q", "-f", "qcow2", "-F", format.as_str()])
-            .arg(&overlay)
+            .arg(overlay)
             .arg(&out));
         assert_eq!(digests.md5, digest("md5sum", &out), "{}", out.display());
         assert_eq!(digests.sha512, digest("sha512sum", &out), "{}", out.display());
@@ -89,8 +99,10 @@ fn written_images_read_back_as_the_overlay_with_the_hashes_of_their_bytes() {
     // Without hashing nothing is hashed, and the image is the same.
     let again = dir.path().join("again");
     std::fs::File::create(&again).unwrap();
-    assert!(output::write_image(&overlay, Format::Qcow2, false, &again, false, &mut |_| {}).unwrap().is_none());
-    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.path().join("out-qcow2-false")).unwrap());
+    assert!(output::write_image(&overlay, &base, Format::Qcow2, false, &again, false, &mut |_| {}).unwrap().is_none());
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.path().join("qcow2")).unwrap());
+    // Read straight from the files or decoded by qemu: the same image.
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.path().join("plain")).unwrap());
 }
 
 #[test]
@@ -102,7 +114,7 @@ fn an_empty_disk_is_written_whole() {
     output::create_overlay(&base, Format::Qcow2, &overlay).unwrap();
     let out = dir.path().join("out");
     std::fs::File::create(&out).unwrap();
-    let digests = output::write_image(&overlay, Format::Qcow2, false, &out, true, &mut |_| {}).unwrap().unwrap();
+    let digests = output::write_image(&overlay, &base, Format::Qcow2, false, &out, true, &mut |_| {}).unwrap().unwrap();
     run(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"]).arg(&overlay).arg(&out));
     assert_eq!(digests.md5, digest("md5sum", &out));
 }
