@@ -1,6 +1,7 @@
 //! Producing the output image: the edits go to a qcow2 overlay on top of the untouched input, and one
-//! `qemu-img convert` pass writes a standalone image to a temporary file beside the destination,
-//! which is flushed and renamed into place only when everything succeeded.
+//! pass over its data (cloudimg's writer, or `qemu-img convert -c` for a compressed qcow2) writes a
+//! standalone image to a temporary file beside the destination, which is flushed and renamed into
+//! place only when everything succeeded.
 
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -51,7 +52,9 @@ pub fn write_image(
     }
     let mut cmd = Command::new("qemu-img");
     cmd.args(["convert", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1", "-c", "-p"]).arg(overlay).arg(dest);
-    run_qemu_img_with(&mut cmd, &what, "converting", Some(&mut |percent| progress(percent * 0.5)))?;
+    // With hashing to follow, compressing is the first half of the progress.
+    let share = if hash { 0.5 } else { 1.0 };
+    run_qemu_img_with(&mut cmd, &what, "converting", Some(&mut |percent| progress(percent * share)))?;
     if !hash {
         return Ok(None);
     }

@@ -96,6 +96,14 @@ fn written_images_read_back_as_the_overlay_with_the_hashes_of_their_bytes() {
             assert!(info.file_size < 4 * MIB, "{} bytes", info.file_size);
         }
     }
+    // A compressed image without hashing still reports its progress to the end.
+    let mut last = 0.0;
+    let compressed = dir.path().join("compressed-unhashed");
+    std::fs::File::create(&compressed).unwrap();
+    assert!(output::write_image(&overlay, &base, Format::Qcow2, true, &compressed, false, &mut |p| last = p)
+        .unwrap()
+        .is_none());
+    assert!((99.9..=100.0).contains(&last), "progress ends at 100 % ({last})");
     // Without hashing nothing is hashed, and the image is the same.
     let again = dir.path().join("again");
     std::fs::File::create(&again).unwrap();
