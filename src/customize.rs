@@ -283,6 +283,7 @@ fn in_appliance(
         Err(e) => return (fail_all(e), Vec::new()),
     };
     cleanup::fault_point("launched");
+    report.detail(&format!("appliance: {}", guest.appliance));
     let split = if group.len() > 1 {
         report.phase("Sorting out which filesystems belong to which image");
         match batch::split(&guest).map_err(with_code(APPLIANCE)) {

@@ -133,7 +133,7 @@ fn verdict(failures: usize, accel: Option<Accel>, launch_seconds: Option<f64>, q
     }
 }
 
-fn effective_uid() -> u32 {
+pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -467,14 +467,21 @@ fn launch_check(accel: Accel, timeout: Duration) -> (Check, Option<f64>) {
     let launched = cleanup::work_dir().and_then(|work| {
         let drive = Drive { path: Path::new("/dev/null"), format: Format::Raw, readonly: true };
         let opts = LaunchOptions { accel, timeout, debug: false, tmpdir: work.path() };
-        let result = Guest::launch(&[drive], &opts).and_then(Guest::shutdown);
+        let result = Guest::launch(&[drive], &opts).and_then(|guest| {
+            let appliance = guest.appliance.clone();
+            guest.shutdown().map(|()| appliance)
+        });
         cleanup::unregister(work.path());
         result
     });
     let seconds = start.elapsed().as_secs_f64();
     match launched {
-        Ok(()) => (
-            Check::new("launch", Status::Ok, format!("the appliance started and stopped in {seconds:.1} s")),
+        Ok(appliance) => (
+            Check::new(
+                "launch",
+                Status::Ok,
+                format!("the appliance started and stopped in {seconds:.1} s; it was {appliance}"),
+            ),
             Some(seconds),
         ),
         Err(e) => (

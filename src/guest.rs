@@ -10,6 +10,7 @@ use guestfs::{AddDriveOptArgs, CreateFlags, GlobExpandOptArgs, Handle};
 use crate::accel::Accel;
 use crate::cleanup::Watchdog;
 use crate::exit_codes::{with_code, APPLIANCE};
+use crate::fast_boot;
 use crate::image_file::Format;
 use crate::partition_table;
 
@@ -98,6 +99,8 @@ pub struct LaunchOptions<'a> {
 pub struct Guest {
     g: Handle,
     timeout: Duration,
+    /// The appliance it booted.
+    pub appliance: fast_boot::Choice,
 }
 
 /// One file's ownership, permissions and SELinux label, to carry over when it is replaced.
@@ -140,11 +143,20 @@ impl Guest {
         // the launch, so that supermin's files go wherever ours go.
         let cachedir = g.get_cachedir().map_err(gerr)?;
         g.set_cachedir(Some(&cachedir)).map_err(gerr)?;
-        let guest = Guest { g, timeout: opts.timeout };
+        let appliance = match opts.accel {
+            Accel::Tcg => fast_boot::choose(Path::new(&cachedir)),
+            Accel::Kvm => {
+                fast_boot::Choice::Stock("with KVM the kernel decompresses itself in a fraction of a second".into())
+            }
+        };
+        if let fast_boot::Choice::Copy { dir, .. } = &appliance {
+            g.set_path(Some(&dir.to_string_lossy())).map_err(gerr)?;
+        }
+        let guest = Guest { g, timeout: opts.timeout, appliance };
         let tmpdir_env = ScopedEnv::set("TMPDIR", Some(opts.tmpdir));
         let launched = guest.bounded("launching the libguestfs appliance", |g| g.launch());
         drop(tmpdir_env);
-        launched.map_err(|e| explain_launch_failure(e, opts))?;
+        launched.map_err(|e| explain_launch_failure(e, opts, &guest.appliance))?;
         Ok(guest)
     }
 
@@ -463,7 +475,7 @@ impl Drop for ScopedEnv {
     }
 }
 
-fn explain_launch_failure(err: anyhow::Error, opts: &LaunchOptions) -> anyhow::Error {
+fn explain_launch_failure(err: anyhow::Error, opts: &LaunchOptions, appliance: &fast_boot::Choice) -> anyhow::Error {
     let text = format!("{err:#}");
     let hint = if text.contains("did not finish within") {
         match opts.accel {
@@ -475,5 +487,13 @@ fn explain_launch_failure(err: anyhow::Error, opts: &LaunchOptions) -> anyhow::E
     } else {
         "run `libguestfs-test-tool` to see why the appliance does not start"
     };
-    anyhow!("{text}; {hint}")
+    let copy = match appliance {
+        fast_boot::Choice::Copy { dir, .. } => format!(
+            " (this launch booted cloudimg's fast-boot copy of the appliance in {}; {}=1 boots libguestfs's own)",
+            dir.display(),
+            fast_boot::OPT_OUT_VARIABLE
+        ),
+        fast_boot::Choice::Stock(_) => String::new(),
+    };
+    anyhow!("{text}; {hint}{copy}")
 }

@@ -10,6 +10,7 @@ pub mod cloud_config;
 pub mod customize;
 pub mod doctor;
 pub mod exit_codes;
+pub mod fast_boot;
 pub mod guest;
 pub mod guest_config;
 pub mod hashing;

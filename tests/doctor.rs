@@ -4,6 +4,8 @@
 mod common;
 
 use common::{cloudimg, text};
+use std::os::unix::fs::MetadataExt;
+
 use serde_json::Value;
 
 fn doctor(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Value, String) {
@@ -36,6 +38,26 @@ fn doctor_builds_and_starts_the_appliance_here() {
     assert!(report["launch_seconds"].as_f64().unwrap() > 0.0);
     let expected_accel = if common::force_tcg() { "tcg" } else { "kvm" };
     assert_eq!(report["accel"], expected_accel);
+    let launch = check(&report, "launch")["detail"].as_str().unwrap();
+    if common::force_tcg() {
+        // doctor has just built (or checked) libguestfs's appliance, so the launch boots the fast-boot
+        // copy of it, and that copy started.
+        let dir = launch
+            .split_once("fast-boot copy")
+            .and_then(|(_, rest)| rest.split(" in ").nth(1))
+            .unwrap_or_else(|| panic!("{launch}"));
+        let dir = std::path::Path::new(dir.trim());
+        let kernel = std::fs::File::open(dir.join("kernel")).unwrap();
+        assert!(cloudimg::fast_boot::has_pvh_entry(kernel).unwrap(), "{launch}");
+        let meta = |p: &std::path::Path| std::fs::metadata(p).unwrap();
+        let cache = dir.parent().and_then(|base| base.parent()).unwrap();
+        let source = cache.join(format!(".guestfs-{}", meta(dir).uid())).join("appliance.d");
+        for file in ["initrd", "root"] {
+            assert_eq!(meta(&dir.join(file)).ino(), meta(&source.join(file)).ino(), "{file} of {launch}");
+        }
+    } else {
+        assert!(launch.contains("libguestfs's own"), "{launch}");
+    }
     assert!(report["verdict"].as_str().unwrap().starts_with("cloudimg works on this host"), "{report:#}");
 }
 
