@@ -82,6 +82,7 @@ fn find_or_make(cachedir: &Path, packages_changed: Option<SystemTime>) -> Result
     let name = copy_name(kernel, initrd, root);
     let dir = base.join(&name);
     if dir.join("README.fixed").is_file() {
+        remove_stale(&base, &name);
         return Ok(Choice::Copy { dir, made: false });
     }
     let building = tempfile::Builder::new().prefix(".new-").tempdir_in(&base)?;
