@@ -418,7 +418,7 @@ fn kvm_check(requested: Requested, host: &HostKvm) -> Check {
 /// Builds (or finds up to date) the supermin appliance with the same command libguestfs runs, so that
 /// a failure shows supermin's own message, and the launch after it measures only the launch.
 fn build_check(setup: &Setup, timeout: Duration) -> Check {
-    let cache = Path::new(&setup.cachedir).join(format!(".guestfs-{}", effective_uid()));
+    let cache = crate::fast_boot::libguestfs_cache(Path::new(&setup.cachedir));
     let appliance_d = cache.join("appliance.d");
     let before = modified(&appliance_d.join("root"));
     let start = Instant::now();

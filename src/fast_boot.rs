@@ -63,10 +63,15 @@ pub fn choose(cachedir: &Path) -> Choice {
     find_or_make(cachedir, packages_changed()).unwrap_or_else(|e| Choice::Stock(format!("{e:#}")))
 }
 
+/// libguestfs's per-user cache in `cachedir`, where supermin builds `appliance.d`.
+pub fn libguestfs_cache(cachedir: &Path) -> PathBuf {
+    cachedir.join(format!(".guestfs-{}", crate::doctor::effective_uid()))
+}
+
 /// `packages_changed`: when the host's package database last changed, if known.
 fn find_or_make(cachedir: &Path, packages_changed: Option<SystemTime>) -> Result<Choice> {
     let uid = crate::doctor::effective_uid();
-    let source = cachedir.join(format!(".guestfs-{uid}")).join("appliance.d");
+    let source = libguestfs_cache(cachedir).join("appliance.d");
     let built = match fs::metadata(&source) {
         Ok(m) => m.modified()?,
         Err(_) => bail!("libguestfs has not built its appliance yet (it does on this launch)"),
@@ -349,7 +354,7 @@ mod tests {
     /// A cache directory holding a libguestfs appliance whose kernel is `elf`, xz-compressed.
     fn cache_with_appliance(elf: &[u8]) -> (tempfile::TempDir, PathBuf) {
         let cache = tempfile::tempdir().unwrap();
-        let source = cache.path().join(format!(".guestfs-{}", crate::doctor::effective_uid())).join("appliance.d");
+        let source = libguestfs_cache(cache.path()).join("appliance.d");
         fs::create_dir_all(&source).unwrap();
         let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
         e.write_all(elf).unwrap();
