@@ -1,8 +1,9 @@
 //! Whether the edit will really give a password login, judged on the files as they will be: every
 //! finding names what stands in the way and how to fix it.
 
-use crate::cloud_config::credentials::{self, CloudInitVersion, UserOutcome};
+use crate::cloud_config::credentials::{self, UserOutcome};
 use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::DROP_IN;
 use crate::sshd;
 

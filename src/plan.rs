@@ -4,12 +4,14 @@
 use anyhow::{Context, Result};
 
 use crate::checks::{self, Effective, Finding, Intent};
-use crate::cloud_config::credentials::{self, CloudInitVersion, Form, Stored};
+use crate::cloud_config::credentials::{self, Form, Stored};
 use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::yaml11::Value;
 use crate::cloud_config::{edit, keys, yaml11};
 use crate::exit_codes::{with_code, BAD_GUEST};
 use crate::guest_config::CloudFile;
+use crate::shadow;
 use crate::sshd;
 
 /// What was read from the image.
@@ -19,6 +21,8 @@ pub struct Facts<'a> {
     pub version: CloudInitVersion,
     pub passwd_users: &'a [String],
     pub sshd: Option<&'a sshd::Files>,
+    /// `/etc/shadow`, when the image has one: whether an account has a password to keep usable.
+    pub shadow: Option<&'a str>,
     pub booted_before: bool,
 }
 
@@ -102,7 +106,7 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
 
     let is_default_user = default_user.as_deref() == Some(user.as_str());
     let edit_with = |stored: Option<Stored>| -> Result<(Option<Form>, edit::Edited)> {
-        let (form, mut entries) = match stored {
+        let (form, mut entries) = match stored.clone() {
             Some(stored) => {
                 let creq = credentials::Request {
                     user: &user,
@@ -119,8 +123,13 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
             None => (None, req.ssh_pwauth.map(|on| ("ssh_pwauth".to_string(), Value::Bool(on))).into_iter().collect()),
         };
         if !req.ssh_keys.is_empty() {
+            let account = match &stored {
+                Some(stored) => keys::Account::Password { stored, already_set: req.already_set },
+                None if has_password(facts.shadow, &user) => keys::Account::KeepPassword,
+                None => keys::Account::Locked,
+            };
             entries.extend(
-                keys::entries(&target_root, &lower, &user, is_default_user, req.ssh_keys)
+                keys::entries(&target_root, &lower, &user, is_default_user, req.ssh_keys, account)
                     .map_err(with_code(BAD_GUEST))?,
             );
         }
@@ -178,6 +187,11 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
         effective,
         findings,
     })
+}
+
+/// Whether `user` has a password in `/etc/shadow` (without the file, assume so: unlocking is harmless).
+fn has_password(shadow: Option<&str>, user: &str) -> bool {
+    shadow.is_none_or(|text| matches!(shadow::state(text, user), shadow::State::Hash(_)))
 }
 
 /// Names of users that cloud-config's `users` creates.

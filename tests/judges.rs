@@ -24,7 +24,14 @@ fn run_plan(files: &[CloudFile], version: &str, user: Option<&str>, stored: Stor
     let never = |_: &str| false;
     let users = vec!["root".to_string(), "ops".to_string()];
     plan(
-        &Facts { files, version: version.parse().unwrap(), passwd_users: &users, sshd: None, booted_before: false },
+        &Facts {
+            files,
+            version: version.parse().unwrap(),
+            passwd_users: &users,
+            sshd: None,
+            shadow: None,
+            booted_before: false,
+        },
         &Request {
             user,
             stored: Some(stored),
