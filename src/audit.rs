@@ -2,8 +2,9 @@
 //! configuration for every user it names, sshd's decision after cloud-init acts, `/etc/shadow`, and
 //! the findings worth reporting. Pure: `inspect` and `customize` feed it what they read.
 
-use crate::checks::{Finding, Severity};
+use crate::checks::{self, Finding, Severity};
 use crate::cloud_config::credentials;
+use crate::cloud_config::deprecations;
 use crate::cloud_config::merge::{self, ConfigFile};
 use crate::cloud_config::version::{CloudInitVersion, Detection, Found};
 use crate::cloud_config::yaml11::{Mapping, Value};
@@ -50,6 +51,10 @@ pub struct CloudInit {
     pub ssh_pwauth: Option<bool>,
     /// `disable_root` (default true): root's keys get a command that refuses the login.
     pub disable_root: bool,
+    /// What cloud-init will log at WARNING or DEPRECATED level because of these keys.
+    pub logged: Vec<deprecations::Logged>,
+    /// Whether `cloud-init status` will end `degraded` (exit 2) because of them (23.4 and later).
+    pub degraded: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -93,6 +98,7 @@ pub fn analyse(image: &Image) -> Analysis {
         let default_user = credentials::default_user(&merged);
         let passwords = configured_passwords(image.files, &merged, version, default_user.as_deref());
         let outcome = credentials::outcome(&merged, version, "", None);
+        let logged = deprecations::logged(image.files, version, &|name| shadow::account(image.shadow, name));
         CloudInit {
             version: found,
             set_passwords_runs: credentials::runs_set_passwords(&merged),
@@ -100,10 +106,13 @@ pub fn analyse(image: &Image) -> Analysis {
             expire: outcome.expire,
             ssh_pwauth: outcome.ssh_pwauth,
             disable_root: merged.get("disable_root").is_none_or(credentials::is_true_like),
+            degraded: !logged.is_empty() && version >= deprecations::DEGRADES_STATUS,
+            logged,
             default_user,
         }
     });
     if let Some(ci) = &cloud_init {
+        findings.extend(ci.logged.iter().map(|l| checks::logged_finding(l, ci.version.version)));
         for p in ci.passwords.iter().filter(|p| p.kind == "text") {
             findings.push(Finding {
                 severity: Severity::Security,

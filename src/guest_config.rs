@@ -142,14 +142,17 @@ fn read_version_py(guest: &Guest, entries: &[String], detection: &mut Detection)
         };
         match version::parse_version_py(&text) {
             VersionPy::Literal(raw) => detection.answer(Source::VersionPy, &path, &raw),
-            VersionPy::FromMesonModule => {
+            VersionPy::FromMesonModule { packaged } => {
                 let meson = format!("{package}/meson_versions.py");
                 match read_text(guest, &meson) {
                     Ok(Some(text)) => match version::parse_meson_versions(&text) {
                         Some(raw) => detection.answer(Source::MesonVersions, &meson, &raw),
                         None => detection.miss(format!("{meson} (no UPSTREAM_VERSION in it)")),
                     },
-                    Ok(None) => detection.miss(format!("{meson} (version.py imports it, but it is missing)")),
+                    Ok(None) => match packaged {
+                        Some(raw) => detection.answer(Source::VersionPy, &path, &raw),
+                        None => detection.miss(format!("{meson} (version.py imports it, but it is missing)")),
+                    },
                     Err(e) => detection.miss(format!("{e:#}")),
                 }
             }

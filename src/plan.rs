@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 
 use crate::checks::{self, Effective, Finding, Intent};
 use crate::cloud_config::credentials::{self, Form, Stored};
+use crate::cloud_config::deprecations::{self, Account};
 use crate::cloud_config::merge::{self, ConfigFile};
 use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::yaml11::Value;
@@ -54,6 +55,8 @@ pub struct Plan {
     pub masked_text: String,
     pub changed_keys: Vec<String>,
     pub effective: Effective,
+    /// What cloud-init will log at WARNING or DEPRECATED level with the edited files.
+    pub logged: Vec<deprecations::Logged>,
     pub findings: Vec<Finding>,
 }
 
@@ -125,7 +128,7 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
         if !req.ssh_keys.is_empty() {
             let account = match &stored {
                 Some(stored) => keys::Account::Password { stored, already_set: req.already_set },
-                None if has_password(facts.shadow, &user) => keys::Account::KeepPassword,
+                None if shadow::account(facts.shadow, &user) == Account::WithPassword => keys::Account::KeepPassword,
                 None => keys::Account::Locked,
             };
             entries.extend(
@@ -176,6 +179,9 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
             target: req.target,
         },
     );
+    let mut findings = findings;
+    let logged = deprecations::logged(&after, facts.version, &|name| shadow::account(facts.shadow, name));
+    findings.extend(logged.iter().map(|l| checks::logged_finding(l, facts.version)));
     Ok(Plan {
         user,
         form,
@@ -185,13 +191,9 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
         masked_text: masked_edit.text,
         changed_keys: edited.changed_keys,
         effective,
+        logged,
         findings,
     })
-}
-
-/// Whether `user` has a password in `/etc/shadow` (without the file, assume so: unlocking is harmless).
-fn has_password(shadow: Option<&str>, user: &str) -> bool {
-    shadow.is_none_or(|text| matches!(shadow::state(text, user), shadow::State::Hash(_)))
 }
 
 /// Names of users that cloud-config's `users` creates.
@@ -205,4 +207,81 @@ fn configured_users(cfg: &yaml11::Mapping) -> impl Iterator<Item = String> + '_ 
         yaml11::Value::Map(m) => m.get("name").and_then(yaml11::Value::as_str).map(str::to_string),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud_config::{CLOUD_CFG, DROP_IN};
+    use crate::guest_config::parse_file;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcBP2Hlv715+49uDDvU+ZdmzRat/4M9S78A5XhQM7FV alice@laptop";
+    /// `ops` exists with a password, `nopw` exists locked, `alice` is new.
+    const SHADOW: &str = "root:*:19000::::::\nops:$6$a$b:19000::::::\nnopw:!:19000::::::\n";
+
+    /// What cloudimg writes makes the image's own cloud-init log no WARNING or DEPRECATED line, in
+    /// every release line it supports and for every kind of request, on each distribution's file.
+    #[test]
+    fn what_cloudimg_writes_is_never_reported_by_that_cloud_init() {
+        let versions = [
+            "0.7.5", "17.1", "18.5", "21.4", "22.1", "22.2", "22.3", "22.4.2", "23.4", "24.1", "24.3", "25.1.4", "26.2",
+        ];
+        let passwd: Vec<String> = ["root", "ops", "nopw"].iter().map(|u| u.to_string()).collect();
+        let keys = vec![KEY.to_string()];
+        let never = |_: &str| false;
+        let mut checked = 0;
+        for name in ["debian-12-22.4.2", "ubuntu-26", "rocky-26"] {
+            let cfg = std::fs::read_to_string(format!("fixtures/cloud-cfg/{name}.cloud.cfg")).unwrap();
+            let files = vec![parse_file(CLOUD_CFG, cfg).unwrap()];
+            for version in versions {
+                let version: CloudInitVersion = version.parse().unwrap();
+                let plain = version < CloudInitVersion::HASHES;
+                let stored = if plain { Stored::Plain("pw".into()) } else { Stored::Hash("$6$salt$hash".into()) };
+                let requests: [(Option<&str>, bool, &[String]); 7] = [
+                    (None, true, &[]),
+                    (None, true, &keys),
+                    (None, false, &keys),
+                    (Some("ops"), true, &keys),
+                    (Some("nopw"), false, &keys),
+                    (Some("nopw"), true, &keys),
+                    (Some("alice"), true, &keys),
+                ];
+                for (user, with_password, ssh_keys) in requests {
+                    for target in [CLOUD_CFG, DROP_IN] {
+                        let facts = Facts {
+                            files: &files,
+                            version,
+                            passwd_users: &passwd,
+                            sshd: None,
+                            shadow: Some(SHADOW),
+                            booted_before: false,
+                        };
+                        let request = Request {
+                            user,
+                            stored: with_password.then(|| stored.clone()),
+                            ssh_keys,
+                            already_set: &never,
+                            expire: false,
+                            ssh_pwauth: Some(true),
+                            target,
+                        };
+                        let what = format!(
+                            "{name} {version} {user:?} password={with_password} keys={} {target}",
+                            ssh_keys.len()
+                        );
+                        let planned = match (plan(&facts, &request), user) {
+                            (Ok(planned), _) => planned,
+                            // `alice` is neither in /etc/passwd nor created by cloud-init: refused, as it must be.
+                            (Err(e), Some("alice")) if e.to_string().contains("exists neither") => continue,
+                            (Err(e), _) => panic!("{what}: {e:#}"),
+                        };
+                        assert_eq!(planned.logged, Vec::new(), "{what}:\n{}", planned.new_text);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        // Every combination but the refused user was planned and judged.
+        assert_eq!(checked, 3 * 13 * 6 * 2);
+    }
 }

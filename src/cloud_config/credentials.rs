@@ -280,7 +280,7 @@ pub(crate) fn is_true_like(v: &Value) -> bool {
     }
 }
 
-fn is_false_like(v: &Value) -> bool {
+pub(crate) fn is_false_like(v: &Value) -> bool {
     match v {
         Value::Bool(b) => !*b,
         Value::Str(s) => matches!(s.to_ascii_lowercase().as_str(), "false" | "0" | "off" | "no"),

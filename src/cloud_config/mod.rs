@@ -1,6 +1,7 @@
 //! Everything cloud-init configuration: reading YAML as cloud-init does, editing it, merging files,
 //! and working out what cloud-init will do with the result. Pure functions only.
 pub mod credentials;
+pub mod deprecations;
 pub mod edit;
 pub mod keys;
 pub mod lock;

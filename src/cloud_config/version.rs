@@ -115,8 +115,10 @@ impl fmt::Display for Found {
 pub enum VersionPy {
     /// A version written in the file (the upstream literal, else a packager's substitution).
     Literal(String),
-    /// The number lives in the meson-generated `meson_versions.py` beside it (26.1 and later).
-    FromMesonModule,
+    /// The number lives in the meson-generated `meson_versions.py` beside it (26.1 and later), or,
+    /// where a packager built without meson (Ubuntu's 26.1 for 24.04), in the `_DOWNSTREAM_VERSION`
+    /// they substituted here.
+    FromMesonModule { packaged: Option<String> },
     /// Neither: a shape this reader does not know.
     Unknown,
 }
@@ -138,12 +140,11 @@ pub fn parse_version_py(text: &str) -> VersionPy {
     if let Some(c) = UPSTREAM.captures(text) {
         return VersionPy::Literal(c[1].to_string());
     }
-    if MESON.is_match(text) {
-        return VersionPy::FromMesonModule;
-    }
-    match PACKAGED.captures(text) {
-        Some(c) => VersionPy::Literal(c[1].to_string()),
-        None => VersionPy::Unknown,
+    let packaged = PACKAGED.captures(text).map(|c| c[1].to_string());
+    match (MESON.is_match(text), packaged) {
+        (true, packaged) => VersionPy::FromMesonModule { packaged },
+        (false, Some(packaged)) => VersionPy::Literal(packaged),
+        (false, None) => VersionPy::Unknown,
     }
 }
 
@@ -287,7 +288,12 @@ mod tests {
             (
                 "26.1 meson",
                 "try:\n    from cloudinit import meson_versions  # type: ignore\n\n    __VERSION__ = meson_versions.UPSTREAM_VERSION\n    _DOWNSTREAM_VERSION = meson_versions.DOWNSTREAM_VERSION\nexcept ImportError:\n    __VERSION__ = \"@MISSING_MESON_BUILD_ARTIFACT@\"\n    _DOWNSTREAM_VERSION = \"@DOWNSTREAM_VERSION@\"\n",
-                VersionPy::FromMesonModule,
+                VersionPy::FromMesonModule { packaged: None },
+            ),
+            (
+                "26.1 built without meson by Ubuntu, downstream version substituted",
+                "try:\n    from cloudinit import meson_versions  # type: ignore\n\n    __VERSION__ = meson_versions.UPSTREAM_VERSION\n    _DOWNSTREAM_VERSION = meson_versions.DOWNSTREAM_VERSION\nexcept ImportError:\n    __VERSION__ = \"@MISSING_MESON_BUILD_ARTIFACT@\"\n    _DOWNSTREAM_VERSION = \"26.1-0ubuntu0~24.04.1\"\n",
+                VersionPy::FromMesonModule { packaged: Some("26.1-0ubuntu0~24.04.1".into()) },
             ),
             ("nothing", "print('hello')\n", VersionPy::Unknown),
         ];
