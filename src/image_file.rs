@@ -165,7 +165,6 @@ fn qcow2(h: &[u8], file_size: u64) -> Result<ImageInfo> {
         bail!("the qcow2 header has an impossible cluster size (2^{cluster_bits})");
     }
     let virtual_size = be64(h, 24).ok_or_else(truncated)?;
-    check_virtual_size(virtual_size)?;
     if be32(h, 32).ok_or_else(truncated)? != 0 {
         bail!("the qcow2 is encrypted; cloudimg does not handle encrypted images");
     }
@@ -183,6 +182,7 @@ fn qcow2(h: &[u8], file_size: u64) -> Result<ImageInfo> {
              the header gives {l1_size}"
         );
     }
+    check_virtual_size(virtual_size)?;
     let within = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= file_size);
     if !within(l1_offset, l1_size * 8) || !within(refcount_offset, refcount_clusters * cluster_size) {
         bail!("the file is truncated: its qcow2 tables point beyond its end ({file_size} bytes)");
