@@ -12,6 +12,9 @@ use common::{fixtures, text, ReadBack};
 
 const USER: &str = "cloudimg-nonroot";
 
+/// The tests here run one at a time: one looks for every file the user owns, the other makes some.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn ensure_user() {
     if !Command::new("id").arg(USER).output().unwrap().status.success() {
         let made = Command::new("useradd")
@@ -53,6 +56,7 @@ fn an_ordinary_user_customizes_an_image_and_writes_only_where_told() {
         eprintln!("skipped: creating a test user needs root");
         return;
     }
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     ensure_user();
     let base = tempfile::Builder::new().prefix("cloudimg-nonroot-").tempdir().unwrap();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -297,6 +301,7 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
         eprintln!("skipped: the race needs root and a user to race it");
         return;
     }
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     ensure_user();
     let base = tempfile::Builder::new().prefix("cloudimg-race-").tempdir().unwrap();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -347,8 +352,10 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
     let swapped = attacker.stop();
     let stderr = text(&result.stderr);
     assert_eq!(swapped.len(), 3, "the attacker saw every partial file: {swapped:?}\n{stderr}");
-    assert_eq!(result.status.code(), Some(7), "{stderr}");
     assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
+    let c_name = swapped.iter().find(|n| n.starts_with(&partial("c.qcow2"))).unwrap();
+    assert_eq!(state(&out.join(c_name)), own_before, "the user's own file is untouched");
+    assert_eq!(result.status.code(), Some(7), "{stderr}");
     failed_cleanly(&stderr, "--out-dir");
     assert!(stderr.contains("was written, but not its manifest"), "{stderr}");
     assert!(!out.join("a.qcow2").exists() && !out.join("c.qcow2").exists(), "{stderr}");
@@ -359,8 +366,6 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
         let left = std::fs::symlink_metadata(out.join(name)).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::uid(&left), user_uid(), "{name} is left as the user made it");
     }
-    let c_name = swapped.iter().find(|n| n.starts_with(&partial("c.qcow2"))).unwrap();
-    assert_eq!(state(&out.join(c_name)), own_before, "the user's own file is untouched");
 
     // -o with --compress (qemu-img writes), swapped after the image was written and checked, just
     // before it would be renamed into place.
@@ -381,9 +386,9 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
     });
     let result = resume(run);
     let stderr = text(&result.stderr);
+    assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
     assert_eq!(result.status.code(), Some(7), "{stderr}");
     failed_cleanly(&stderr, "-o");
-    assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
     assert!(!d_out.exists());
 
     // --in-place on the user's image in the user's directory, swapped as it is created: the new image
@@ -399,9 +404,9 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
     let result = resume(run);
     assert_eq!(attacker.stop().len(), 1);
     let stderr = text(&result.stderr);
+    assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
     assert_eq!(result.status.code(), Some(7), "{stderr}");
     failed_cleanly(&stderr, "--in-place");
-    assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
     assert_eq!(common::sha256(&vm), vm_sum, "the input is as it was");
     assert_eq!((state(&vm).1, state(&vm).2), vm_before);
 }
