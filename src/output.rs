@@ -341,9 +341,9 @@ impl Created {
     /// Removes the file, unless its name now refers to something else (which is left alone).
     pub fn remove(self) -> Result<()> {
         use rustix::fs::AtFlags;
-        let ours = self.file.metadata().with_context(|| format!("reading {}", self.path.display()))?;
+        let ours = rustix::fs::fstat(&self.file).with_context(|| format!("reading {}", self.path.display()))?;
         match rustix::fs::statat(&self.dir, &self.name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if (st.st_dev as u64, st.st_ino as u64) == (ours.dev(), ours.ino()) => {
+            Ok(st) if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino) => {
                 rustix::fs::unlinkat(&self.dir, &self.name, AtFlags::empty())
                     .with_context(|| format!("removing {}", self.path.display()))
             }

@@ -25,6 +25,21 @@ fn ensure_user() {
     }
 }
 
+/// As root: the test user, this binary's turn with it, and a directory (0755, root's) to work in.
+/// `None` (the test is skipped) for anyone else.
+fn with_user(prefix: &str) -> Option<(std::sync::MutexGuard<'static, ()>, tempfile::TempDir)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: creating a test user needs root");
+        return None;
+    }
+    let alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    ensure_user();
+    let base = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    Some((alone, base))
+}
+
 fn chown_to_user(path: &Path) {
     assert!(Command::new("chown").args([&format!("{USER}:"), path.to_str().unwrap()]).status().unwrap().success());
 }
@@ -51,15 +66,7 @@ fn files_owned_outside(allowed: &Path) -> Vec<String> {
 
 #[test]
 fn an_ordinary_user_customizes_an_image_and_writes_only_where_told() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: creating a test user needs root");
-        return;
-    }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    ensure_user();
-    let base = tempfile::Builder::new().prefix("cloudimg-nonroot-").tempdir().unwrap();
-    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let Some((_alone, base)) = with_user("cloudimg-nonroot-") else { return };
     let dir = |name: &str| {
         let d = base.path().join(name);
         std::fs::create_dir(&d).unwrap();
@@ -296,15 +303,7 @@ fn state(path: &Path) -> (Vec<u8>, u32, u32, u32) {
 /// names are left as the user made them, and each such output fails with exit 7.
 #[test]
 fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: the race needs root and a user to race it");
-        return;
-    }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    ensure_user();
-    let base = tempfile::Builder::new().prefix("cloudimg-race-").tempdir().unwrap();
-    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let Some((_alone, base)) = with_user("cloudimg-race-") else { return };
     let at = |name: &str| base.path().join(name);
     let canary = at("canary");
     std::fs::write(&canary, b"root's file, which no output may become\n").unwrap();
