@@ -334,10 +334,6 @@ impl Created {
         &self.file
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Removes the file, unless its name now refers to something else (which is left alone).
     pub fn remove(self) -> Result<()> {
         use rustix::fs::AtFlags;
