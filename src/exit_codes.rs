@@ -17,7 +17,8 @@ pub const BAD_GUEST: i32 = 4;
 pub const INEFFECTIVE: i32 = 5;
 /// The libguestfs appliance failed to start or timed out.
 pub const APPLIANCE: i32 = 6;
-/// The output could not be written, or exists already (use --force).
+/// The output could not be written, or exists already (use --force), or its temporary file was replaced
+/// or moved by someone else while it was written.
 pub const OUTPUT: i32 = 7;
 /// `inspect --require`: an image does not meet a required condition.
 pub const UNMET: i32 = 8;
@@ -37,7 +38,8 @@ Exit status:
   4    guest cannot be edited (no OS, several OS roots, no cloud-init, invalid cloud.cfg)
   5    the password login would not work (overridden settings, sshd); nothing written
   6    the libguestfs appliance failed to start or timed out
-  7    the output exists (use --force) or could not be written
+  7    the output exists (use --force) or could not be written (also: its temporary file was
+       replaced or moved by someone else while cloudimg wrote it)
   9    --upload: Keystone or Glance refused, the upload failed, or Glance's copy differs (the output
        is kept; the half-created Glance image was deleted unless --keep-failed)
   130  interrupted; temporary files removed";
