@@ -223,6 +223,19 @@ The input is never modified (unless --in-place), its format is read from its hea
 never probed), and qcow2 files with backing or external data files are refused.
 ";
 
+/// How the image data reaches Glance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImportMethod {
+    /// `PUT /v2/images/{id}/file`, the classic upload
+    Put,
+    /// Interoperable import: stage the data, then ask Glance to import it (its import plugins run)
+    GlanceDirect,
+    /// glance-direct where the cloud offers it (GET /v2/info/import), PUT otherwise or when staging
+    /// is refused
+    Auto,
+}
+
 /// Where the image goes in Glance; shared by `upload` and `customize --upload`.
 #[derive(Debug, Clone, Args)]
 pub struct GlanceArgs {
@@ -234,9 +247,53 @@ pub struct GlanceArgs {
     #[arg(long = "property", value_name = "KEY=VALUE", value_parser = crate::upload::parse_property, help_heading = "Glance")]
     pub properties: Vec<(String, String)>,
 
+    /// Leave out a property derived from the image (repeatable), e.g. os_require_quiesce
+    #[arg(long = "no-property", value_name = "NAME", help_heading = "Glance")]
+    pub no_properties: Vec<String>,
+
     /// Image visibility [default: Glance's own, shared]
     #[arg(long, value_parser = ["private", "shared", "community", "public"], help_heading = "Glance")]
     pub visibility: Option<String>,
+
+    /// A tag on the image (repeatable)
+    #[arg(long = "tag", value_name = "TAG", help_heading = "Glance")]
+    pub tags: Vec<String>,
+
+    /// The smallest RAM, in MiB, the image boots with (Glance's min_ram)
+    #[arg(long, value_name = "MIB", help_heading = "Glance")]
+    pub min_ram: Option<u64>,
+
+    /// Share the image with this project ID (repeatable); the sharing is accepted for it when the
+    /// credentials allow (an administrator's), else the project accepts it itself
+    #[arg(long = "member", value_name = "PROJECT_ID", help_heading = "Glance")]
+    pub members: Vec<String>,
+
+    /// Protect the new image from deletion, once it is verified
+    #[arg(long, help_heading = "Glance")]
+    pub protected: bool,
+
+    /// Hide (os_hidden) the project's older images of the same name once the new one is verified
+    #[arg(long, help_heading = "Glance")]
+    pub hide_previous: bool,
+
+    /// Keep the N newest images of the same name (the new one included) and delete the project's
+    /// older unprotected ones, once the new one is verified
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Glance")]
+    pub keep: Option<u64>,
+
+    /// Upload nothing when the project has an image of the same name with the file's SHA-512
+    /// (os_hash_value); that image's id is reported
+    #[arg(long, help_heading = "Glance")]
+    pub if_changed: bool,
+
+    /// How the data reaches Glance
+    #[arg(long, value_enum, default_value_t = ImportMethod::Auto, help_heading = "Glance")]
+    pub import_method: ImportMethod,
+
+    /// Store the image in these stores of a multi-store cloud (comma-separated; GET /v2/info/stores
+    /// lists them) [default: the cloud's default store]
+    #[arg(long, value_name = "STORE,...", value_delimiter = ',', help_heading = "Glance")]
+    pub stores: Vec<String>,
 
     /// The cloud in clouds.yaml [default: $OS_CLOUD; without either, the OS_* variables]
     #[arg(long, value_name = "NAME", help_heading = "Glance")]
@@ -246,8 +303,8 @@ pub struct GlanceArgs {
     #[arg(long, help_heading = "Glance")]
     pub keep_failed: bool,
 
-    /// How long to wait for Glance to make the uploaded image active
-    #[arg(long, default_value_t = 600, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Glance")]
+    /// How long to wait for Glance to make the uploaded image active (importing included)
+    #[arg(long, default_value_t = crate::settings::DEFAULT_WAIT, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Glance")]
     pub wait: u64,
 }
 
@@ -269,7 +326,12 @@ pub struct UploadArgs {
     #[command(flatten)]
     pub glance: GlanceArgs,
 
-    /// Print a JSON report (image id, hashes, properties) on stdout
+    /// Authenticate and read what Glance holds, then say what would be done (the method, the images
+    /// that would be hidden or deleted) without changing anything
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Print a JSON report (image id, hashes, properties, every image hidden or deleted) on stdout
     #[arg(long)]
     pub json: bool,
 

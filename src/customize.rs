@@ -390,6 +390,7 @@ fn guest_facts(guest: &Guest, image: &ImageFacts, disk: &str) -> Result<GuestFac
         guest_agent: guest.exists("/usr/bin/qemu-ga")? || guest.exists("/usr/sbin/qemu-ga")?,
         partition_table: table.as_ref().map(|t| t.kind.to_string()),
         gpt_types: table.map(|t| t.gpt_types).unwrap_or_default(),
+        architecture: guest_config::architecture(guest)?,
     })
 }
 
@@ -864,15 +865,9 @@ fn finish_output(
     }
     if let (Some(args), Some(conn)) = (&s.upload, glance) {
         let options = upload::Options {
-            image: dest.to_path_buf(),
             file: Some(file),
-            manifest: summary.manifest.clone(),
             name: name.to_string(),
-            properties: summary.properties.clone().into_iter().chain(args.properties.iter().cloned()).collect(),
-            disk_format: None,
-            visibility: args.visibility.clone(),
-            keep_failed: args.keep_failed,
-            wait: std::time::Duration::from_secs(args.wait),
+            ..upload::Options::new(dest, summary.manifest.clone(), &summary.properties, args)?
         };
         let uploaded = upload::run(&options, conn, report)
             .with_context(|| format!("the image {} was written, but not uploaded", dest.display()))

@@ -393,6 +393,19 @@ impl Guest {
         Ok(Some(bytes))
     }
 
+    /// The first `count` bytes of the regular file `path` resolves to (symbolic links are followed
+    /// inside the guest); `None` when there is no such file.
+    pub fn read_head(&self, path: &str, count: i32) -> Result<Option<Vec<u8>>> {
+        if !self.exists(path)? {
+            return Ok(None);
+        }
+        let stat = self.bounded(&format!("checking {path}"), |g| g.statns(path))?;
+        if stat.st_mode & S_IFMT != S_IFREG {
+            return Ok(None);
+        }
+        self.bounded(&format!("reading {path} in the guest"), |g| g.pread(path, count, 0)).map(Some)
+    }
+
     /// The packages libguestfs's inspection finds installed in the operating system whose root is
     /// `root`, as `(name, version-release)`. It reads package databases cloudimg does not parse itself
     /// (rpm's). Inspection unmounts every filesystem first and needs the guest's own mounted again

@@ -247,3 +247,23 @@ pub fn passwd_users(guest: &Guest) -> Result<Vec<String>> {
     let text = read_text(guest, "/etc/passwd")?.unwrap_or_default();
     Ok(text.lines().filter_map(|l| l.split(':').next()).filter(|n| !n.is_empty()).map(str::to_string).collect())
 }
+
+/// Programs every Linux image has, in the order they are tried: the shell, then the dynamic loader.
+const ELF_PROBES: &[&str] = &["/bin/sh", "/usr/bin/sh", "/lib*/ld-linux*.so.*", "/lib/ld-musl-*.so.1"];
+/// A glob above matches one loader per architecture a guest supports; a few are enough.
+const MAX_LOADERS: usize = 4;
+
+/// The architecture the guest's programs are built for, from the ELF header of its shell or of its
+/// dynamic loader; `None` when none of them can be read (a link loop, a missing file).
+pub fn architecture(guest: &Guest) -> Result<Option<&'static str>> {
+    for pattern in ELF_PROBES {
+        let paths = if pattern.contains('*') { guest.glob(pattern)? } else { vec![pattern.to_string()] };
+        for path in paths.iter().take(MAX_LOADERS) {
+            let header = guest.read_head(path, 64).unwrap_or_default();
+            if let Some(architecture) = header.as_deref().and_then(crate::manifest::elf_architecture) {
+                return Ok(Some(architecture));
+            }
+        }
+    }
+    Ok(None)
+}

@@ -138,28 +138,30 @@ fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
         Ok(options) => options,
         Err(e) => return fail(&e),
     };
-    let result = upload::resolve_credentials(args.glance.os_cloud.as_deref())
-        .and_then(|creds| upload::connect(&creds, &report))
-        .and_then(|conn| upload::run(&options, &conn, &report));
+    let conn =
+        upload::resolve_credentials(args.glance.os_cloud.as_deref()).and_then(|creds| upload::connect(&creds, &report));
+    // What to print, as JSON and as text.
+    let result = conn.and_then(|conn| -> anyhow::Result<(serde_json::Value, String)> {
+        if args.dry_run {
+            let plan = upload::plan(&options, &conn, &report)?;
+            Ok((serde_json::to_value(&plan)?, upload::render_plan(&plan)))
+        } else {
+            let uploaded = upload::run(&options, &conn, &report)?;
+            Ok((serde_json::to_value(&uploaded)?, upload::render(&uploaded)))
+        }
+    });
     cloudimg::cleanup::checkpoint();
     match result {
-        Ok(uploaded) => {
+        Ok((json, text)) => {
             if args.json {
-                print_json(&uploaded);
+                print_json(&json);
             } else if !args.quiet {
-                print_uploaded(&uploaded);
+                print!("{text}");
             }
             exit_codes::SUCCESS
         }
         Err(e) => fail(&e),
     }
-}
-
-fn print_uploaded(u: &upload::Uploaded) {
-    println!(
-        "Uploaded {} as image {} ({}, {} bytes); Glance's size, checksum and {} match the file.",
-        u.name, u.image_id, u.disk_format, u.size, u.os_hash_algo
-    );
 }
 
 fn run_doctor(args: &cloudimg::cli::DoctorArgs) -> i32 {
@@ -232,7 +234,7 @@ fn print_summary(summary: &customize::Summary, diff: &str) {
         println!("Wrote {} in {:.1} s.", output.display(), summary.elapsed_seconds);
     }
     match (&summary.upload, &summary.openstack_command) {
-        (Some(uploaded), _) => print_uploaded(uploaded),
+        (Some(uploaded), _) => print!("{}", upload::render(uploaded)),
         (None, Some(command)) => println!("To upload it with its properties:\n  {command}"),
         (None, None) => {}
     }

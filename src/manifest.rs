@@ -42,6 +42,8 @@ pub struct GuestFacts {
     /// The image's disk: its partition table and, for GPT, each partition's type GUID.
     pub partition_table: Option<String>,
     pub gpt_types: Vec<String>,
+    /// The machine the guest's programs are built for, from an ELF header ([`elf_architecture`]).
+    pub architecture: Option<&'static str>,
 }
 
 impl Manifest {
@@ -92,13 +94,57 @@ pub fn properties(facts: &GuestFacts) -> BTreeMap<String, String> {
     if let Some(user) = &facts.admin_user {
         set("os_admin_user", user);
     }
+    if let Some(architecture) = facts.architecture {
+        set("architecture", architecture);
+    }
     if facts.guest_agent {
         set("hw_qemu_guest_agent", "yes");
+        // Snapshots freeze the filesystems through the agent, and fail rather than go on without it.
+        set("os_require_quiesce", "yes");
     }
     if uefi_only(facts.partition_table.as_deref(), &facts.gpt_types) {
         set("hw_firmware_type", "uefi");
+        // Distributions ship x86 UEFI firmware (OVMF) for q35 only; other architectures have
+        // machine types of their own.
+        if facts.architecture == Some("x86_64") {
+            set("hw_machine_type", "q35");
+        }
     }
     props
+}
+
+/// The architecture, in libosinfo's and Nova's names, that an ELF file's header (its first 64
+/// bytes) is built for; `None` for anything else.
+pub fn elf_architecture(header: &[u8]) -> Option<&'static str> {
+    use object::elf::{self, FileHeader32, FileHeader64};
+    use object::read::elf::FileHeader;
+    use object::{Endianness, FileKind};
+
+    let (machine, wide, little) = match FileKind::parse(header).ok()? {
+        FileKind::Elf64 => {
+            let h = FileHeader64::<Endianness>::parse(header).ok()?;
+            (h.e_machine(h.endian().ok()?), true, h.is_little_endian())
+        }
+        FileKind::Elf32 => {
+            let h = FileHeader32::<Endianness>::parse(header).ok()?;
+            (h.e_machine(h.endian().ok()?), false, h.is_little_endian())
+        }
+        _ => return None,
+    };
+    Some(match (machine, wide, little) {
+        (elf::EM_X86_64, true, true) => "x86_64",
+        (elf::EM_386, false, true) => "i686",
+        (elf::EM_AARCH64, true, true) => "aarch64",
+        (elf::EM_ARM, false, true) => "armv7l",
+        (elf::EM_PPC64, true, true) => "ppc64le",
+        (elf::EM_PPC64, true, false) => "ppc64",
+        (elf::EM_S390, true, false) => "s390x",
+        (elf::EM_RISCV, true, true) => "riscv64",
+        (elf::EM_LOONGARCH, true, true) => "loongarch64",
+        (elf::EM_MIPS, true, true) => "mips64el",
+        (elf::EM_MIPS, false, true) => "mipsel",
+        _ => return None,
+    })
 }
 
 /// os-release `ID` → libosinfo's distro id, for the distributions that ship cloud images.
@@ -179,7 +225,34 @@ mod tests {
             guest_agent: true,
             partition_table: Some("gpt".into()),
             gpt_types: vec![EFI_SYSTEM.to_lowercase(), "0FC63DAF-8483-4772-8E79-3D69D8477DE4".into()],
+            architecture: Some("x86_64"),
         }
+    }
+
+    /// The first 64 bytes of an ELF file: class (1: 32-bit, 2: 64-bit), data (1: little endian, 2:
+    /// big), e_machine.
+    fn elf_header(class: u8, data: u8, machine: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', class, data, 1]);
+        let m = if data == 1 { machine.to_le_bytes() } else { machine.to_be_bytes() };
+        h[18..20].copy_from_slice(&m);
+        h
+    }
+
+    #[test]
+    fn the_architecture_comes_from_an_elf_header() {
+        assert_eq!(elf_architecture(&elf_header(2, 1, 62)), Some("x86_64"));
+        assert_eq!(elf_architecture(&elf_header(2, 1, 183)), Some("aarch64"));
+        assert_eq!(elf_architecture(&elf_header(2, 1, 21)), Some("ppc64le"));
+        assert_eq!(elf_architecture(&elf_header(2, 2, 21)), Some("ppc64"));
+        assert_eq!(elf_architecture(&elf_header(2, 2, 22)), Some("s390x"));
+        assert_eq!(elf_architecture(&elf_header(2, 1, 243)), Some("riscv64"));
+        assert_eq!(elf_architecture(&elf_header(1, 1, 3)), Some("i686"));
+        assert_eq!(elf_architecture(&elf_header(1, 1, 40)), Some("armv7l"));
+        assert_eq!(elf_architecture(&elf_header(2, 1, 0xbeef)), None, "an unknown machine");
+        assert_eq!(elf_architecture(&elf_header(2, 3, 62)), None, "an unknown byte order");
+        assert_eq!(elf_architecture(&elf_header(2, 1, 62)[..40]), None, "a cut header");
+        assert_eq!(elf_architecture(b"#!/bin/sh\n"), None, "a script");
     }
 
     #[test]
@@ -192,6 +265,14 @@ mod tests {
         assert_eq!(get("os_admin_user"), Some("debian"));
         assert_eq!(get("hw_qemu_guest_agent"), Some("yes"));
         assert_eq!(get("hw_firmware_type"), Some("uefi"));
+        assert_eq!(get("hw_machine_type"), Some("q35"), "x86 UEFI firmware is built for q35");
+        assert_eq!(get("os_require_quiesce"), Some("yes"));
+        assert_eq!(get("architecture"), Some("x86_64"));
+
+        let arm = properties(&GuestFacts { architecture: Some("aarch64"), ..facts() });
+        assert_eq!(arm.get("architecture").map(String::as_str), Some("aarch64"));
+        assert_eq!(arm.get("hw_firmware_type").map(String::as_str), Some("uefi"));
+        assert_eq!(arm.get("hw_machine_type"), None, "q35 is an x86 machine");
 
         let mut hybrid = facts();
         hybrid.gpt_types.push(BIOS_BOOT.into());
@@ -200,6 +281,7 @@ mod tests {
         let p = properties(&hybrid);
         assert_eq!(p.get("hw_firmware_type"), None, "a BIOS boot partition makes it boot with BIOS too");
         assert_eq!(p.get("hw_qemu_guest_agent"), None);
+        assert_eq!((p.get("os_require_quiesce"), p.get("hw_machine_type")), (None, None));
         assert_eq!(p.get("os_distro").map(String::as_str), Some("opensuse"));
 
         let mbr = GuestFacts { partition_table: Some("msdos".into()), os_id: Some("plan9".into()), ..facts() };

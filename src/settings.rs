@@ -182,14 +182,14 @@ impl Customize {
         if glance.name.is_some() {
             one_input("--name")?;
         }
-        let glance_given = glance.name.is_some()
-            || !glance.properties.is_empty()
-            || glance.visibility.is_some()
-            || glance.os_cloud.is_some()
-            || glance.keep_failed;
-        if glance_given && !args.upload {
+        if args.upload {
+            // Checked now, before any image work.
+            crate::upload::Request::from_args(&glance).map_err(with_code(USAGE))?;
+        } else if glance_given(&glance) {
             return Err(with_code(USAGE)(anyhow::anyhow!(
-                "--name, --property, --visibility, --os-cloud and --keep-failed go with --upload"
+                "--name, --property, --no-property, --visibility, --tag, --min-ram, --member, --protected, \
+                 --hide-previous, --keep, --if-changed, --import-method, --stores, --os-cloud, --keep-failed and \
+                 --wait go with --upload"
             )));
         }
         let cloud_init_version = args.cloud_init_version.map(|v| v.parse()).transpose().map_err(with_code(USAGE))?;
@@ -231,6 +231,29 @@ impl Customize {
         })
     }
 }
+
+/// Whether any Glance argument was given (they mean nothing without `--upload`).
+fn glance_given(g: &GlanceArgs) -> bool {
+    g.name.is_some()
+        || !g.properties.is_empty()
+        || !g.no_properties.is_empty()
+        || g.visibility.is_some()
+        || !g.tags.is_empty()
+        || g.min_ram.is_some()
+        || !g.members.is_empty()
+        || g.protected
+        || g.hide_previous
+        || g.keep.is_some()
+        || g.if_changed
+        || g.import_method != crate::cli::ImportMethod::Auto
+        || !g.stores.is_empty()
+        || g.os_cloud.is_some()
+        || g.keep_failed
+        || g.wait != DEFAULT_WAIT
+}
+
+/// `--wait`'s default, in seconds.
+pub const DEFAULT_WAIT: u64 = 600;
 
 pub fn check_output_path(input: &std::path::Path, path: &std::path::Path, force: bool) -> Result<()> {
     if output::same_file(input, path) {

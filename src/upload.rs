@@ -1,29 +1,79 @@
 //! `cloudimg upload`: hand an image to Glance and prove that Glance stored exactly these bytes.
-//! Create the record → stream the file (hashing it on the way) → wait for `active` → compare Glance's
-//! size, checksum and os_hash_value with ours. Any failure deletes the half-created image.
+//! Read what the cloud offers and holds → create the record → send the file (PUT, or stage then
+//! import), hashing it on the way → wait for `active` → compare Glance's size, checksum and
+//! os_hash_value with ours → share and protect it → hide or delete the older images of its name.
+//! Any failure before the new image is verified deletes it.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 use crate::cleanup;
-use crate::cli::GlanceArgs;
+use crate::cli::{GlanceArgs, ImportMethod};
 use crate::exit_codes::{with_code, BAD_INPUT, UPLOAD, USAGE};
-use crate::hashing::{Digests, HashingReader};
+use crate::hashing::{self, Digests, HashingReader};
 use crate::image_file;
 use crate::manifest::{self, Manifest};
 use crate::openstack::credentials::{self, Credentials};
-use crate::openstack::glance::{self, Glance, NewImage};
+use crate::openstack::glance::{self, Glance, Member, NewImage, Offer};
 use crate::openstack::keystone::{self, Session};
-use crate::openstack::Http;
+use crate::openstack::{error_text, Http};
 use crate::report::Reporter;
 
 /// How long a failed upload keeps trying to delete its image while Glance does not answer.
 const DELETE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// What is asked of Glance besides the data, checked once from the command line.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub visibility: Option<String>,
+    pub tags: Vec<String>,
+    pub min_ram: Option<u64>,
+    pub members: Vec<String>,
+    pub protected: bool,
+    pub hide_previous: bool,
+    /// Keep this many images of the name, the new one included.
+    pub keep: Option<usize>,
+    pub if_changed: bool,
+    pub method: ImportMethod,
+    pub stores: Vec<String>,
+    pub keep_failed: bool,
+    /// How long to wait for Glance to make the image `active`.
+    pub wait: Duration,
+}
+
+impl Request {
+    pub fn from_args(args: &GlanceArgs) -> Result<Self> {
+        if !args.members.is_empty() && args.visibility.as_deref().is_some_and(|v| v != "shared") {
+            bail!(
+                "--member shares the image, which needs --visibility shared (Glance's default), not {}",
+                args.visibility.as_deref().unwrap_or_default()
+            );
+        }
+        if let Some((key, _)) = args.properties.iter().find(|(k, _)| args.no_properties.contains(k)) {
+            bail!("--property {key}=... and --no-property {key} contradict each other");
+        }
+        Ok(Request {
+            visibility: args.visibility.clone(),
+            tags: args.tags.clone(),
+            min_ram: args.min_ram,
+            members: args.members.clone(),
+            protected: args.protected,
+            hide_previous: args.hide_previous,
+            keep: args.keep.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            if_changed: args.if_changed,
+            method: args.import_method,
+            stores: args.stores.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            keep_failed: args.keep_failed,
+            wait: Duration::from_secs(args.wait),
+        })
+    }
+}
 
 pub struct Options {
     pub image: PathBuf,
@@ -32,14 +82,67 @@ pub struct Options {
     pub file: Option<File>,
     pub manifest: Option<Manifest>,
     pub name: String,
-    /// `--property K=V`, over the manifest's.
+    /// The properties to set: those read from the image, less `--no-property`, plus `--property`.
     pub properties: BTreeMap<String, String>,
     /// Declared format instead of the file's own.
     pub disk_format: Option<String>,
-    pub visibility: Option<String>,
-    pub keep_failed: bool,
-    /// How long to wait for Glance to make the image `active`.
-    pub wait: Duration,
+    pub request: Request,
+}
+
+impl Options {
+    /// The options for one image: `derived` are the properties read from it (a manifest's), to which
+    /// the command line's Glance arguments apply.
+    pub fn new(
+        image: &Path,
+        manifest: Option<Manifest>,
+        derived: &BTreeMap<String, String>,
+        args: &GlanceArgs,
+    ) -> Result<Self> {
+        let mut properties = derived.clone();
+        properties.retain(|k, _| !args.no_properties.contains(k));
+        properties.extend(args.properties.iter().cloned());
+        Ok(Options {
+            image: image.to_path_buf(),
+            file: None,
+            manifest,
+            name: args.name.clone().unwrap_or_else(|| default_name(image)),
+            properties,
+            disk_format: None,
+            request: Request::from_args(args).map_err(with_code(USAGE))?,
+        })
+    }
+}
+
+/// The options for `cloudimg upload IMAGE [--manifest FILE]`: the manifest's properties are the
+/// derived ones.
+pub fn options(
+    image: &Path,
+    manifest: Option<&Path>,
+    disk_format: Option<String>,
+    args: &GlanceArgs,
+) -> Result<Options> {
+    let manifest = manifest.map(Manifest::read).transpose().map_err(with_code(USAGE))?;
+    let derived = manifest.as_ref().map(|m| m.properties.clone()).unwrap_or_default();
+    Ok(Options { disk_format, ..Options::new(image, manifest, &derived, args)? })
+}
+
+/// A step taken on another image of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Set `os_hidden` (--hide-previous).
+    Hide,
+    /// Delete (--keep N).
+    Delete,
+}
+
+/// One destructive step on an older image: planned (`done` false, in a dry run) or taken.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Step {
+    pub action: Action,
+    pub image_id: String,
+    pub created_at: String,
+    pub done: bool,
 }
 
 /// What Glance holds, for the report.
@@ -48,6 +151,13 @@ pub struct Uploaded {
     pub image_id: String,
     pub name: String,
     pub glance_url: String,
+    /// `true` with --if-changed when Glance already had these bytes under this name: `image_id` is
+    /// that image and nothing was uploaded.
+    pub unchanged: bool,
+    /// `put` or `glance-direct` (`null` when unchanged).
+    pub import_method: Option<&'static str>,
+    /// The stores holding the image (multi-store clouds).
+    pub stores: Vec<String>,
     pub status: String,
     pub disk_format: String,
     pub size: u64,
@@ -55,30 +165,37 @@ pub struct Uploaded {
     pub os_hash_algo: String,
     pub os_hash_value: String,
     pub min_disk: u64,
+    pub min_ram: u64,
+    pub visibility: String,
+    pub protected: bool,
+    pub tags: Vec<String>,
     pub properties: BTreeMap<String, String>,
+    pub members: Vec<Member>,
+    /// What was done to the older images of the name.
+    pub previous: Vec<Step>,
+    /// Older images --keep left because they are protected.
+    pub kept_protected: Vec<String>,
     /// Glance's size and hashes equal the file's (always true in a report: a difference is an error).
     pub verified: bool,
     pub elapsed_seconds: f64,
 }
 
-/// The options for one image, from the command line's Glance arguments.
-pub fn options(
-    image: &Path,
-    manifest: Option<&Path>,
-    disk_format: Option<String>,
-    args: &GlanceArgs,
-) -> Result<Options> {
-    Ok(Options {
-        image: image.to_path_buf(),
-        file: None,
-        manifest: manifest.map(Manifest::read).transpose().map_err(with_code(USAGE))?,
-        name: args.name.clone().unwrap_or_else(|| default_name(image)),
-        properties: args.properties.iter().cloned().collect(),
-        disk_format,
-        visibility: args.visibility.clone(),
-        keep_failed: args.keep_failed,
-        wait: Duration::from_secs(args.wait),
-    })
+/// What `upload --dry-run` found and would do.
+#[derive(Debug, serde::Serialize)]
+pub struct Plan {
+    pub image: PathBuf,
+    pub name: String,
+    pub glance_url: String,
+    pub dry_run: bool,
+    /// With --if-changed: the image that already holds these bytes (nothing would be uploaded).
+    pub unchanged_image_id: Option<String>,
+    pub import_method: &'static str,
+    pub stores: Vec<String>,
+    pub disk_format: String,
+    pub size: u64,
+    pub properties: BTreeMap<String, String>,
+    pub previous: Vec<Step>,
+    pub kept_protected: Vec<String>,
 }
 
 /// Parses `K=V`.
@@ -87,13 +204,15 @@ pub fn parse_property(text: &str) -> Result<(String, String), String> {
     if key.is_empty() {
         return Err(format!("`{text}` has an empty key"));
     }
-    if glance::RESERVED.contains(&key) {
+    if glance::RESERVED.contains(&key) || key.starts_with(glance::RESERVED_PREFIX) {
         return Err(format!("`{key}` is set by cloudimg or Glance itself, not as a property"));
     }
     Ok((key.to_string(), value.to_string()))
 }
 
-/// Finds the credentials: a named cloud in clouds.yaml, else the `OS_*` variables.
+/// Finds the credentials as the `openstack` CLI does: a named cloud (--os-cloud, else OS_CLOUD) in
+/// clouds.yaml with secure.yaml merged over it and the `OS_*` variables over both, else the `OS_*`
+/// variables alone.
 pub fn resolve_credentials(cloud: Option<&str>) -> Result<Credentials> {
     let env = |name: &str| std::env::var(name).ok();
     let cloud = cloud.map(str::to_string).or_else(|| env("OS_CLOUD").filter(|c| !c.is_empty()));
@@ -102,8 +221,8 @@ pub fn resolve_credentials(cloud: Option<&str>) -> Result<Credentials> {
             with_code(USAGE)(e.context("no credentials: pass --os-cloud NAME (clouds.yaml) or set the OS_* variables"))
         });
     };
-    let first_existing = |name: &str| {
-        let explicit = (name == "clouds.yaml").then(|| env("OS_CLIENT_CONFIG_FILE")).flatten().map(PathBuf::from);
+    let first_existing = |name: &str, override_var: &str| {
+        let explicit = env(override_var).filter(|p| !p.is_empty()).map(PathBuf::from);
         let candidates = explicit.into_iter().chain(credentials::search_path(name, &env));
         candidates.into_iter().find(|p| p.is_file())
     };
@@ -111,7 +230,7 @@ pub fn resolve_credentials(cloud: Option<&str>) -> Result<Credentials> {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         Ok((path, text))
     };
-    let clouds = first_existing("clouds.yaml")
+    let clouds = first_existing("clouds.yaml", "OS_CLIENT_CONFIG_FILE")
         .with_context(|| {
             let places: Vec<String> =
                 credentials::search_path("clouds.yaml", &env).iter().map(|p| p.display().to_string()).collect();
@@ -119,11 +238,13 @@ pub fn resolve_credentials(cloud: Option<&str>) -> Result<Credentials> {
         })
         .and_then(read)
         .map_err(with_code(USAGE))?;
-    let secure = first_existing("secure.yaml").map(read).transpose().map_err(with_code(USAGE))?;
+    let secure =
+        first_existing("secure.yaml", "OS_CLIENT_SECURE_FILE").map(read).transpose().map_err(with_code(USAGE))?;
     credentials::from_clouds_yaml(
         &cloud,
         (&clouds.0, &clouds.1),
         secure.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+        &env,
     )
     .map_err(with_code(USAGE))
 }
@@ -167,102 +288,377 @@ pub struct Connection {
 /// Authenticates with Keystone and finds Glance (before any image work, so that bad credentials
 /// cost nothing).
 pub fn connect(creds: &Credentials, report: &Reporter) -> Result<Connection> {
-    report.phase(&format!("Authenticating with Keystone at {}", creds.auth_url));
+    report.phase(&format!("Authenticating with Keystone at {} ({})", creds.auth_url, creds.auth.kind()));
     let http = Http::new(creds).map_err(with_code(USAGE))?;
     let session = keystone::authenticate(&http, creds).map_err(with_code(UPLOAD))?;
     report.detail(&format!("image service {}", session.image_url));
     Ok(Connection { http, session })
 }
 
-pub fn run(opts: &Options, conn: &Connection, report: &Reporter) -> Result<Uploaded> {
-    let opened;
-    let file = match &opts.file {
-        Some(file) => file,
-        None => {
-            opened = image_file::open(&opts.image).map_err(with_code(BAD_INPUT))?;
-            &opened
+/// How the data will travel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// PUT, into `store` or the default one.
+    Put { store: Option<String> },
+    /// Stage, then import into `stores` (the default one when empty); `fallback`: PUT instead when
+    /// Glance refuses the staging.
+    GlanceDirect { stores: Vec<String>, fallback: bool },
+}
+
+impl Route {
+    fn method(&self) -> &'static str {
+        match self {
+            Route::Put { .. } => "put",
+            Route::GlanceDirect { .. } => "glance-direct",
         }
+    }
+
+    fn stores(&self) -> Vec<String> {
+        match self {
+            Route::Put { store } => store.iter().cloned().collect(),
+            Route::GlanceDirect { stores, .. } => stores.clone(),
+        }
+    }
+}
+
+/// Chooses how the data travels from what was asked and what the cloud offers.
+pub fn choose_route(method: ImportMethod, stores: &[String], offer: &Offer) -> Result<Route> {
+    if !stores.is_empty() && offer.stores.is_empty() {
+        bail!("--stores: this cloud has a single store (GET /v2/info/stores lists none); leave --stores out");
+    }
+    if let Some(unknown) = stores.iter().find(|s| !offer.stores.contains(s)) {
+        bail!("--stores: the cloud has no store `{unknown}` (its stores: {})", offer.stores.join(", "));
+    }
+    let direct = offer.import_methods.iter().any(|m| m == "glance-direct");
+    let one_store = || match stores {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        _ => bail!("PUT stores the data in one store; several (--stores) need the glance-direct import"),
     };
+    Ok(match method {
+        ImportMethod::Put => Route::Put { store: one_store()? },
+        ImportMethod::GlanceDirect if !direct => bail!(
+            "the cloud does not offer the glance-direct import (GET /v2/info/import offers: {}); use --import-method put",
+            if offer.import_methods.is_empty() { "nothing".to_string() } else { offer.import_methods.join(", ") }
+        ),
+        ImportMethod::GlanceDirect => Route::GlanceDirect { stores: stores.to_vec(), fallback: false },
+        ImportMethod::Auto if direct => Route::GlanceDirect { stores: stores.to_vec(), fallback: stores.len() < 2 },
+        ImportMethod::Auto => Route::Put { store: one_store()? },
+    })
+}
+
+/// Whether a staging answer is Glance refusing the glance-direct route (by policy, configuration or
+/// staging quota) rather than the data: PUT may still be allowed.
+fn staging_refused(status: u16) -> bool {
+    matches!(status, 403 | 404 | 405 | 413 | 501)
+}
+
+/// What to do to the older images of the name (`previous`: the project's active ones, newest first,
+/// the new image not among them): hide them, and delete those beyond the `keep` newest (the new one
+/// counts) unless protected. Returns the steps and the protected images kept.
+pub fn plan_previous(previous: &[Value], hide: bool, keep: Option<usize>) -> (Vec<Step>, Vec<String>) {
+    let mut steps = Vec::new();
+    let mut kept_protected = Vec::new();
+    for (index, image) in previous.iter().enumerate() {
+        let id = image["id"].as_str().unwrap_or_default().to_string();
+        let created_at = image["created_at"].as_str().unwrap_or_default().to_string();
+        let step = |action| Step { action, image_id: id.clone(), created_at: created_at.clone(), done: false };
+        let beyond = keep.is_some_and(|n| index + 1 >= n);
+        if beyond && image["protected"] == true {
+            kept_protected.push(id.clone());
+        } else if beyond {
+            steps.push(step(Action::Delete));
+            continue;
+        }
+        if hide && image["os_hidden"] != true {
+            steps.push(step(Action::Hide));
+        }
+    }
+    (steps, kept_protected)
+}
+
+/// The visible image among `previous` holding exactly the file's bytes (--if-changed).
+fn same_bytes<'a>(previous: &'a [Value], size: u64, local: &Digests) -> Option<&'a Value> {
+    previous.iter().find(|i| {
+        i["os_hidden"] != true
+            && i["os_hash_algo"] == "sha512"
+            && i["os_hash_value"].as_str() == Some(local.sha512.as_str())
+            && i["checksum"].as_str() == Some(local.md5.as_str())
+            && i["size"].as_u64() == Some(size)
+    })
+}
+
+/// What the cloud offers and holds, read before anything is changed.
+struct Survey {
+    info: image_file::ImageInfo,
+    disk_format: String,
+    route: Route,
+    previous: Vec<Value>,
+    /// With --if-changed: the file's digests, and the image that already holds them.
+    unchanged: Option<Value>,
+    local: Option<Digests>,
+}
+
+fn survey(opts: &Options, file: &File, glance: &Glance, report: &Reporter) -> Result<Survey> {
     let (info, disk_format) = local_facts(opts, file, report)?;
-    let mut properties = opts.manifest.as_ref().map(|m| m.properties.clone()).unwrap_or_default();
-    properties.extend(opts.properties.clone());
-    let min_disk = opts.manifest.as_ref().map_or_else(|| manifest::min_disk(info.virtual_size), |m| m.min_disk);
+    let r = &opts.request;
+    let offer = if r.method == ImportMethod::Put && r.stores.is_empty() {
+        Offer::default()
+    } else {
+        glance.offer().map_err(with_code(UPLOAD))?
+    };
+    let route = choose_route(r.method, &r.stores, &offer).map_err(with_code(USAGE))?;
+    report.detail(&format!(
+        "import method {} (the cloud offers: {}; stores: {})",
+        route.method(),
+        if offer.import_methods.is_empty() { "PUT only".to_string() } else { offer.import_methods.join(", ") },
+        if offer.stores.is_empty() { "one".to_string() } else { offer.stores.join(", ") }
+    ));
+    let previous = if r.hide_previous || r.keep.is_some() || r.if_changed {
+        glance.images_named(&opts.name).map_err(with_code(UPLOAD))?
+    } else {
+        Vec::new()
+    };
+    let (mut unchanged, mut local) = (None, None);
+    if r.if_changed {
+        report.phase(&format!("Hashing {} to compare it with Glance's images", opts.image.display()));
+        let mut progress = report.progress("hashing");
+        let total = info.file_size.max(1) as f64;
+        let digests = hashing::file_digests(file, &opts.image, &mut |n| progress.set(n as f64 * 100.0 / total))
+            .map_err(with_code(BAD_INPUT))?;
+        drop(progress);
+        unchanged = same_bytes(&previous, info.file_size, &digests).cloned();
+        local = Some(digests);
+    }
+    Ok(Survey { info, disk_format, route, previous, unchanged, local })
+}
+
+fn open<'a>(opts: &'a Options, opened: &'a mut Option<File>) -> Result<&'a File> {
+    match &opts.file {
+        Some(file) => Ok(file),
+        None => Ok(opened.insert(image_file::open(&opts.image).map_err(with_code(BAD_INPUT))?)),
+    }
+}
+
+/// `upload --dry-run`: what would be done.
+pub fn plan(opts: &Options, conn: &Connection, report: &Reporter) -> Result<Plan> {
+    let mut opened = None;
+    let file = open(opts, &mut opened)?;
+    let glance = Glance { http: &conn.http, session: &conn.session };
+    let s = survey(opts, file, &glance, report)?;
+    let unchanged_image_id = s.unchanged.as_ref().and_then(|i| i["id"].as_str()).map(str::to_string);
+    let (previous, kept_protected) = if unchanged_image_id.is_some() {
+        (Vec::new(), Vec::new())
+    } else {
+        plan_previous(&s.previous, opts.request.hide_previous, opts.request.keep)
+    };
+    Ok(Plan {
+        image: opts.image.clone(),
+        name: opts.name.clone(),
+        glance_url: conn.session.image_url.clone(),
+        dry_run: true,
+        unchanged_image_id,
+        import_method: s.route.method(),
+        stores: s.route.stores(),
+        disk_format: s.disk_format,
+        size: s.info.file_size,
+        properties: opts.properties.clone(),
+        previous,
+        kept_protected,
+    })
+}
+
+pub fn run(opts: &Options, conn: &Connection, report: &Reporter) -> Result<Uploaded> {
+    let mut opened = None;
+    let file = open(opts, &mut opened)?;
     let (http, session) = (&conn.http, &conn.session);
     let glance = Glance { http, session };
+    let s = survey(opts, file, &glance, report)?;
+    let min_disk = opts.manifest.as_ref().map_or_else(|| manifest::min_disk(s.info.virtual_size), |m| m.min_disk);
+    let r = &opts.request;
+    let report_of = |record: &Value, method: Option<&'static str>, members: Vec<Member>| Uploaded {
+        image_id: record["id"].as_str().unwrap_or_default().to_string(),
+        name: opts.name.clone(),
+        glance_url: session.image_url.clone(),
+        unchanged: method.is_none(),
+        import_method: method,
+        stores: record["stores"]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        status: text(record, "status"),
+        disk_format: text(record, "disk_format"),
+        size: record["size"].as_u64().unwrap_or_default(),
+        checksum: text(record, "checksum"),
+        os_hash_algo: text(record, "os_hash_algo"),
+        os_hash_value: text(record, "os_hash_value"),
+        min_disk: record["min_disk"].as_u64().unwrap_or(min_disk),
+        min_ram: record["min_ram"].as_u64().unwrap_or_default(),
+        visibility: text(record, "visibility"),
+        protected: record["protected"] == true,
+        tags: record["tags"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect(),
+        properties: opts.properties.keys().map(|k| (k.clone(), text(record, k))).collect(),
+        members,
+        previous: Vec::new(),
+        kept_protected: Vec::new(),
+        verified: true,
+        elapsed_seconds: report.elapsed_secs(),
+    };
+    if let (Some(existing), Some(local)) = (&s.unchanged, &s.local) {
+        // Glance's record of these very bytes: checked as an upload's would be.
+        compare(existing, s.info.file_size, local).map_err(with_code(UPLOAD))?;
+        report.phase(&format!("Glance already holds these bytes as image {} (--if-changed)", text(existing, "id")));
+        return Ok(report_of(existing, None, Vec::new()));
+    }
 
     report.phase(&format!("Creating image `{}` in Glance", opts.name));
     let new = NewImage {
         name: &opts.name,
-        disk_format: &disk_format,
+        disk_format: &s.disk_format,
         min_disk,
-        visibility: opts.visibility.as_deref(),
-        properties: &properties,
+        min_ram: r.min_ram,
+        visibility: r.visibility.as_deref(),
+        tags: &r.tags,
+        properties: &opts.properties,
     };
     let id = glance.create(&new).map_err(with_code(UPLOAD))?;
     report.detail(&format!("image id {id}"));
-    cleanup::on_interrupt(Some(undo_on_interrupt(http, session, &id, opts.keep_failed)));
-    let result = send_and_verify(&glance, &id, (opts, file), &info, report);
+    cleanup::on_interrupt(Some(undo_on_interrupt(http, session, &id, r.keep_failed)));
+    let result = send_and_verify(&glance, &id, (opts, file), &s, report).and_then(|(record, method)| {
+        let members = r.members.iter().map(|p| glance.share(&id, p)).collect::<Result<Vec<_>>>()?;
+        if r.protected {
+            glance.set(&id, "protected", Value::Bool(true))?;
+        }
+        Ok((record, method, members))
+    });
     cleanup::on_interrupt(None);
-    let record = match result {
-        Ok(record) => record,
-        Err(e) => return Err(with_code(UPLOAD)(give_up(&glance, &id, opts.keep_failed, e))),
+    let (record, method, members) = match result {
+        Ok(done) => done,
+        Err(e) => return Err(with_code(UPLOAD)(give_up(&glance, &id, r.keep_failed, e))),
     };
-    Ok(Uploaded {
-        image_id: id,
-        name: opts.name.clone(),
-        glance_url: session.image_url.clone(),
-        status: record["status"].as_str().unwrap_or_default().to_string(),
-        disk_format,
-        size: info.file_size,
-        checksum: record["checksum"].as_str().unwrap_or_default().to_string(),
-        os_hash_algo: record["os_hash_algo"].as_str().unwrap_or_default().to_string(),
-        os_hash_value: record["os_hash_value"].as_str().unwrap_or_default().to_string(),
-        min_disk,
-        properties,
-        verified: true,
-        elapsed_seconds: report.elapsed_secs(),
-    })
+    let mut uploaded = report_of(&record, Some(method), members);
+    uploaded.protected = r.protected;
+    let (steps, kept_protected) = plan_previous(&s.previous, r.hide_previous, r.keep);
+    uploaded.kept_protected = kept_protected;
+    for mut step in steps {
+        let done = match step.action {
+            Action::Hide => glance.set(&step.image_id, "os_hidden", Value::Bool(true)),
+            Action::Delete => glance.delete(&step.image_id, DELETE_PATIENCE),
+        };
+        if let Err(e) = done {
+            return Err(with_code(UPLOAD)(e.context(format!(
+                "image {id} is uploaded and verified, but the older images of `{}` were not all hidden or deleted \
+                 (done: {})",
+                opts.name,
+                describe_steps(&uploaded.previous)
+            ))));
+        }
+        step.done = true;
+        uploaded.previous.push(step);
+    }
+    uploaded.elapsed_seconds = report.elapsed_secs();
+    Ok(uploaded)
 }
 
-/// Streams the file, waits for `active` and compares; returns Glance's record.
+fn text(record: &Value, key: &str) -> String {
+    record[key].as_str().unwrap_or_default().to_string()
+}
+
+fn describe_steps(steps: &[Step]) -> String {
+    if steps.is_empty() {
+        return "nothing".to_string();
+    }
+    steps
+        .iter()
+        .map(|s| format!("{} {}", if s.action == Action::Hide { "hid" } else { "deleted" }, s.image_id))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Sends the file along the route, waits for `active` and compares; returns Glance's record and the
+/// method that carried the data.
 fn send_and_verify(
     glance: &Glance,
     id: &str,
-    (opts, mut file): (&Options, &File),
-    info: &image_file::ImageInfo,
+    (opts, file): (&Options, &File),
+    s: &Survey,
     report: &Reporter,
-) -> Result<serde_json::Value> {
-    report.phase(&format!("Uploading {} ({} bytes)", opts.image.display(), info.file_size));
+) -> Result<(Value, &'static str)> {
+    let size = s.info.file_size;
+    let (local, method, imported) = match &s.route {
+        Route::Put { store } => {
+            (stream(opts, file, size, report, |data| glance.upload(id, store.as_deref(), size, data))?, "put", false)
+        }
+        Route::GlanceDirect { stores, fallback } => {
+            let mut staged = Ok(());
+            let local = stream(opts, file, size, report, |data| {
+                staged = glance.stage(id, size, data)?;
+                Ok(())
+            })?;
+            match staged {
+                Ok(()) => {
+                    report.phase(&format!("Importing image {id} (glance-direct)"));
+                    glance.import(id, "glance-direct", stores)?;
+                    (local, "glance-direct", true)
+                }
+                Err(answer) if *fallback && staging_refused(answer.status) && glance.get(id)?["status"] == "queued" => {
+                    report.warn(&format!(
+                        "Glance refused to stage the data (HTTP {}: {}); uploading with PUT instead",
+                        answer.status,
+                        error_text(&answer.body)
+                    ));
+                    let store = stores.first().map(String::as_str);
+                    (stream(opts, file, size, report, |data| glance.upload(id, store, size, data))?, "put", false)
+                }
+                Err(answer) => bail!(
+                    "Glance refused to stage the image data (HTTP {}): {}",
+                    answer.status,
+                    error_text(&answer.body)
+                ),
+            }
+        }
+    };
+    report.phase("Waiting for Glance to make the image active");
+    let record = glance.wait_active(id, opts.request.wait, imported)?;
+    compare(&record, size, &local)?;
+    Ok((record, method))
+}
+
+/// Streams the file into `send` with a progress bar, hashing it on the way; checks the bytes sent
+/// against the file's size and the manifest's hashes.
+fn stream(
+    opts: &Options,
+    mut file: &File,
+    size: u64,
+    report: &Reporter,
+    send: impl FnOnce(&mut dyn Read) -> Result<()>,
+) -> Result<Digests> {
+    report.phase(&format!("Uploading {} ({size} bytes)", opts.image.display()));
     file.seek(SeekFrom::Start(0)).with_context(|| format!("reading {}", opts.image.display()))?;
     let mut progress = report.progress("uploading");
-    let total = info.file_size.max(1) as f64;
+    let total = size.max(1) as f64;
     let mut on_read = |n: u64| progress.set(n as f64 * 100.0 / total);
     let mut reader = HashingReader::new(file, &mut on_read);
-    glance.upload(id, info.file_size, &mut reader)?;
+    send(&mut reader)?;
     let sent = reader.bytes;
     let local = reader.finish();
     drop(progress);
-    if sent != info.file_size {
-        bail!(
-            "{} changed size during the upload ({} bytes sent, {} expected)",
-            opts.image.display(),
-            sent,
-            info.file_size
-        );
+    if sent != size {
+        bail!("{} changed size during the upload ({sent} bytes sent, {size} expected)", opts.image.display());
     }
     if let Some(m) = &opts.manifest {
         if m.digests() != local {
             bail!("{} is not the file its manifest describes: its hashes differ", opts.image.display());
         }
     }
-    report.phase("Waiting for Glance to make the image active");
-    let record = glance.wait_active(id, opts.wait)?;
-    compare(&record, info.file_size, &local)?;
-    Ok(record)
+    Ok(local)
 }
 
 /// Glance's record against the file: size and both hashes.
-pub fn compare(record: &serde_json::Value, size: u64, local: &Digests) -> Result<()> {
+pub fn compare(record: &Value, size: u64, local: &Digests) -> Result<()> {
     let mut differences = Vec::new();
     if record["size"].as_u64() != Some(size) {
         differences.push(format!("size {} (file: {size})", record["size"]));
@@ -315,6 +711,64 @@ pub fn default_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".to_string())
 }
 
+fn render_previous(out: &mut String, steps: &[Step], kept_protected: &[String], would: bool) {
+    for step in steps {
+        let verb = match (step.action, would) {
+            (Action::Hide, true) => "Would hide",
+            (Action::Hide, false) => "Hid",
+            (Action::Delete, true) => "Would delete",
+            (Action::Delete, false) => "Deleted",
+        };
+        out.push_str(&format!("{verb} the older image {} (created {})\n", step.image_id, step.created_at));
+    }
+    for id in kept_protected {
+        out.push_str(&format!("Kept the older image {id}: it is protected\n"));
+    }
+}
+
+/// The report of an upload, for people.
+pub fn render(u: &Uploaded) -> String {
+    if u.unchanged {
+        return format!(
+            "Glance already holds {} as image {} ({}, {} bytes, the same {}); nothing was uploaded.\n",
+            u.name, u.image_id, u.disk_format, u.size, u.os_hash_algo
+        );
+    }
+    let stores = if u.stores.is_empty() { String::new() } else { format!(" into {}", u.stores.join(", ")) };
+    let mut out = format!(
+        "Uploaded {} as image {} ({}, {} bytes, {}{stores}); Glance's size, checksum and {} match the file.\n",
+        u.name,
+        u.image_id,
+        u.disk_format,
+        u.size,
+        u.import_method.unwrap_or_default(),
+        u.os_hash_algo
+    );
+    for m in &u.members {
+        out.push_str(&format!("Shared with project {} ({})\n", m.project, m.status));
+    }
+    render_previous(&mut out, &u.previous, &u.kept_protected, false);
+    out
+}
+
+/// The report of a dry run, for people.
+pub fn render_plan(p: &Plan) -> String {
+    if let Some(id) = &p.unchanged_image_id {
+        return format!("Glance already holds these bytes as {} (image {id}); nothing would be uploaded.\n", p.name);
+    }
+    let stores = if p.stores.is_empty() { "the default store".to_string() } else { p.stores.join(", ") };
+    let mut out = format!(
+        "Would upload {} as {} ({}, {} bytes) with {} into {stores}\n",
+        p.image.display(),
+        p.name,
+        p.disk_format,
+        p.size,
+        p.import_method
+    );
+    render_previous(&mut out, &p.previous, &p.kept_protected, true);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,6 +781,7 @@ mod tests {
         assert!(parse_property("novalue").is_err());
         assert!(parse_property("=x").is_err());
         assert!(parse_property("checksum=abc").unwrap_err().contains("set by cloudimg or Glance"));
+        assert!(parse_property("os_glance_failed_import=x").unwrap_err().contains("set by cloudimg or Glance"));
     }
 
     #[test]
@@ -342,5 +797,93 @@ mod tests {
         );
         let other_algo = json!({"size": 10, "checksum": "aa", "os_hash_algo": "sha256", "os_hash_value": "x"});
         assert!(format!("{:#}", compare(&other_algo, 10, &local).unwrap_err()).contains("sha256"));
+    }
+
+    fn offer(methods: &[&str], stores: &[&str]) -> Offer {
+        Offer {
+            import_methods: methods.iter().map(|s| s.to_string()).collect(),
+            stores: stores.iter().map(|s| s.to_string()).collect(),
+            default_store: stores.first().map(|s| s.to_string()),
+        }
+    }
+
+    #[test]
+    fn the_route_follows_the_method_and_what_the_cloud_offers() {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let full = offer(&["glance-direct", "web-download"], &["fs", "fs2"]);
+        let put_only = offer(&[], &[]);
+        assert_eq!(
+            choose_route(ImportMethod::Auto, &[], &full).unwrap(),
+            Route::GlanceDirect { stores: vec![], fallback: true }
+        );
+        assert_eq!(choose_route(ImportMethod::Auto, &[], &put_only).unwrap(), Route::Put { store: None });
+        assert_eq!(choose_route(ImportMethod::Put, &[], &full).unwrap(), Route::Put { store: None });
+        assert_eq!(
+            choose_route(ImportMethod::Put, &strings(&["fs2"]), &full).unwrap(),
+            Route::Put { store: Some("fs2".into()) }
+        );
+        assert_eq!(
+            choose_route(ImportMethod::Auto, &strings(&["fs", "fs2"]), &full).unwrap(),
+            Route::GlanceDirect { stores: strings(&["fs", "fs2"]), fallback: false },
+            "PUT cannot reach two stores, so no fallback"
+        );
+        let err = |m, stores: &[&str], o: &Offer| format!("{:#}", choose_route(m, &strings(stores), o).unwrap_err());
+        assert!(err(ImportMethod::GlanceDirect, &[], &put_only).contains("offers: nothing"));
+        assert!(err(ImportMethod::Put, &["fs", "fs2"], &full).contains("one store"));
+        assert!(err(ImportMethod::Auto, &["nope"], &full).contains("no store `nope` (its stores: fs, fs2)"));
+        assert!(err(ImportMethod::Auto, &["fs"], &put_only).contains("single store"));
+        assert!(staging_refused(403) && staging_refused(404) && !staging_refused(500) && !staging_refused(409));
+    }
+
+    fn image(id: &str, created: &str, hidden: bool, protected: bool) -> Value {
+        json!({"id": id, "created_at": created, "os_hidden": hidden, "protected": protected})
+    }
+
+    #[test]
+    fn older_images_are_hidden_and_those_beyond_keep_deleted_unless_protected() {
+        // Newest first, as Glance::images_named returns them; the new image is not among them.
+        let previous = [
+            image("c", "2026-11-24T00:00:00Z", false, false),
+            image("b", "2026-11-17T00:00:00Z", true, false),
+            image("p", "2026-11-10T00:00:00Z", false, true),
+            image("a", "2026-11-03T00:00:00Z", false, false),
+        ];
+        let actions = |hide, keep| {
+            let (steps, kept) = plan_previous(&previous, hide, keep);
+            (steps.iter().map(|s| (s.action, s.image_id.clone())).collect::<Vec<_>>(), kept)
+        };
+        assert_eq!(
+            actions(true, None),
+            (vec![(Action::Hide, "c".into()), (Action::Hide, "p".into()), (Action::Hide, "a".into())], vec![])
+        );
+        assert_eq!(
+            actions(false, Some(2)),
+            (vec![(Action::Delete, "b".into()), (Action::Delete, "a".into())], vec!["p".into()]),
+            "the new image and c are the two kept"
+        );
+        assert_eq!(
+            actions(true, Some(2)),
+            (
+                vec![
+                    (Action::Hide, "c".into()),
+                    (Action::Delete, "b".into()),
+                    (Action::Hide, "p".into()),
+                    (Action::Delete, "a".into())
+                ],
+                vec!["p".into()]
+            )
+        );
+        assert_eq!(actions(false, Some(1)).0.len(), 3, "only the new image is kept");
+        assert_eq!(actions(false, None), (vec![], vec![]));
+    }
+
+    #[test]
+    fn if_changed_finds_a_visible_image_with_the_same_bytes() {
+        let local = Digests { md5: "m".into(), sha512: "s".into() };
+        let with = |id: &str, hidden: bool, sha: &str| json!({"id": id, "os_hidden": hidden, "os_hash_algo": "sha512", "os_hash_value": sha, "checksum": "m", "size": 5});
+        let previous = [with("other", false, "x"), with("hidden", true, "s"), with("same", false, "s")];
+        assert_eq!(same_bytes(&previous, 5, &local).map(|i| i["id"].clone()), Some(json!("same")));
+        assert!(same_bytes(&previous, 6, &local).is_none(), "a different size is different bytes");
+        assert!(same_bytes(&previous[..2], 5, &local).is_none(), "a hidden image does not count");
     }
 }

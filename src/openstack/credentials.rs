@@ -1,12 +1,18 @@
 //! Where OpenStack credentials come from, the way the `openstack` CLI finds them: a named cloud in
-//! `clouds.yaml` (with `secure.yaml` merged over it), or the `OS_*` environment variables. Pure: the
+//! `clouds.yaml` (with `secure.yaml` merged over it) and the `OS_*` environment variables, which
+//! override the cloud's settings one by one (the CLI takes them as its options' defaults). Pure: the
 //! callers pass the environment and the files' text.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use crate::cloud_config::yaml11::{self, Mapping, Value};
+use crate::password::Secret;
+
+/// The `auth_type` values cloudimg speaks (keystoneauth's names).
+pub const AUTH_TYPES: &str = "password, v3password, v3applicationcredential, token, v3token";
 
 /// A user or project's domain, by name or by id.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,15 +28,42 @@ pub enum Named {
     Id(String),
 }
 
-/// Keystone v3 password credentials and how to reach the cloud.
-#[derive(Clone, PartialEq)]
+/// An application credential, by id or by name with its user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppCredential {
+    Id(String),
+    Name { name: String, user: Named },
+}
+
+/// How to prove who we are to Keystone. Secrets are [`Secret`]s: `Debug` never shows them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Auth {
+    /// `password` / `v3password`: a user's password, scoped to a project.
+    Password { user: Named, password: Secret, project: Named },
+    /// `v3applicationcredential`: its scope is the project it was created in.
+    ApplicationCredential { credential: AppCredential, secret: Secret },
+    /// `token` / `v3token`: an existing token, rescoped to `project` when one is given.
+    Token { token: Secret, project: Option<Named> },
+}
+
+impl Auth {
+    /// What kind of credential, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Auth::Password { .. } => "password",
+            Auth::ApplicationCredential { .. } => "application credential",
+            Auth::Token { .. } => "token",
+        }
+    }
+}
+
+/// Keystone v3 credentials and how to reach the cloud.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Credentials {
-    /// Where they came from, for messages: `clouds.yaml cloud "x" (/path)` or `OS_* variables`.
+    /// Where they came from, for messages: `cloud "x" in /path/clouds.yaml` or `OS_* variables`.
     pub source: String,
     pub auth_url: String,
-    pub user: Named,
-    pub password: String,
-    pub project: Named,
+    pub auth: Auth,
     pub region: Option<String>,
     /// `public`, `internal` or `admin`.
     pub interface: String,
@@ -38,21 +71,7 @@ pub struct Credentials {
     pub insecure: bool,
 }
 
-impl std::fmt::Debug for Credentials {
-    /// Never shows the password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("source", &self.source)
-            .field("auth_url", &self.auth_url)
-            .field("user", &self.user)
-            .field("project", &self.project)
-            .field("region", &self.region)
-            .field("interface", &self.interface)
-            .finish_non_exhaustive()
-    }
-}
-
-/// One credential field by its clouds.yaml name (`auth.username`) and `OS_*` name.
+/// One setting by its clouds.yaml name (`auth.username`) and its `OS_*` name.
 struct Fields<'a> {
     get: &'a dyn Fn(&str, &str) -> Option<String>,
 }
@@ -62,50 +81,122 @@ impl Fields<'_> {
         (self.get)(yaml, env).filter(|v| !v.is_empty())
     }
 
+    fn secret(&self, yaml: &str, env: &str) -> Option<Secret> {
+        self.get(yaml, env).and_then(|v| Secret::new(v).ok())
+    }
+
+    /// The auth type as the `openstack` CLI picks it: the one named, else `password` when a user name
+    /// is given, else `token` when a token is, else `password`.
+    fn auth_type(&self) -> String {
+        match self.get("auth_type", "OS_AUTH_TYPE") {
+            Some(named) => named,
+            None if self.get("auth.username", "OS_USERNAME").is_some() => "password".to_string(),
+            None if self.get("auth.token", "OS_TOKEN").is_some() => "token".to_string(),
+            None => "password".to_string(),
+        }
+    }
+
+    fn domain(&self, kind: &str, env_kind: &str) -> Domain {
+        self.get(&format!("auth.{kind}_domain_id"), &format!("OS_{env_kind}_DOMAIN_ID"))
+            .map(Domain::Id)
+            .or_else(|| {
+                self.get(&format!("auth.{kind}_domain_name"), &format!("OS_{env_kind}_DOMAIN_NAME")).map(Domain::Name)
+            })
+            .or_else(|| self.get("auth.domain_id", "OS_DOMAIN_ID").map(Domain::Id))
+            .or_else(|| self.get("auth.domain_name", "OS_DOMAIN_NAME").map(Domain::Name))
+            .unwrap_or_else(|| Domain::Id("default".to_string()))
+    }
+
+    fn user(&self) -> Option<Named> {
+        match self.get("auth.user_id", "OS_USER_ID") {
+            Some(id) => Some(Named::Id(id)),
+            None => Some(Named::Name {
+                name: self.get("auth.username", "OS_USERNAME")?,
+                domain: self.domain("user", "USER"),
+            }),
+        }
+    }
+
+    fn project(&self) -> Option<Named> {
+        match self.get("auth.project_id", "OS_PROJECT_ID").or_else(|| self.get("auth.tenant_id", "OS_TENANT_ID")) {
+            Some(id) => Some(Named::Id(id)),
+            None => Some(Named::Name {
+                name: self
+                    .get("auth.project_name", "OS_PROJECT_NAME")
+                    .or_else(|| self.get("auth.tenant_name", "OS_TENANT_NAME"))?,
+                domain: self.domain("project", "PROJECT"),
+            }),
+        }
+    }
+
     fn build(&self, source: String) -> Result<Credentials> {
         let missing = |what: &str, yaml: &str, env: &str| {
             anyhow::anyhow!("{source} gives no {what} (`{yaml}` in clouds.yaml, or {env})")
         };
-        let auth_type = self.get("auth_type", "OS_AUTH_TYPE").unwrap_or_else(|| "password".to_string());
-        if !matches!(auth_type.as_str(), "password" | "v3password") {
-            bail!("{source} uses auth_type {auth_type}; cloudimg supports Keystone v3 password authentication");
-        }
+        let auth_type = self.auth_type();
+        let auth = match auth_type.as_str() {
+            "password" | "v3password" => {
+                let user = self.user().ok_or_else(|| {
+                    let hint =
+                        if self.get("auth.application_credential_secret", "OS_APPLICATION_CREDENTIAL_SECRET").is_some()
+                        {
+                            "; for the application credential set auth_type v3applicationcredential (OS_AUTH_TYPE)"
+                        } else {
+                            ""
+                        };
+                    missing("user name", "auth.username", "OS_USERNAME")
+                        .context(format!("password authentication{hint}"))
+                })?;
+                Auth::Password {
+                    user,
+                    password: self
+                        .secret("auth.password", "OS_PASSWORD")
+                        .ok_or_else(|| missing("password", "auth.password (or in secure.yaml)", "OS_PASSWORD"))?,
+                    project: self
+                        .project()
+                        .ok_or_else(|| missing("project", "auth.project_name", "OS_PROJECT_NAME"))?,
+                }
+            }
+            "v3applicationcredential" => {
+                let secret = self
+                    .secret("auth.application_credential_secret", "OS_APPLICATION_CREDENTIAL_SECRET")
+                    .ok_or_else(|| {
+                        missing(
+                            "application credential secret",
+                            "auth.application_credential_secret (or in secure.yaml)",
+                            "OS_APPLICATION_CREDENTIAL_SECRET",
+                        )
+                    })?;
+                let credential = match self.get("auth.application_credential_id", "OS_APPLICATION_CREDENTIAL_ID") {
+                    Some(id) => AppCredential::Id(id),
+                    None => AppCredential::Name {
+                        name: self
+                            .get("auth.application_credential_name", "OS_APPLICATION_CREDENTIAL_NAME")
+                            .ok_or_else(|| {
+                                missing(
+                                    "application credential id or name",
+                                    "auth.application_credential_id",
+                                    "OS_APPLICATION_CREDENTIAL_ID",
+                                )
+                            })?,
+                        user: self.user().ok_or_else(|| {
+                            missing("user for the application credential's name", "auth.username", "OS_USERNAME")
+                        })?,
+                    },
+                };
+                Auth::ApplicationCredential { credential, secret }
+            }
+            "token" | "v3token" => Auth::Token {
+                token: self
+                    .secret("auth.token", "OS_TOKEN")
+                    .ok_or_else(|| missing("token", "auth.token", "OS_TOKEN"))?,
+                project: self.project(),
+            },
+            other => bail!("{source} uses auth_type {other}; cloudimg supports {AUTH_TYPES}"),
+        };
         let auth_url = self
             .get("auth.auth_url", "OS_AUTH_URL")
             .ok_or_else(|| missing("Keystone URL", "auth.auth_url", "OS_AUTH_URL"))?;
-        let domain = |kind: &str, env_kind: &str| {
-            self.get(&format!("auth.{kind}_domain_id"), &format!("OS_{env_kind}_DOMAIN_ID"))
-                .map(Domain::Id)
-                .or_else(|| {
-                    self.get(&format!("auth.{kind}_domain_name"), &format!("OS_{env_kind}_DOMAIN_NAME"))
-                        .map(Domain::Name)
-                })
-                .or_else(|| self.get("auth.domain_id", "OS_DOMAIN_ID").map(Domain::Id))
-                .or_else(|| self.get("auth.domain_name", "OS_DOMAIN_NAME").map(Domain::Name))
-                .unwrap_or_else(|| Domain::Id("default".to_string()))
-        };
-        let user = match self.get("auth.user_id", "OS_USER_ID") {
-            Some(id) => Named::Id(id),
-            None => Named::Name {
-                name: self
-                    .get("auth.username", "OS_USERNAME")
-                    .ok_or_else(|| missing("user name", "auth.username", "OS_USERNAME"))?,
-                domain: domain("user", "USER"),
-            },
-        };
-        let password = self
-            .get("auth.password", "OS_PASSWORD")
-            .ok_or_else(|| missing("password", "auth.password (or in secure.yaml)", "OS_PASSWORD"))?;
-        let project = match self.get("auth.project_id", "OS_PROJECT_ID") {
-            Some(id) => Named::Id(id),
-            None => Named::Name {
-                name: self
-                    .get("auth.project_name", "OS_PROJECT_NAME")
-                    .or_else(|| self.get("auth.tenant_name", "OS_TENANT_NAME"))
-                    .ok_or_else(|| missing("project", "auth.project_name", "OS_PROJECT_NAME"))?,
-                domain: domain("project", "PROJECT"),
-            },
-        };
         let interface = self.get("interface", "OS_INTERFACE").unwrap_or_else(|| "public".to_string());
         // The old catalog names (`publicURL`) still appear in rc files.
         let interface = interface.trim_end_matches("URL").to_string();
@@ -117,9 +208,7 @@ impl Fields<'_> {
         Ok(Credentials {
             source,
             auth_url,
-            user,
-            password,
-            project,
+            auth,
             region: self.get("region_name", "OS_REGION_NAME"),
             interface,
             cacert: self.get("cacert", "OS_CACERT").map(PathBuf::from),
@@ -132,7 +221,7 @@ fn is_false(v: &str) -> bool {
     matches!(v.to_ascii_lowercase().as_str(), "false" | "0" | "no" | "off" | "")
 }
 
-/// Credentials from the `OS_*` variables (`env` looks one up).
+/// Credentials from the `OS_*` variables alone (`env` looks one up).
 pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Credentials> {
     let get = |_: &str, name: &str| if name.is_empty() { None } else { env(name) };
     Fields { get: &get }.build("the OS_* environment variables".to_string())
@@ -150,8 +239,14 @@ pub fn search_path(file: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<Path
     paths
 }
 
-/// Credentials for cloud `name` from the text of a `clouds.yaml` and, optionally, a `secure.yaml`.
-pub fn from_clouds_yaml(name: &str, clouds: (&Path, &str), secure: Option<(&Path, &str)>) -> Result<Credentials> {
+/// Credentials for cloud `name` from the text of a `clouds.yaml` and, optionally, a `secure.yaml`,
+/// with the `OS_*` variables `env` finds over both.
+pub fn from_clouds_yaml(
+    name: &str,
+    clouds: (&Path, &str),
+    secure: Option<(&Path, &str)>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Credentials> {
     let cloud = |(path, text): (&Path, &str)| -> Result<Option<Mapping>> {
         let doc = yaml11::parse(text).with_context(|| format!("reading {}", path.display()))?;
         let clouds = doc.root.get("clouds").and_then(Value::as_map);
@@ -161,7 +256,12 @@ pub fn from_clouds_yaml(name: &str, clouds: (&Path, &str), secure: Option<(&Path
     let main = cloud(clouds)?
         .with_context(|| format!("{} has no cloud named `{name}` (under `clouds:`)", clouds_path.display()))?;
     let extra = secure.map(cloud).transpose()?.flatten();
-    let get = |yaml: &str, _: &str| {
+    let from_env = Cell::new(false);
+    let get = |yaml: &str, env_name: &str| {
+        if let Some(value) = (!env_name.is_empty()).then(|| env(env_name)).flatten().filter(|v| !v.is_empty()) {
+            from_env.set(true);
+            return Some(value);
+        }
         let lookup = |m: &Mapping| {
             let mut node = m;
             let mut parts = yaml.split('.').peekable();
@@ -176,7 +276,16 @@ pub fn from_clouds_yaml(name: &str, clouds: (&Path, &str), secure: Option<(&Path
         };
         extra.as_ref().and_then(lookup).or_else(|| lookup(&main))
     };
-    Fields { get: &get }.build(format!("cloud `{name}` in {}", clouds_path.display()))
+    let source = format!("cloud `{name}` in {}", clouds_path.display());
+    let result = Fields { get: &get }.build(source.clone());
+    let source = if from_env.get() { format!("{source} with OS_* variables over it") } else { source };
+    result.map(|c| Credentials { source, ..c }).map_err(|e| {
+        if from_env.get() {
+            e.context("some settings came from OS_* variables, which override clouds.yaml")
+        } else {
+            e
+        }
+    })
 }
 
 fn scalar(v: &Value) -> Option<String> {
@@ -199,6 +308,10 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
+    fn secret(s: &str) -> Secret {
+        Secret::new(s.to_string()).unwrap()
+    }
+
     #[test]
     fn os_variables_give_v3_password_credentials() {
         let c = from_env(&env(&[
@@ -213,18 +326,135 @@ mod tests {
             ("OS_INSECURE", "true"),
         ]))
         .unwrap();
-        assert_eq!(c.user, Named::Name { name: "alice".into(), domain: Domain::Name("Users".into()) });
-        assert_eq!(c.project, Named::Name { name: "images".into(), domain: Domain::Id("abc".into()) });
+        assert_eq!(
+            c.auth,
+            Auth::Password {
+                user: Named::Name { name: "alice".into(), domain: Domain::Name("Users".into()) },
+                password: secret("s3cret"),
+                project: Named::Name { name: "images".into(), domain: Domain::Id("abc".into()) },
+            }
+        );
         assert_eq!((c.region.as_deref(), c.interface.as_str(), c.insecure), (Some("RegionTwo"), "internal", true));
         assert!(!format!("{c:?}").contains("s3cret"), "Debug never shows the password");
     }
 
     #[test]
-    fn missing_or_unsupported_settings_are_named() {
+    fn application_credentials_and_tokens_from_os_variables() {
+        let by_id = from_env(&env(&[
+            ("OS_AUTH_URL", "u"),
+            ("OS_AUTH_TYPE", "v3applicationcredential"),
+            ("OS_APPLICATION_CREDENTIAL_ID", "ac1"),
+            ("OS_APPLICATION_CREDENTIAL_SECRET", "ac-secret"),
+            ("OS_PROJECT_NAME", "ignored: the credential has its own scope"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            by_id.auth,
+            Auth::ApplicationCredential { credential: AppCredential::Id("ac1".into()), secret: secret("ac-secret") }
+        );
+        assert!(!format!("{by_id:?}").contains("ac-secret"));
+        let by_name = from_env(&env(&[
+            ("OS_AUTH_URL", "u"),
+            ("OS_AUTH_TYPE", "v3applicationcredential"),
+            ("OS_APPLICATION_CREDENTIAL_NAME", "ci"),
+            ("OS_APPLICATION_CREDENTIAL_SECRET", "x"),
+            ("OS_USERNAME", "bob"),
+            ("OS_USER_DOMAIN_NAME", "Users"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            by_name.auth,
+            Auth::ApplicationCredential {
+                credential: AppCredential::Name {
+                    name: "ci".into(),
+                    user: Named::Name { name: "bob".into(), domain: Domain::Name("Users".into()) }
+                },
+                secret: secret("x")
+            }
+        );
+        // No auth type and no user name: the token decides, as in the openstack CLI.
+        let token = from_env(&env(&[("OS_AUTH_URL", "u"), ("OS_TOKEN", "gAAAA"), ("OS_PROJECT_ID", "p1")])).unwrap();
+        assert_eq!(token.auth, Auth::Token { token: secret("gAAAA"), project: Some(Named::Id("p1".into())) });
+        assert!(!format!("{token:?}").contains("gAAAA"));
+    }
+
+    #[test]
+    fn the_auth_type_follows_the_openstack_cli() {
+        let kind = |pairs: &[(&str, &str)]| from_env(&env(pairs)).map(|c| c.auth.kind());
+        let base = [("OS_AUTH_URL", "u"), ("OS_PROJECT_NAME", "p")];
+        let with = |extra: &[(&'static str, &'static str)]| [&base[..], extra].concat();
+        // A user name wins over a token when no type is named...
+        assert_eq!(kind(&with(&[("OS_USERNAME", "a"), ("OS_PASSWORD", "pw"), ("OS_TOKEN", "t")])).unwrap(), "password");
+        // ...and a named type wins over both.
+        assert_eq!(
+            kind(&with(&[("OS_USERNAME", "a"), ("OS_TOKEN", "t"), ("OS_AUTH_TYPE", "v3token")])).unwrap(),
+            "token"
+        );
+        // Without a type, an application credential alone is password auth without a user, as in the CLI.
+        let err = format!(
+            "{:#}",
+            kind(&with(&[("OS_APPLICATION_CREDENTIAL_ID", "i"), ("OS_APPLICATION_CREDENTIAL_SECRET", "s")]))
+                .unwrap_err()
+        );
+        assert!(err.contains("OS_USERNAME") && err.contains("auth_type v3applicationcredential"), "{err}");
+        let err = format!("{:#}", kind(&with(&[("OS_AUTH_TYPE", "v3oidcpassword")])).unwrap_err());
+        assert!(err.contains("auth_type v3oidcpassword") && err.contains(AUTH_TYPES), "{err}");
+    }
+
+    #[test]
+    fn os_variables_override_clouds_yaml_and_secure_yaml_overrides_clouds_yaml() {
+        let clouds =
+            "clouds:\n  ci:\n    auth_type: v3applicationcredential\n    auth:\n      auth_url: http://k:5000\n      \
+                      application_credential_id: from-clouds\n      application_credential_secret: clouds-secret\n    \
+                      region_name: RegionOne\n";
+        let secure = "clouds:\n  ci:\n    auth:\n      application_credential_secret: secure-secret\n";
+        let read = |env_pairs: &[(&str, &str)], secure: Option<&str>| {
+            from_clouds_yaml(
+                "ci",
+                (Path::new("clouds.yaml"), clouds),
+                secure.map(|s| (Path::new("secure.yaml"), s)),
+                &env(env_pairs),
+            )
+        };
+        let plain = read(&[], None).unwrap();
+        assert_eq!(
+            plain.auth,
+            Auth::ApplicationCredential {
+                credential: AppCredential::Id("from-clouds".into()),
+                secret: secret("clouds-secret")
+            }
+        );
+        assert_eq!(plain.source, "cloud `ci` in clouds.yaml");
+        let merged = read(&[], Some(secure)).unwrap();
+        assert!(
+            matches!(merged.auth, Auth::ApplicationCredential { ref secret, .. } if secret.expose() == "secure-secret")
+        );
+        let over = read(&[("OS_APPLICATION_CREDENTIAL_ID", "from-env"), ("OS_REGION_NAME", "RegionTwo")], Some(secure))
+            .unwrap();
+        assert_eq!(
+            over.auth,
+            Auth::ApplicationCredential {
+                credential: AppCredential::Id("from-env".into()),
+                secret: secret("secure-secret")
+            }
+        );
+        assert_eq!(over.region.as_deref(), Some("RegionTwo"));
+        assert!(over.source.contains("OS_* variables over it"), "{}", over.source);
+        // OS_AUTH_TYPE overrides the cloud's auth_type too.
+        let token = read(&[("OS_AUTH_TYPE", "v3token"), ("OS_TOKEN", "t")], Some(secure)).unwrap();
+        assert_eq!(token.auth, Auth::Token { token: secret("t"), project: None });
+        let err = read(&[("OS_AUTH_TYPE", "v3totp")], None).unwrap_err();
+        assert!(format!("{err:#}").contains("override clouds.yaml"), "{err:#}");
+    }
+
+    #[test]
+    fn missing_settings_are_named() {
         let err = |pairs: &[(&str, &str)]| format!("{:#}", from_env(&env(pairs)).unwrap_err());
-        assert!(err(&[]).contains("OS_AUTH_URL"));
+        assert!(err(&[("OS_USERNAME", "a"), ("OS_PASSWORD", "p"), ("OS_PROJECT_ID", "1")]).contains("OS_AUTH_URL"));
         assert!(err(&[("OS_AUTH_URL", "u"), ("OS_USERNAME", "a"), ("OS_PROJECT_NAME", "p")]).contains("OS_PASSWORD"));
-        assert!(err(&[("OS_AUTH_URL", "u"), ("OS_AUTH_TYPE", "token")]).contains("auth_type token"));
+        assert!(err(&[("OS_AUTH_URL", "u"), ("OS_AUTH_TYPE", "token")]).contains("OS_TOKEN"));
+        assert!(err(&[("OS_AUTH_TYPE", "v3applicationcredential"), ("OS_APPLICATION_CREDENTIAL_ID", "i")])
+            .contains("OS_APPLICATION_CREDENTIAL_SECRET"));
         let minimal = from_env(&env(&[
             ("OS_AUTH_URL", "u"),
             ("OS_USERNAME", "a"),
@@ -232,11 +462,15 @@ mod tests {
             ("OS_PROJECT_ID", "123"),
         ]))
         .unwrap();
-        assert_eq!(minimal.user, Named::Name { name: "a".into(), domain: Domain::Id("default".into()) });
         assert_eq!(
-            (minimal.project, minimal.interface.as_str(), minimal.insecure),
-            (Named::Id("123".into()), "public", false)
+            minimal.auth,
+            Auth::Password {
+                user: Named::Name { name: "a".into(), domain: Domain::Id("default".into()) },
+                password: secret("p"),
+                project: Named::Id("123".into())
+            }
         );
+        assert_eq!((minimal.interface.as_str(), minimal.insecure), ("public", false));
     }
 
     #[test]
@@ -245,15 +479,21 @@ mod tests {
                       project_name: demo\n      user_domain_name: Default\n      project_domain_name: Default\n    \
                       region_name: RegionOne\n    verify: false\n  other:\n    auth: {}\n";
         let secure = "clouds:\n  lab:\n    auth:\n      password: 'from secure'\n";
-        let c = from_clouds_yaml("lab", (Path::new("clouds.yaml"), clouds), Some((Path::new("secure.yaml"), secure)))
-            .unwrap();
-        assert_eq!(c.password, "from secure");
+        let no_env = env(&[]);
+        let c = from_clouds_yaml(
+            "lab",
+            (Path::new("clouds.yaml"), clouds),
+            Some((Path::new("secure.yaml"), secure)),
+            &no_env,
+        )
+        .unwrap();
+        assert!(matches!(c.auth, Auth::Password { ref password, .. } if password.expose() == "from secure"));
         assert_eq!(c.auth_url, "http://k:5000");
         assert!(c.insecure, "verify: false");
         assert_eq!(c.region.as_deref(), Some("RegionOne"));
-        let err = from_clouds_yaml("nope", (Path::new("clouds.yaml"), clouds), None).unwrap_err();
+        let err = from_clouds_yaml("nope", (Path::new("clouds.yaml"), clouds), None, &no_env).unwrap_err();
         assert!(format!("{err:#}").contains("no cloud named `nope`"));
-        let err = from_clouds_yaml("lab", (Path::new("clouds.yaml"), clouds), None).unwrap_err();
+        let err = from_clouds_yaml("lab", (Path::new("clouds.yaml"), clouds), None, &no_env).unwrap_err();
         assert!(format!("{err:#}").contains("secure.yaml"), "{err:#}");
     }
 

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+pub use ureq::http::Method;
 
 use credentials::Credentials;
 
@@ -65,24 +66,46 @@ impl Http {
         answer(self.agent.delete(url).header("X-Auth-Token", token).call(), url)
     }
 
-    /// POSTs JSON; `token` is `None` for the authentication request itself.
-    pub fn post_json(&self, url: &str, token: Option<&str>, body: &serde_json::Value) -> Result<Answer> {
-        let mut request =
-            self.agent.post(url).header("Content-Type", "application/json").header("Accept", "application/json");
+    /// Sends a JSON document (`content_type` names its kind) with POST, PUT or PATCH; `token` is
+    /// `None` for the authentication request itself.
+    pub fn send_json(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: &serde_json::Value,
+    ) -> Result<Answer> {
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("Content-Type", content_type)
+            .header("Accept", "application/json");
         if let Some(token) = token {
             request = request.header("X-Auth-Token", token);
         }
-        answer(request.send(body.to_string()), url)
+        let request = request.body(body.to_string()).with_context(|| format!("a request to {url}"))?;
+        answer(self.agent.run(request), url)
     }
 
-    /// PUTs `length` bytes from `body` as application/octet-stream.
-    pub fn put_stream(&self, url: &str, token: &str, length: u64, body: &mut dyn Read) -> Result<Answer> {
-        let request = self
+    /// PUTs `length` bytes from `body` as application/octet-stream, with `headers` besides.
+    pub fn put_stream(
+        &self,
+        url: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+        length: u64,
+        body: &mut dyn Read,
+    ) -> Result<Answer> {
+        let mut request = self
             .agent
             .put(url)
             .header("X-Auth-Token", token)
             .header("Content-Type", "application/octet-stream")
             .header("Content-Length", length.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         answer(request.send(ureq::SendBody::from_reader(body)), url)
     }
 }

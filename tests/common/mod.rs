@@ -51,6 +51,7 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("debian-no-cloud-init", 64, build_debian_no_cloud_init),
     ("debian-xfs", 320, build_debian_xfs),
     ("debian-deleted-data", 128, build_debian_deleted_data),
+    ("debian-aarch64", 64, build_debian_aarch64),
     ("gen-0.7.5", 64, |g, dev| build_generation(g, dev, "0.7.5")),
     ("gen-17.1", 64, |g, dev| build_generation(g, dev, "17.1")),
     ("gen-22.4.2-ubuntu", 64, |g, dev| build_generation(g, dev, "22.4.2-ubuntu")),
@@ -332,11 +333,37 @@ fn build_debian_xfs(g: &Handle, dev: &str) {
 fn build_debian_deleted_data(g: &Handle, dev: &str) {
     build_debian_ext4(g, dev);
     put(g, "/usr/bin/qemu-ga", "#!/bin/sh\n");
+    g.mkdir_p("/bin").unwrap();
+    put_elf(g, "/bin/sh", 62);
     g.mkdir_p("/var/tmp").unwrap();
     g.fill_pattern("deleted data", 48 << 20, "/var/tmp/deleted").unwrap();
     // On the disk before it is deleted (ext4's delayed allocation would never write it otherwise).
     g.sync().unwrap();
     g.rm("/var/tmp/deleted").unwrap();
+}
+
+/// The start of an ELF executable for `machine` (62: x86_64, 183: aarch64), 64-bit little endian.
+fn put_elf(g: &Handle, path: &str, machine: u16) {
+    let mut header = vec![0u8; 64];
+    header[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+    header[16] = 3; // ET_DYN, as a PIE
+    header[18..20].copy_from_slice(&machine.to_le_bytes());
+    header[20] = 1;
+    header.extend_from_slice(b"not a real program");
+    g.write(path, &header).unwrap_or_else(|e| panic!("writing {path}: {e:?}"));
+}
+
+/// A Debian for arm64, merged /usr: /bin/sh is /bin -> usr/bin, then sh -> dash, an aarch64 ELF.
+fn build_debian_aarch64(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    let root = format!("{dev}1");
+    mkfs(g, "ext4", &root, None);
+    g.mount(&root, "/").unwrap();
+    os_root(g, DEBIAN_RELEASE, Some(DEBIAN_CFG), Some((DEBIAN_VERSION_PY, "22.4.2")), "PARTUUID=1 / ext4 rw 0 1\n");
+    g.mkdir_p("/usr/bin").unwrap();
+    g.ln_s("usr/bin", "/bin").unwrap();
+    put_elf(g, "/usr/bin/dash", 183);
+    g.ln_s("dash", "/usr/bin/sh").unwrap();
 }
 
 /// A Debian without cloud-init whose sshd refuses passwords in its main file.
