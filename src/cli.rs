@@ -85,22 +85,33 @@ pub struct DoctorArgs {
 
 const UPLOAD_EXAMPLES: &str = "\
 Creates the image record (disk and container format, min_disk and the properties from the manifest
-or the file), streams the file with a progress bar while computing its MD5 and SHA-512, waits for
-Glance to make the image active, and compares Glance's size, checksum and os_hash_value with the
-file's. On any failure the half-created image is deleted (unless --keep-failed) and Glance's own
-error is shown. Credentials as the openstack CLI takes them: --os-cloud NAME (or OS_CLOUD) from
-clouds.yaml (./, ~/.config/openstack/, /etc/openstack/; secure.yaml merged over it), else the OS_*
-variables (OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME, OS_USER_DOMAIN_NAME,
-OS_PROJECT_DOMAIN_NAME, OS_REGION_NAME, OS_INTERFACE, OS_CACERT, OS_INSECURE). Keystone v3 password
-authentication; tokens and passwords are never printed.
+or the file), sends the file with a progress bar while computing its MD5 and SHA-512 -- staged and
+imported (glance-direct) where the cloud offers it, else with PUT --, waits for Glance to make the
+image active, and compares Glance's size, checksum and os_hash_value with the file's. Then, if asked:
+members, protection, and the project's older images of the same name hidden or deleted. On any
+failure before the image is verified it is deleted (unless --keep-failed) and Glance's own error is
+shown.
+
+Credentials as the openstack CLI takes them: --os-cloud NAME (or OS_CLOUD) from clouds.yaml (./,
+~/.config/openstack/, /etc/openstack/; secure.yaml merged over it), with any OS_* variable overriding
+the cloud's setting; else the OS_* variables alone. auth_type (OS_AUTH_TYPE): password, v3password,
+v3applicationcredential (OS_APPLICATION_CREDENTIAL_ID or _NAME, OS_APPLICATION_CREDENTIAL_SECRET),
+token, v3token (OS_TOKEN); OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME,
+OS_USER_DOMAIN_NAME, OS_PROJECT_DOMAIN_NAME, OS_REGION_NAME, OS_INTERFACE, OS_CACERT, OS_INSECURE.
+Secrets and tokens are never printed.
 
 Examples:
   # What customize wrote, with its manifest: formats, min_disk, os_distro... and the hashes to check
   cloudimg upload debian-12-pw.qcow2 --manifest debian-12-pw.json --name debian-12-pw --os-cloud mycloud
 
-  # From an openrc file, with an extra property, machine-readable
-  source project-openrc.sh
-  cloudimg upload out.raw --name web-base --property hw_disk_bus=scsi --json | jq -r .image_id
+  # A weekly pipeline with an application credential: skip unchanged images, hide the previous
+  # build, keep the last 4
+  export OS_AUTH_TYPE=v3applicationcredential OS_AUTH_URL=https://keystone:5000/v3
+  export OS_APPLICATION_CREDENTIAL_ID=... OS_APPLICATION_CREDENTIAL_SECRET=...
+  cloudimg upload out.qcow2 --name debian-12 --if-changed --tag weekly --hide-previous --keep 4 --json
+
+  # What that would hide or delete, changing nothing
+  cloudimg upload out.qcow2 --name debian-12 --hide-previous --keep 4 --dry-run
 
   # Customize and upload in one step
   cloudimg customize in.qcow2 -o out.qcow2 --password-file pw.txt --upload --name debian-12-pw

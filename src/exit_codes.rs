@@ -47,12 +47,15 @@ Exit status:
 /// Text for `upload --help`.
 pub const UPLOAD_HELP: &str = "\
 Exit status:
-  0    uploaded; Glance's size, checksum and os_hash_value match the file
+  0    uploaded, and Glance's size, checksum and os_hash_value match the file (or, --if-changed,
+       Glance already had it; or --dry-run)
   1    unexpected failure
-  2    bad command line, or no credentials
+  2    bad command line, no credentials, an auth type cloudimg does not speak, or an import method
+       or store the cloud does not offer
   3    the file was refused (not a standalone qcow2 or raw image, or not the manifest's file)
-  9    Keystone or Glance refused, the upload failed or was cut, or Glance's copy differs; the
-       half-created image was deleted (unless --keep-failed)
+  9    Keystone or Glance refused, the upload or import failed or was cut, or Glance's copy differs;
+       the half-created image was deleted (unless --keep-failed); or, after a verified upload, an
+       older image could not be hidden or deleted
   130  interrupted; the half-created image was deleted";
 
 /// Text for `inspect --help`.
