@@ -588,18 +588,20 @@ fn send_and_verify(
     report: &Reporter,
 ) -> Result<(Value, &'static str)> {
     let size = s.info.file_size;
+    let put = |store: Option<&str>| -> Result<Digests> {
+        stream(opts, file, size, report, |data| glance.upload(id, store, size, data))?.check(opts, size)
+    };
     let (local, method, imported) = match &s.route {
-        Route::Put { store } => {
-            (stream(opts, file, size, report, |data| glance.upload(id, store.as_deref(), size, data))?, "put", false)
-        }
+        Route::Put { store } => (put(store.as_deref())?, "put", false),
         Route::GlanceDirect { stores, fallback } => {
             let mut staged = Ok(());
-            let local = stream(opts, file, size, report, |data| {
+            let sent = stream(opts, file, size, report, |data| {
                 staged = glance.stage(id, size, data)?;
                 Ok(())
             })?;
             match staged {
                 Ok(()) => {
+                    let local = sent.check(opts, size)?;
                     report.phase(&format!("Importing image {id} (glance-direct)"));
                     glance.import(id, "glance-direct", stores)?;
                     (local, "glance-direct", true)
@@ -610,8 +612,7 @@ fn send_and_verify(
                         answer.status,
                         error_text(&answer.body)
                     ));
-                    let store = stores.first().map(String::as_str);
-                    (stream(opts, file, size, report, |data| glance.upload(id, store, size, data))?, "put", false)
+                    (put(stores.first().map(String::as_str))?, "put", false)
                 }
                 Err(answer) => bail!(
                     "Glance refused to stage the image data (HTTP {}): {}",
@@ -627,15 +628,38 @@ fn send_and_verify(
     Ok((record, method))
 }
 
-/// Streams the file into `send` with a progress bar, hashing it on the way; checks the bytes sent
-/// against the file's size and the manifest's hashes.
+/// What went out in one sending of the file.
+struct Sent {
+    bytes: u64,
+    digests: Digests,
+}
+
+impl Sent {
+    /// The file's digests, once the bytes sent are the file's size and, with a manifest, its hashes
+    /// the manifest's.
+    fn check(self, opts: &Options, size: u64) -> Result<Digests> {
+        if self.bytes != size {
+            bail!(
+                "{} changed size during the upload ({} bytes sent, {size} expected)",
+                opts.image.display(),
+                self.bytes
+            );
+        }
+        if opts.manifest.as_ref().is_some_and(|m| m.digests() != self.digests) {
+            bail!("{} is not the file its manifest describes: its hashes differ", opts.image.display());
+        }
+        Ok(self.digests)
+    }
+}
+
+/// Streams the file into `send` with a progress bar, hashing it on the way.
 fn stream(
     opts: &Options,
     mut file: &File,
     size: u64,
     report: &Reporter,
     send: impl FnOnce(&mut dyn Read) -> Result<()>,
-) -> Result<Digests> {
+) -> Result<Sent> {
     report.phase(&format!("Uploading {} ({size} bytes)", opts.image.display()));
     file.seek(SeekFrom::Start(0)).with_context(|| format!("reading {}", opts.image.display()))?;
     let mut progress = report.progress("uploading");
@@ -643,18 +667,8 @@ fn stream(
     let mut on_read = |n: u64| progress.set(n as f64 * 100.0 / total);
     let mut reader = HashingReader::new(file, &mut on_read);
     send(&mut reader)?;
-    let sent = reader.bytes;
-    let local = reader.finish();
-    drop(progress);
-    if sent != size {
-        bail!("{} changed size during the upload ({sent} bytes sent, {size} expected)", opts.image.display());
-    }
-    if let Some(m) = &opts.manifest {
-        if m.digests() != local {
-            bail!("{} is not the file its manifest describes: its hashes differ", opts.image.display());
-        }
-    }
-    Ok(local)
+    let bytes = reader.bytes;
+    Ok(Sent { bytes, digests: reader.finish() })
 }
 
 /// Glance's record against the file: size and both hashes.

@@ -381,7 +381,7 @@ fn every_supported_credential(os: &Services, tmp: &Path) {
     ];
     check(&upload("by-token", &by_token, tmp), "OS_TOKEN");
     let wrong_secret = [("OS_APPLICATION_CREDENTIAL_SECRET", "not the secret")];
-    let run = upload("wrong-secret", &[&by_name[..4], &wrong_secret[..], &by_name[5..]].concat(), tmp);
+    let run = upload("wrong-secret", &[&by_name[..3], &wrong_secret[..], &by_name[4..]].concat(), tmp);
     let stderr = text(&run.stderr);
     assert_eq!(run.status.code(), Some(9), "{stderr}");
     assert!(stderr.contains("refused the application credential") && stderr.contains("401"), "{stderr}");

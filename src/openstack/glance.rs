@@ -221,14 +221,26 @@ impl Glance<'_> {
         record["id"].as_str().map(str::to_string).context("Glance's answer has no image id")
     }
 
+    /// PUTs image data. Glance refuses (policy, quota, import disabled) before reading any data and
+    /// closes the connection; when the data outgrows the socket buffers, its answer is lost with the
+    /// connection. The same request without data then fetches that refusal again, and changes nothing
+    /// (a refusal stores nothing; other answers are not taken for the failure's reason).
+    fn put_data(&self, url: &str, headers: &[(&str, &str)], length: u64, data: &mut dyn Read) -> Result<Answer> {
+        let token = &self.session.token;
+        match self.http.put_stream(url, token, headers, length, data) {
+            Ok(answer) => Ok(answer),
+            Err(e) => match self.http.put_stream(url, token, headers, 0, &mut std::io::empty()) {
+                Ok(refusal) if matches!(refusal.status, 401 | 403 | 404 | 405 | 413) => Ok(refusal),
+                _ => Err(e),
+            },
+        }
+    }
+
     /// Sends the image data with PUT (into `store`, or the default one).
     pub fn upload(&self, id: &str, store: Option<&str>, length: u64, data: &mut dyn Read) -> Result<()> {
         let url = format!("{}/file", self.image_url(id));
         let headers: Vec<(&str, &str)> = store.map(|s| ("X-Image-Meta-Store", s)).into_iter().collect();
-        let answer = self
-            .http
-            .put_stream(&url, &self.session.token, &headers, length, data)
-            .context("sending the image data")?;
+        let answer = self.put_data(&url, &headers, length, data).context("sending the image data")?;
         Self::expect(answer, 204, "Glance rejected the image data").map(drop)
     }
 
@@ -236,8 +248,7 @@ impl Glance<'_> {
     /// 204 comes back as `Err(answer)`: the caller decides whether that is a refusal to work around.
     pub fn stage(&self, id: &str, length: u64, data: &mut dyn Read) -> Result<std::result::Result<(), Answer>> {
         let url = format!("{}/stage", self.image_url(id));
-        let answer =
-            self.http.put_stream(&url, &self.session.token, &[], length, data).context("staging the image data")?;
+        let answer = self.put_data(&url, &[], length, data).context("staging the image data")?;
         Ok(if answer.status == 204 { Ok(()) } else { Err(answer) })
     }
 

@@ -1,4 +1,4 @@
-//! Talking to an OpenStack cloud: credentials, Keystone v3 password auth, the Glance v2 image API.
+//! Talking to an OpenStack cloud: credentials, Keystone v3 authentication, the Glance v2 image API.
 //! HTTP goes through [`Http`], a thin adapter over `ureq` (TLS with the system's CA store).
 
 pub mod credentials;
@@ -88,7 +88,8 @@ impl Http {
         answer(self.agent.run(request), url)
     }
 
-    /// PUTs `length` bytes from `body` as application/octet-stream, with `headers` besides.
+    /// PUTs `length` bytes from `body` as application/octet-stream, with `headers` besides. The
+    /// connection is not kept: a server that answers before reading the whole body closes it.
     pub fn put_stream(
         &self,
         url: &str,
@@ -102,7 +103,8 @@ impl Http {
             .put(url)
             .header("X-Auth-Token", token)
             .header("Content-Type", "application/octet-stream")
-            .header("Content-Length", length.to_string());
+            .header("Content-Length", length.to_string())
+            .header("Connection", "close");
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
