@@ -247,6 +247,9 @@ pub enum ImportMethod {
     Auto,
 }
 
+/// `--wait`'s default, in seconds.
+pub const DEFAULT_WAIT: u64 = 600;
+
 /// Where the image goes in Glance; shared by `upload` and `customize --upload`.
 #[derive(Debug, Clone, Args)]
 pub struct GlanceArgs {
@@ -315,7 +318,7 @@ pub struct GlanceArgs {
     pub keep_failed: bool,
 
     /// How long to wait for Glance to make the uploaded image active (importing included)
-    #[arg(long, default_value_t = crate::settings::DEFAULT_WAIT, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Glance")]
+    #[arg(long, default_value_t = DEFAULT_WAIT, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Glance")]
     pub wait: u64,
 }
 

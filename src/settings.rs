@@ -249,11 +249,8 @@ fn glance_given(g: &GlanceArgs) -> bool {
         || !g.stores.is_empty()
         || g.os_cloud.is_some()
         || g.keep_failed
-        || g.wait != DEFAULT_WAIT
+        || g.wait != crate::cli::DEFAULT_WAIT
 }
-
-/// `--wait`'s default, in seconds.
-pub const DEFAULT_WAIT: u64 = 600;
 
 pub fn check_output_path(input: &std::path::Path, path: &std::path::Path, force: bool) -> Result<()> {
     if output::same_file(input, path) {
@@ -329,5 +326,21 @@ mod tests {
             code_of(&settings(&[input, "--dry-run", "--password-stdin", "--cloud-init-version", "x"]).unwrap_err()),
             USAGE
         );
+    }
+
+    #[test]
+    fn glance_arguments_need_upload_and_agree_with_each_other() {
+        let out = ["in.img", "-o", "/nonexistent/out.img", "--password-stdin"];
+        let with = |extra: &[&str]| settings(&[&out[..], extra].concat());
+        let lonely = with(&["--keep", "2"]).unwrap_err();
+        assert_eq!(code_of(&lonely), USAGE);
+        assert!(format!("{lonely:#}").contains("go with --upload"));
+        assert_eq!(code_of(&with(&["--import-method", "put"]).unwrap_err()), USAGE);
+        let private = with(&["--upload", "--member", "p1", "--visibility", "private"]).unwrap_err();
+        assert!(format!("{private:#}").contains("--visibility shared"), "{private:#}");
+        let both =
+            with(&["--upload", "--property", "architecture=x86_64", "--no-property", "architecture"]).unwrap_err();
+        assert_eq!(code_of(&both), USAGE);
+        assert!(with(&["--upload", "--member", "p1", "--hide-previous", "--keep", "3", "--stores", "a,b"]).is_ok());
     }
 }
