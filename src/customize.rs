@@ -1,6 +1,7 @@
 //! `cloudimg customize`: the pipeline, in order. Open the image safely → find the root → read
 //! cloud-init's configuration → plan the edit (pure) → write it back → produce the output.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -495,7 +496,8 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             Stored::Hash(password::hash(secret))
         }
     });
-    let already_set = |text: &str| secret.is_some_and(|secret| stands_for(secret, text, s.plaintext));
+    let comparer = Comparer::new(secret, s.plaintext);
+    let already_set = |text: &str| comparer.stands_for(text);
     let plan = plan::plan(
         &Facts {
             files: &cloud.files,
@@ -541,7 +543,7 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
         changed_keys: plan.changed_keys.clone(),
         shadow_algorithm: None,
         effective: Some(plan.effective.clone()),
-        findings: plan.findings.clone(),
+        findings: plan.findings.iter().cloned().chain(comparer.findings()).collect(),
         notes: Vec::new(),
         diff: plan.masked_diff(),
     })
@@ -566,7 +568,8 @@ fn decide_shadow(
     let mut notes = vec![format!("{} hash: {why}", algorithm.name())];
     let mut writes = Vec::new();
     let current_hash = shadow::hash_of(text, &user);
-    if !current_hash.is_some_and(|h| h.starts_with('$') && password::matches(secret, h)) {
+    let comparer = Comparer::new(Some(secret), false);
+    if !current_hash.is_some_and(|h| comparer.stands_for(h)) {
         let hash = match algorithm {
             shadow::Algorithm::Yescrypt => password::hash_yescrypt(secret),
             shadow::Algorithm::Sha512 => password::hash(secret),
@@ -576,7 +579,7 @@ fn decide_shadow(
         notes.extend(more);
         writes.push(Write { path: shadow::SHADOW.into(), content: Some(new), private: false, like: shadow::SHADOW });
     }
-    let mut findings = Vec::new();
+    let mut findings = comparer.findings();
     let mut diff = String::new();
     match (&image.sshd, s.ssh_pwauth) {
         (Some(files), Some(true)) => {
@@ -908,12 +911,50 @@ fn sweep(dir: &Path, marker: &str, report: &Reporter) {
     }
 }
 
-/// Whether an existing stored value already stands for the password, in the requested kind.
-fn stands_for(secret: &Secret, stored: &str, plaintext: bool) -> bool {
-    if plaintext {
-        stored == secret.expose()
-    } else {
-        stored.starts_with('$') && password::matches(secret, stored)
+/// Whether existing stored values already stand for the password, in the requested kind; each value
+/// is checked once. A hash with cost parameters beyond what cloudimg computes is not checked: it
+/// counts as another password (and is replaced), with a warning.
+struct Comparer<'a> {
+    secret: Option<&'a Secret>,
+    plaintext: bool,
+    checked: RefCell<BTreeMap<String, bool>>,
+    refused: RefCell<Vec<String>>,
+}
+
+impl<'a> Comparer<'a> {
+    fn new(secret: Option<&'a Secret>, plaintext: bool) -> Self {
+        Comparer { secret, plaintext, checked: RefCell::default(), refused: RefCell::default() }
+    }
+
+    fn stands_for(&self, stored: &str) -> bool {
+        let Some(secret) = self.secret else { return false };
+        if self.plaintext {
+            return stored == secret.expose();
+        }
+        if !stored.starts_with('$') {
+            return false;
+        }
+        if let Some(&known) = self.checked.borrow().get(stored) {
+            return known;
+        }
+        let same = password::matches(secret, stored).unwrap_or_else(|why| {
+            self.refused.borrow_mut().push(format!("{why:#}"));
+            false
+        });
+        self.checked.borrow_mut().insert(stored.to_string(), same);
+        same
+    }
+
+    fn findings(&self) -> Vec<Finding> {
+        self.refused
+            .borrow()
+            .iter()
+            .map(|why| Finding {
+                severity: Severity::Warning,
+                message: format!("a password hash already in the image was not compared with the password: {why}"),
+                fix: "none needed: a new hash takes its place".into(),
+            })
+            .collect()
     }
 }
 

@@ -26,9 +26,9 @@ pub fn read_cloud_files(guest: &Guest) -> Result<(Vec<CloudFile>, Vec<String>)> 
     let base = parse_file(CLOUD_CFG, base)?;
     let mut files = vec![base];
     let mut warnings = Vec::new();
-    for name in guest.list_dir(CLOUD_CFG_D)?.into_iter().filter(|n| merge::is_drop_in_name(n)) {
-        let path = format!("{CLOUD_CFG_D}/{name}");
-        let text = match read_text(guest, &path) {
+    let names: Vec<String> = guest.list_dir(CLOUD_CFG_D)?.into_iter().filter(|n| merge::is_drop_in_name(n)).collect();
+    for (path, read) in read_dir_files(guest, CLOUD_CFG_D, &names, "cloud-init reads every *.cfg file there")? {
+        let text = match read {
             Ok(Some(text)) => text,
             Ok(None) => continue,
             Err(e) => {
@@ -43,6 +43,44 @@ pub fn read_cloud_files(guest: &Guest) -> Result<(Vec<CloudFile>, Vec<String>)> 
         }
     }
     Ok((files, warnings))
+}
+
+/// At most this many files are read from one configuration directory of the guest, and this many bytes
+/// in all. Distributions ship a handful of small files; cloud-init and sshd read every one, so the
+/// checks are only right when cloudimg does too: a directory beyond the caps is refused, not read in
+/// part.
+pub const MAX_DIR_FILES: usize = 256;
+pub const MAX_DIR_BYTES: usize = 8 << 20;
+
+/// The files `names` of `dir`, each read on its own (an unreadable one is its caller's decision); more
+/// files than [`MAX_DIR_FILES`] or more bytes than [`MAX_DIR_BYTES`] refuse the guest. `reader` says
+/// who reads them all in the guest.
+fn read_dir_files(
+    guest: &Guest,
+    dir: &str,
+    names: &[String],
+    reader: &str,
+) -> Result<Vec<(String, Result<Option<String>>)>> {
+    if names.len() > MAX_DIR_FILES {
+        return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
+            "{dir} in the guest holds {} files, more than the {MAX_DIR_FILES} cloudimg reads; {reader}, so checking only some would give wrong answers: remove the files that are not needed",
+            names.len()
+        )));
+    }
+    let mut bytes = 0;
+    let mut out = Vec::new();
+    for name in names {
+        let path = format!("{dir}/{name}");
+        let read = read_text(guest, &path);
+        bytes += read.as_ref().ok().and_then(|t| t.as_ref()).map_or(0, String::len);
+        if bytes > MAX_DIR_BYTES {
+            return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
+                "the files in {dir} in the guest add up to more than {MAX_DIR_BYTES} bytes, more than cloudimg reads; {reader}, so checking only some would give wrong answers: remove the files that are not needed"
+            )));
+        }
+        out.push((path, read));
+    }
+    Ok(out)
 }
 
 /// Whether the image has cloud-init's main configuration file (a link counts: reading it will say why
@@ -106,16 +144,20 @@ pub fn os_release(guest: &Guest) -> Result<String> {
     Ok(String::new())
 }
 
-/// sshd's main file and its drop-in directory; `None` without `/etc/ssh/sshd_config`.
+/// sshd's main file and its drop-in directory; `None` without `/etc/ssh/sshd_config`. Files whose
+/// Includes sshd itself would refuse, or that are an Include bomb, refuse the guest.
 pub fn sshd_files(guest: &Guest) -> Result<Option<sshd::Files>> {
     let Some(main) = read_text(guest, sshd::MAIN_CONFIG)? else { return Ok(None) };
     let mut files = sshd::Files::new();
     files.insert(sshd::MAIN_CONFIG.to_string(), main);
-    for name in guest.list_dir(sshd::DROP_IN_DIR)? {
-        let path = format!("{}/{name}", sshd::DROP_IN_DIR);
-        if let Some(text) = read_text(guest, &path)? {
+    let names = guest.list_dir(sshd::DROP_IN_DIR)?;
+    for (path, read) in read_dir_files(guest, sshd::DROP_IN_DIR, &names, "sshd reads every file its Includes name")? {
+        if let Some(text) = read? {
             files.insert(path, text);
         }
+    }
+    if let Some(problem) = sshd::include_problem(&files) {
+        return Err(with_code(BAD_GUEST)(anyhow::anyhow!("sshd's configuration in the guest: {problem}")));
     }
     Ok(Some(files))
 }

@@ -16,6 +16,10 @@ use cloudimg::upload;
 fn main() {
     let cli = Cli::parse();
     cloudimg::cleanup::install_signal_handler();
+    if matches!(cli.command, Command::Customize(_) | Command::Inspect(_) | Command::Upload(_)) {
+        // They hold the password, OS_PASSWORD and the token, or the guests' hashes.
+        cloudimg::password::keep_out_of_core_dumps();
+    }
     let code = match cli.command {
         Command::Customize(args) => run_customize(*args),
         Command::Inspect(args) => run_inspect(&args),

@@ -5,6 +5,7 @@ pub mod edit;
 pub mod keys;
 pub mod lock;
 pub mod merge;
+pub mod secrets;
 pub mod yaml11;
 
 /// cloud-init's main configuration file.

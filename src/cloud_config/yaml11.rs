@@ -152,6 +152,8 @@ pub struct Document {
     pub spans: Vec<KeySpan>,
     /// Whether the root is a block mapping at column 0 (or empty), i.e. keys can be edited line-wise.
     pub editable_layout: bool,
+    /// Whether a top-level key is given more than once (only its last entry is in `spans`).
+    pub repeated_keys: bool,
 }
 
 /// Limits that keep hostile input from costing unbounded memory or stack.
@@ -169,7 +171,7 @@ pub fn parse(text: &str) -> Result<Document> {
         Some(other) => bail!("the top level is a {}, not a mapping", kind_name(&other)),
     };
     let (spans, editable_layout) = loader.finish_spans(text);
-    Ok(Document { root, spans, editable_layout })
+    Ok(Document { root, spans, editable_layout, repeated_keys: loader.repeated_root_keys })
 }
 
 fn kind_name(v: &Value) -> &'static str {
@@ -193,6 +195,7 @@ struct Loader<'a> {
     root_keys: Vec<(String, usize, usize)>,
     /// 1-based line where the parser ended the root mapping.
     root_end_line: Option<usize>,
+    repeated_root_keys: bool,
 }
 
 impl<'a> Loader<'a> {
@@ -203,6 +206,7 @@ impl<'a> Loader<'a> {
             nodes: 0,
             root_keys: Vec::new(),
             root_end_line: None,
+            repeated_root_keys: false,
         }
     }
 
@@ -306,6 +310,7 @@ impl<'a> Loader<'a> {
                 if let Value::Str(k) = &key {
                     self.root_keys.push((k.clone(), marker.line(), marker.col()));
                 }
+                self.repeated_root_keys |= map.get_value(&key).is_some();
             }
             map.insert_value(key, value);
         }
@@ -549,6 +554,15 @@ fn is_printable_in_single_quotes(c: char) -> bool {
 pub fn render_entry(key: &str, value: &Value, indent: usize) -> String {
     let mut out = String::new();
     write_entry(&mut out, &quote_str(key), value, indent);
+    out
+}
+
+/// Renders a whole mapping as block entries at column 0.
+pub fn render_mapping(map: &Mapping) -> String {
+    let mut out = String::new();
+    for (key, value) in map.iter() {
+        write_entry(&mut out, &render_scalar(key), value, 0);
+    }
     out
 }
 

@@ -47,7 +47,7 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("ubuntu-btrfs-subvol", 512, build_ubuntu_btrfs),
     ("no-os", 64, build_no_os),
     ("two-roots", 256, build_two_roots),
-    ("hostile-guests", 320, build_hostile_guests),
+    ("hostile-guests", 420, build_hostile_guests),
     ("debian-no-cloud-init", 64, build_debian_no_cloud_init),
     ("debian-xfs", 320, build_debian_xfs),
     ("debian-deleted-data", 128, build_debian_deleted_data),
@@ -326,7 +326,19 @@ pub const HOSTILE_GUESTS: &[&str] = &[
     "cloud.cfg.d holds a symlink to /etc/shadow",
     "cloud.cfg.d holds a mode-000 file",
     "cloud.cfg.d holds a directory named .cfg",
+    "cloud.cfg.d holds 100 000 hard links to 1 MiB files",
+    "sshd_config.d drop-ins each include the directory",
+    "os-release and a drop-in name carry terminal escape sequences",
+    "cloud.cfg holds the hash of the password being set",
+    "cloud.cfg holds the password being set in clear text",
 ];
+
+/// The password some hostile guests already hold, and its SHA-512 hash there.
+pub const MATCHING_SECRET: &str = "matching secret";
+pub const MATCHING_HASH: &str =
+    "$6$cloudimgknownsa$VkUz3S42Gb4LUozoYvMnMDw8nDxxSzwovgvt.oAfcSTHvSMY0EPkC67MmcHDn/q7FbmKKbjYbZn5IednUNfCn1";
+/// The PRETTY_NAME of the escape-sequence guest: sets the terminal's title and clears the screen.
+pub const ESCAPING_PRETTY_NAME: &str = "Debian \x1b]0;pwned\x07\x1b[2J12";
 
 pub const GUEST_SHADOW: &str = "root:*:19000:0:99999:7:::\ndebian:!:19000:0:99999:7:::\n";
 
@@ -392,10 +404,61 @@ fn build_hostile_guests(g: &Handle, dev: &str) {
                 g.chmod(0, "/etc/cloud/cloud.cfg.d/50-locked.cfg").unwrap();
             }
             "cloud.cfg.d holds a directory named .cfg" => g.mkdir("/etc/cloud/cloud.cfg.d/50-dir.cfg").unwrap(),
+            "cloud.cfg.d holds 100 000 hard links to 1 MiB files" => {
+                let tarball = hard_link_tarball();
+                let options = guestfs::TarInOptArgs { compress: Some("gzip"), xattrs: None, selinux: None, acls: None };
+                g.tar_in(tarball.path().join("links.tar.gz").to_str().unwrap(), "/etc/cloud/cloud.cfg.d", options)
+                    .unwrap();
+            }
+            "sshd_config.d drop-ins each include the directory" => {
+                for i in 0..20 {
+                    put(g, &format!("/etc/ssh/sshd_config.d/{i:02}.conf"), "Include /etc/ssh/sshd_config.d/*.conf\n");
+                }
+            }
+            "os-release and a drop-in name carry terminal escape sequences" => {
+                put(g, "/etc/os-release", &format!("PRETTY_NAME=\"{ESCAPING_PRETTY_NAME}\"\nID=debian\n"));
+                g.ln_s("/etc/shadow", "/etc/cloud/cloud.cfg.d/50-\x1b[31mred.cfg").unwrap();
+            }
+            "cloud.cfg holds the hash of the password being set" => put(
+                g,
+                cfg,
+                &format!("{DEBIAN_CFG}chpasswd:\n  expire: true\n  users:\n  - {{name: debian, password: {MATCHING_HASH}, type: hash}}\n"),
+            ),
+            "cloud.cfg holds the password being set in clear text" => put(
+                g,
+                cfg,
+                &format!("{DEBIAN_CFG}chpasswd:\n  expire: true\n  users:\n  - {{name: debian, password: {MATCHING_SECRET}, type: text}}\n"),
+            ),
             other => panic!("no recipe for {other}"),
         }
         g.umount_all().unwrap();
     }
+}
+
+/// A gzipped tar of 100 000 `.cfg` names: hard links to two 1 MiB files (ext4 allows 65 000 links
+/// to one file). Made on the host, where linking is fast; unpacked in the appliance in one call.
+fn hard_link_tarball() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    std::fs::create_dir(&dir).unwrap();
+    let megabyte: String = "# a comment line to fill one MiB of YAML\n".repeat((1 << 20) / 41);
+    for file in ["a", "b"] {
+        let first = dir.join(format!("{file}00000.cfg"));
+        std::fs::write(&first, &megabyte).unwrap();
+        for i in 1..50_000 {
+            std::fs::hard_link(&first, dir.join(format!("{file}{i:05}.cfg"))).unwrap();
+        }
+    }
+    let status = Command::new("tar")
+        .arg("-czf")
+        .arg(tmp.path().join("links.tar.gz"))
+        .arg("-C")
+        .arg(&dir)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar failed");
+    tmp
 }
 
 /// Reads files back from several images through one read-only appliance.
