@@ -516,12 +516,14 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             target: s.target,
         },
     )?;
+    let in_cloud_cfg = plan.target == crate::cloud_config::CLOUD_CFG;
     let mut writes = Vec::new();
     if plan.changed() {
         writes.push(Write {
             path: plan.target.clone(),
             content: Some(plan.new_text.clone()),
-            private: false,
+            // A drop-in cloudimg writes a password to is root's alone; cloud.cfg keeps its mode.
+            private: plan.holds_secret && !in_cloud_cfg,
             like: crate::cloud_config::CLOUD_CFG,
         });
         let mut journal = image.journal.clone().unwrap_or_default();
@@ -533,6 +535,10 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             like: crate::cloud_config::CLOUD_CFG,
         });
     }
+    let exposed = (in_cloud_cfg && secret.is_some() && plan.holds_secret)
+        .then(|| cloud.files.iter().find(|f| f.path == plan.target)?.mode)
+        .flatten()
+        .and_then(|mode| checks::readable_password_finding(&plan.target, mode));
     Ok(Decision {
         method: "cloud-init",
         method_reason: reason,
@@ -543,7 +549,7 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
         changed_keys: plan.changed_keys.clone(),
         shadow_algorithm: None,
         effective: Some(plan.effective.clone()),
-        findings: plan.findings.iter().cloned().chain(comparer.findings()).collect(),
+        findings: plan.findings.iter().cloned().chain(comparer.findings()).chain(exposed).collect(),
         notes: Vec::new(),
         diff: plan.masked_diff(),
     })

@@ -355,6 +355,11 @@ impl Guest {
     /// not a regular file, and files over [`MAX_CONFIG_FILE`], so that a hostile image cannot send the
     /// tool elsewhere or exhaust its memory.
     pub fn read_config_file(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.read_config_file_with_mode(path)?.map(|(bytes, _)| bytes))
+    }
+
+    /// [`Guest::read_config_file`], with the file's permission bits.
+    pub fn read_config_file_with_mode(&self, path: &str) -> Result<Option<(Vec<u8>, u32)>> {
         if !self.exists(path)? && !self.is_symlink(path)? {
             return Ok(None);
         }
@@ -374,7 +379,7 @@ impl Guest {
         // pread answers in one message; read_file goes through a download, ~0.12 s a file under TCG.
         let count = i32::try_from(size.max(1)).expect("bounded by MAX_CONFIG_FILE");
         let bytes = self.bounded(&format!("reading {path} in the guest"), |g| g.pread(path, count, 0))?;
-        Ok(Some(bytes))
+        Ok(Some((bytes, (stat.st_mode & 0o7777) as u32)))
     }
 
     /// Replaces (or creates) `path` with `content` through a temporary file in the same directory and a

@@ -15,21 +15,23 @@ pub struct CloudFile {
     pub path: String,
     pub text: String,
     pub parsed: ConfigFile,
+    /// Its permission bits in the guest (`None` for text that was not read from one).
+    pub mode: Option<u32>,
 }
 
 /// `cloud.cfg` and the drop-ins cloud-init reads, from lowest to highest priority, plus warnings about
 /// drop-ins that cloudimg cannot see into.
 pub fn read_cloud_files(guest: &Guest) -> Result<(Vec<CloudFile>, Vec<String>)> {
-    let base = read_text(guest, CLOUD_CFG)?.with_context(|| {
+    let (base, mode) = read_text_with_mode(guest, CLOUD_CFG)?.with_context(|| {
         format!("the image has no {CLOUD_CFG}, so no cloud-init to set the password; cloudimg needs an image with cloud-init")
     })?;
-    let base = parse_file(CLOUD_CFG, base)?;
+    let base = CloudFile { mode: Some(mode), ..parse_file(CLOUD_CFG, base)? };
     let mut files = vec![base];
     let mut warnings = Vec::new();
     let names: Vec<String> = guest.list_dir(CLOUD_CFG_D)?.into_iter().filter(|n| merge::is_drop_in_name(n)).collect();
     for (path, read) in read_dir_files(guest, CLOUD_CFG_D, &names, "cloud-init reads every *.cfg file there")? {
-        let text = match read {
-            Ok(Some(text)) => text,
+        let (text, mode) = match read {
+            Ok(Some(read)) => read,
             Ok(None) => continue,
             Err(e) => {
                 warnings.push(format!("{e:#}; the checks cannot see what it sets"));
@@ -37,7 +39,7 @@ pub fn read_cloud_files(guest: &Guest) -> Result<(Vec<CloudFile>, Vec<String>)> 
             }
         };
         match parse_file(&path, text) {
-            Ok(file) => files.push(file),
+            Ok(file) => files.push(CloudFile { mode: Some(mode), ..file }),
             // cloud-init logs and skips a drop-in it cannot parse.
             Err(e) => warnings.push(format!("{e:#}; cloud-init will ignore this file")),
         }
@@ -52,15 +54,15 @@ pub fn read_cloud_files(guest: &Guest) -> Result<(Vec<CloudFile>, Vec<String>)> 
 pub const MAX_DIR_FILES: usize = 256;
 pub const MAX_DIR_BYTES: usize = 8 << 20;
 
-/// The files `names` of `dir`, each read on its own (an unreadable one is its caller's decision); more
-/// files than [`MAX_DIR_FILES`] or more bytes than [`MAX_DIR_BYTES`] refuse the guest. `reader` says
-/// who reads them all in the guest.
+/// The files `names` of `dir` with their modes, each read on its own (an unreadable one is its
+/// caller's decision); more files than [`MAX_DIR_FILES`] or more bytes than [`MAX_DIR_BYTES`] refuse
+/// the guest. `reader` says who reads them all in the guest.
 fn read_dir_files(
     guest: &Guest,
     dir: &str,
     names: &[String],
     reader: &str,
-) -> Result<Vec<(String, Result<Option<String>>)>> {
+) -> Result<Vec<(String, Result<Option<(String, u32)>>)>> {
     if names.len() > MAX_DIR_FILES {
         return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
             "{dir} in the guest holds {} files, more than the {MAX_DIR_FILES} cloudimg reads; {reader}, so checking only some would give wrong answers: remove the files that are not needed",
@@ -71,8 +73,8 @@ fn read_dir_files(
     let mut out = Vec::new();
     for name in names {
         let path = format!("{dir}/{name}");
-        let read = read_text(guest, &path);
-        bytes += read.as_ref().ok().and_then(|t| t.as_ref()).map_or(0, String::len);
+        let read = read_text_with_mode(guest, &path);
+        bytes += read.as_ref().ok().and_then(|t| t.as_ref()).map_or(0, |(text, _)| text.len());
         if bytes > MAX_DIR_BYTES {
             return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
                 "the files in {dir} in the guest add up to more than {MAX_DIR_BYTES} bytes, more than cloudimg reads; {reader}, so checking only some would give wrong answers: remove the files that are not needed"
@@ -91,15 +93,26 @@ pub fn has_cloud_init(guest: &Guest) -> Result<bool> {
 
 /// A text file of the guest; `None` when it does not exist.
 pub fn read_text(guest: &Guest, path: &str) -> Result<Option<String>> {
-    let Some(bytes) = guest.read_config_file(path)? else { return Ok(None) };
-    String::from_utf8(bytes).map(Some).map_err(|_| anyhow::anyhow!("{path} in the guest is not UTF-8 text"))
+    Ok(read_text_with_mode(guest, path)?.map(|(text, _)| text))
+}
+
+/// [`read_text`], with the file's permission bits.
+fn read_text_with_mode(guest: &Guest, path: &str) -> Result<Option<(String, u32)>> {
+    let Some((bytes, mode)) = guest.read_config_file_with_mode(path)? else { return Ok(None) };
+    let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{path} in the guest is not UTF-8 text"))?;
+    Ok(Some((text, mode)))
 }
 
 /// Parses a cloud-init file read from the guest (or an empty new drop-in).
 pub fn parse_file(path: &str, text: String) -> Result<CloudFile> {
     let doc =
         yaml11::parse(&text).with_context(|| format!("reading {path} in the guest")).map_err(with_code(BAD_GUEST))?;
-    Ok(CloudFile { path: path.to_string(), parsed: ConfigFile { path: path.to_string(), root: doc.root }, text })
+    Ok(CloudFile {
+        path: path.to_string(),
+        parsed: ConfigFile { path: path.to_string(), root: doc.root },
+        text,
+        mode: None,
+    })
 }
 
 /// Where cloud-init's `version.py` lives across distributions and Python versions.
@@ -152,7 +165,7 @@ pub fn sshd_files(guest: &Guest) -> Result<Option<sshd::Files>> {
     files.insert(sshd::MAIN_CONFIG.to_string(), main);
     let names = guest.list_dir(sshd::DROP_IN_DIR)?;
     for (path, read) in read_dir_files(guest, sshd::DROP_IN_DIR, &names, "sshd reads every file its Includes name")? {
-        if let Some(text) = read? {
+        if let Some((text, _)) = read? {
             files.insert(path, text);
         }
     }

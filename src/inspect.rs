@@ -9,9 +9,10 @@ use anyhow::Result;
 
 use crate::accel::{self, HostKvm};
 use crate::audit::{self, Analysis, Login};
-use crate::checks::{Finding, Severity};
+use crate::checks::{self, Finding, Severity};
 use crate::cli::Requirement;
 use crate::cloud_config::merge::ConfigFile;
+use crate::cloud_config::secrets;
 use crate::exit_codes::{code_of, with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, SUCCESS, UNMET};
 use crate::guest::{Drive, Guest, LaunchOptions};
 use crate::guest_config;
@@ -197,9 +198,15 @@ fn read_guest(path: &Path, format: Format, opts: &Options, report: &Reporter) ->
 
 fn analyse_guest(guest: &Guest, root: Root, user: Option<&str>, report: &Reporter) -> Result<(System, Analysis)> {
     let os_release = guest_config::os_release(guest)?;
+    let mut exposed = Vec::new();
     let (files, version) = if guest_config::has_cloud_init(guest)? {
         let (files, warnings) = guest_config::read_cloud_files(guest)?;
         warnings.iter().for_each(|w| report.warn(w));
+        exposed = files
+            .iter()
+            .filter(|f| secrets::holds_secret(&f.parsed.root))
+            .filter_map(|f| checks::readable_password_finding(&f.path, f.mode?))
+            .collect();
         let files: Vec<ConfigFile> = files.into_iter().map(|f| f.parsed).collect();
         (files, Some(guest_config::cloud_init_version(guest)?))
     } else {
@@ -208,7 +215,7 @@ fn analyse_guest(guest: &Guest, root: Root, user: Option<&str>, report: &Reporte
     let sshd = guest_config::sshd_files(guest)?;
     // Read, never shown: only each user's state is reported.
     let shadow_text = guest_config::read_text(guest, shadow::SHADOW)?;
-    let analysis = audit::analyse(&audit::Image {
+    let mut analysis = audit::analyse(&audit::Image {
         files: &files,
         version,
         sshd: sshd.as_ref(),
@@ -216,6 +223,7 @@ fn analyse_guest(guest: &Guest, root: Root, user: Option<&str>, report: &Reporte
         booted_before: guest_config::booted_before(guest)?,
         user,
     });
+    analysis.findings.extend(exposed);
     let system = System {
         lvm_root: !root.device.starts_with("/dev/sd") && !root.device.starts_with("/dev/vd"),
         root,

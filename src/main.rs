@@ -9,7 +9,7 @@ use cloudimg::customize;
 use cloudimg::doctor;
 use cloudimg::exit_codes;
 use cloudimg::inspect;
-use cloudimg::report::Reporter;
+use cloudimg::report::{for_terminal, Reporter};
 use cloudimg::settings::{Customize, Verbosity};
 use cloudimg::upload;
 
@@ -71,7 +71,7 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
         match result {
             Ok((summary, diff)) => {
                 if !settings.json && settings.verbosity > Verbosity::Quiet {
-                    println!("== {}", input.display());
+                    println!("== {}", for_terminal(&input.display().to_string()));
                     print_summary(summary, diff);
                 }
                 entries.push(serde_json::json!({"input": input, "ok": true, "exit_code": 0, "report": summary}));
@@ -81,7 +81,7 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
                 if code == exit_codes::SUCCESS {
                     code = this;
                 }
-                eprintln!("cloudimg: error: {e:#}");
+                eprintln!("cloudimg: error: {}", for_terminal(&format!("{e:#}")));
                 entries.push(
                     serde_json::json!({"input": input, "ok": false, "exit_code": this, "error": format!("{e:#}")}),
                 );
@@ -125,7 +125,7 @@ fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {
         println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
     } else {
         for r in &reports {
-            print!("{}", inspect::render(r));
+            print!("{}", for_terminal(&inspect::render(r)));
         }
     }
     inspect::exit_code(&reports)
@@ -146,7 +146,7 @@ fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
             if args.json {
                 print_json(&uploaded);
             } else if !args.quiet {
-                print_uploaded(&uploaded);
+                print!("{}", for_terminal(&uploaded_line(&uploaded)));
             }
             exit_codes::SUCCESS
         }
@@ -154,11 +154,11 @@ fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
     }
 }
 
-fn print_uploaded(u: &upload::Uploaded) {
-    println!(
-        "Uploaded {} as image {} ({}, {} bytes); Glance's size, checksum and {} match the file.",
+fn uploaded_line(u: &upload::Uploaded) -> String {
+    format!(
+        "Uploaded {} as image {} ({}, {} bytes); Glance's size, checksum and {} match the file.\n",
         u.name, u.image_id, u.disk_format, u.size, u.os_hash_algo
-    );
+    )
 }
 
 fn run_doctor(args: &cloudimg::cli::DoctorArgs) -> i32 {
@@ -198,47 +198,50 @@ fn print_check(check: &doctor::Check) {
 }
 
 fn print_summary(summary: &customize::Summary, diff: &str) {
+    let mut out = String::new();
     if summary.dry_run {
         if diff.is_empty() {
-            println!("{} already has these settings; nothing would change.", summary.file);
+            out += &format!("{} already has these settings; nothing would change.\n", summary.file);
         } else {
-            print!("{diff}");
+            out += diff;
         }
     } else if !summary.changed {
-        println!("{} already had these settings; the output has the same configuration.", summary.file);
+        out += &format!("{} already had these settings; the output has the same configuration.\n", summary.file);
     }
     for note in &summary.notes {
-        println!("{note}");
+        out += &format!("{note}\n");
     }
     let user = summary.user.as_deref().unwrap_or("-");
-    match (&summary.effective, summary.method) {
-        (Some(e), _) => println!(
-            "user {user}: password ({}) via {}, expire {}, ssh_pwauth {}, sshd PasswordAuthentication {}",
+    out += &match (&summary.effective, summary.method) {
+        (Some(e), _) => format!(
+            "user {user}: password ({}) via {}, expire {}, ssh_pwauth {}, sshd PasswordAuthentication {}\n",
             e.outcome.password_kind,
             summary.form.map_or("nothing (no password given)", |f| f.describe()),
             e.outcome.expire,
             e.outcome.ssh_pwauth.map_or("unchanged".to_string(), |b| b.to_string()),
             e.sshd.as_ref().map_or("n/a (no sshd)", |d| if d.password_authentication { "yes" } else { "no" }),
         ),
-        (None, "shadow") => println!(
-            "user {user}: password set in /etc/shadow ({} hash) because {}",
+        (None, "shadow") => format!(
+            "user {user}: password set in /etc/shadow ({} hash) because {}\n",
             summary.shadow_algorithm.map_or("", |a| a.name()),
             summary.method_reason
         ),
-        _ => println!("locked: no password is set by cloud-init's configuration"),
-    }
+        _ => "locked: no password is set by cloud-init's configuration\n".to_string(),
+    };
     if let Some(output) = &summary.output {
-        println!("Wrote {} in {:.1} s.", output.display(), summary.elapsed_seconds);
+        out += &format!("Wrote {} in {:.1} s.\n", output.display(), summary.elapsed_seconds);
     }
     match (&summary.upload, &summary.openstack_command) {
-        (Some(uploaded), _) => print_uploaded(uploaded),
-        (None, Some(command)) => println!("To upload it with its properties:\n  {command}"),
+        (Some(uploaded), _) => out += &uploaded_line(uploaded),
+        (None, Some(command)) => out += &format!("To upload it with its properties:\n  {command}\n"),
         (None, None) => {}
     }
+    // Guest data (the diff, os-release in the properties, file names) is in there.
+    print!("{}", for_terminal(&out));
 }
 
 fn fail(error: &anyhow::Error) -> i32 {
     cloudimg::cleanup::checkpoint();
-    eprintln!("cloudimg: error: {error:#}");
+    eprintln!("cloudimg: error: {}", for_terminal(&format!("{error:#}")));
     exit_codes::code_of(error)
 }

@@ -331,6 +331,18 @@ mod tests {
     }
 
     #[test]
+    fn the_process_can_dump_no_core() {
+        keep_out_of_core_dumps();
+        let mut limit = libc::rlimit { rlim_cur: 1, rlim_max: 1 };
+        // SAFETY: getrlimit and prctl read this process's attributes into valid memory.
+        let dumpable = unsafe {
+            libc::getrlimit(libc::RLIMIT_CORE, &mut limit);
+            libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0)
+        };
+        assert_eq!((limit.rlim_cur, limit.rlim_max, dumpable), (0, 0, 0));
+    }
+
+    #[test]
     fn clear_text_matches_only_itself() {
         let secret = Secret::new("pw".into()).unwrap();
         assert!(matches(&secret, "pw").unwrap());

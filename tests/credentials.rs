@@ -117,6 +117,10 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     assert_eq!(reports[0]["password_login"]["works"], true);
     assert_eq!(reports[0]["analysis"]["cloud_init"]["passwords"][0]["kind"], "hash");
     assert_eq!(reports[0]["analysis"]["cloud_init"]["passwords"][0]["file"], "/etc/cloud/cloud.cfg");
+    let exposed = reports[0]["findings"].as_array().unwrap().iter().find(|f| {
+        f["message"].as_str().unwrap().starts_with("/etc/cloud/cloud.cfg holds a password and is readable by its group")
+    });
+    assert!(exposed.is_some_and(|f| f["fix"].as_str().unwrap().contains("--drop-in")), "{}", reports[0]["findings"]);
     assert!(
         reports[1]["unmet"][0].as_str().unwrap().starts_with("password-login: nothing sets a password"),
         "{}",

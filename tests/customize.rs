@@ -236,13 +236,23 @@ fn customized_images_of_every_layout_read_back_correctly() {
     let inplace = rb.read("/dev/sde1", "", &[cfg]);
     let debian_again = rb.read("/dev/sdf1", "", &[cfg]);
     let debian_mode = rb.owner_mode("/dev/sda1", "", cfg);
+    let ubuntu_drop_in_mode = rb.owner_mode("/dev/sdb3", "", drop_in);
 
     // Debian: cloud.cfg edited, original bytes kept as a prefix, mode/owner kept.
     let debian_cfg = cloud_cfg_of(&debian, cfg);
     assert!(debian_cfg.starts_with(common::DEBIAN_CFG), "Debian's original text must be kept");
     assert!(debian[drop_in].is_none());
     assert_eq!(debian_mode, (0o640, 0, 4));
-    // Ubuntu: cloud.cfg untouched, the drop-in carries the settings.
+    // cloud.cfg keeps its mode, so the hash is readable by its group (adm): said, with the way out.
+    let debian_warnings = text(&outputs[0].stderr);
+    assert!(
+        debian_warnings.contains("/etc/cloud/cloud.cfg holds a password and is readable by its group on an instance")
+            && debian_warnings.contains("--drop-in writes it to /etc/cloud/cloud.cfg.d/99-cloudimg.cfg with mode 0600"),
+        "{debian_warnings}"
+    );
+    // Ubuntu: cloud.cfg untouched, the drop-in carries the settings and is root's alone (not 0644
+    // like the cloud.cfg it takes its label from).
+    assert_eq!(ubuntu_drop_in_mode, (0o600, 0, 0));
     assert_eq!(cloud_cfg_of(&ubuntu, cfg), common::UBUNTU_CFG);
     assert_eq!(
         ubuntu["/etc/ssh/sshd_config.d/60-cloudimg-settings.conf"].as_deref(),

@@ -251,6 +251,22 @@ fn sigint_and_sigterm_clean_up_at_once() {
 }
 
 #[test]
+fn a_run_holding_the_password_can_dump_no_core() {
+    let bench = Bench::new();
+    let (input, _, output) = bench.input_and_output();
+    let args = bench.customize(&input, Some(&output));
+    let mut child = bench.command(&args_ref(&args), Some("creating-overlay")).spawn().unwrap();
+    wait_until_stopped(&mut child, "creating-overlay");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    signal(child.id(), libc::SIGTERM);
+    signal(child.id(), libc::SIGCONT);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    // Soft and hard limit: no child (qemu, qemu-img) can raise it again either.
+    assert_eq!(core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(), ["0", "0"], "{limits}");
+}
+
+#[test]
 fn a_killed_appliance_is_an_appliance_error_and_leaves_nothing() {
     let bench = Bench::new();
     let (input, input_sum, output) = bench.input_and_output();
