@@ -2,9 +2,11 @@
 //! configuration for every user it names, sshd's decision after cloud-init acts, `/etc/shadow`, and
 //! the findings worth reporting. Pure: `inspect` and `customize` feed it what they read.
 
-use crate::checks::{Finding, Severity};
-use crate::cloud_config::credentials::{self, CloudInitVersion};
+use crate::checks::{self, Finding, Severity};
+use crate::cloud_config::credentials;
+use crate::cloud_config::deprecations;
 use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::version::{CloudInitVersion, Detection, Found};
 use crate::cloud_config::yaml11::{Mapping, Value};
 use crate::shadow;
 use crate::sshd;
@@ -13,8 +15,10 @@ use crate::sshd;
 pub struct Image<'a> {
     /// cloud-init's files, lowest priority first; empty without cloud-init.
     pub files: &'a [ConfigFile],
-    /// `None`: no cloud-init in the image (or its version is unknown).
-    pub version: Option<CloudInitVersion>,
+    /// `None`: no cloud-init in the image (or its version is unknown); else where it was read.
+    pub version: Option<Found>,
+    /// Sources that give another version than the one used.
+    pub version_disagreements: Vec<String>,
     pub sshd: Option<&'a sshd::Files>,
     pub shadow: Option<&'a str>,
     pub booted_before: bool,
@@ -36,7 +40,8 @@ pub struct ConfiguredPassword {
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CloudInit {
-    pub version: String,
+    /// The version and where it was read.
+    pub version: Found,
     pub default_user: Option<String>,
     pub set_passwords_runs: bool,
     pub passwords: Vec<ConfiguredPassword>,
@@ -46,6 +51,10 @@ pub struct CloudInit {
     pub ssh_pwauth: Option<bool>,
     /// `disable_root` (default true): root's keys get a command that refuses the login.
     pub disable_root: bool,
+    /// What cloud-init will log at WARNING or DEPRECATED level because of these keys.
+    pub logged: Vec<deprecations::Logged>,
+    /// Whether `cloud-init status` will end `degraded` (exit 2) because of them (23.4 and later).
+    pub degraded: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -75,22 +84,35 @@ pub struct Login {
 
 pub fn analyse(image: &Image) -> Analysis {
     let merged = merge::effective(image.files);
-    let mut findings = Vec::new();
-    let cloud_init = image.version.map(|version| {
+    let mut findings: Vec<Finding> = image
+        .version_disagreements
+        .iter()
+        .map(|message| Finding {
+            severity: Severity::Warning,
+            message: message.clone(),
+            fix: Detection::DISAGREEMENT_FIX.into(),
+        })
+        .collect();
+    let cloud_init = image.version.clone().map(|found| {
+        let version = found.version;
         let default_user = credentials::default_user(&merged);
         let passwords = configured_passwords(image.files, &merged, version, default_user.as_deref());
         let outcome = credentials::outcome(&merged, version, "", None);
+        let logged = deprecations::logged(image.files, version, &|name| shadow::account(image.shadow, name));
         CloudInit {
-            version: version.to_string(),
+            version: found,
             set_passwords_runs: credentials::runs_set_passwords(&merged),
             passwords,
             expire: outcome.expire,
             ssh_pwauth: outcome.ssh_pwauth,
             disable_root: merged.get("disable_root").is_none_or(credentials::is_true_like),
+            degraded: !logged.is_empty() && version >= deprecations::DEGRADES_STATUS,
+            logged,
             default_user,
         }
     });
     if let Some(ci) = &cloud_init {
+        findings.extend(ci.logged.iter().map(|l| checks::logged_finding(l, ci.version.version)));
         for p in ci.passwords.iter().filter(|p| p.kind == "text") {
             findings.push(Finding {
                 severity: Severity::Security,
@@ -108,8 +130,8 @@ pub fn analyse(image: &Image) -> Analysis {
     }
     let ssh_pwauth = cloud_init.as_ref().and_then(|c| c.ssh_pwauth);
     let sshd = image.sshd.map(|files| {
-        let after = match image.version {
-            Some(version) => sshd::after_cloud_init(files, ssh_pwauth, version),
+        let after = match &image.version {
+            Some(found) => sshd::after_cloud_init(files, ssh_pwauth, found.version),
             None => files.clone(),
         };
         Sshd {
@@ -254,11 +276,28 @@ mod tests {
         ConfigFile { path: path.into(), root: parse(text).unwrap().root }
     }
 
+    fn found(version: &str) -> Found {
+        Found {
+            version: version.parse().unwrap(),
+            source: crate::cloud_config::version::Source::CommandLine,
+            path: "the command line".into(),
+            raw: version.into(),
+        }
+    }
+
     const BASE: &str = "cloud_config_modules: [set_passwords]\nsystem_info: {default_user: {name: debian}}\n";
     const SSHD: &str = "Include /etc/ssh/sshd_config.d/*.conf\n";
 
     fn image<'a>(files: &'a [ConfigFile], sshd: Option<&'a sshd::Files>, shadow: Option<&'a str>) -> Image<'a> {
-        Image { files, version: Some("23.4".parse().unwrap()), sshd, shadow, booted_before: false, user: None }
+        Image {
+            files,
+            version: Some(found("23.4")),
+            version_disagreements: Vec::new(),
+            sshd,
+            shadow,
+            booted_before: false,
+            user: None,
+        }
     }
 
     #[test]
@@ -331,7 +370,8 @@ mod tests {
             let sshd = if name.starts_with("rocky") { &rocky_sshd } else { sshd };
             let a = analyse(&Image {
                 files: &files,
-                version: Some(version.parse().unwrap()),
+                version: Some(found(version)),
+                version_disagreements: Vec::new(),
                 sshd: Some(sshd),
                 shadow: None,
                 booted_before: false,
@@ -355,6 +395,7 @@ mod tests {
         let img = Image {
             files: &[],
             version: None,
+            version_disagreements: Vec::new(),
             sshd: Some(&sshd),
             shadow: Some("ops:$y$j9T$a$b:1::::::\n"),
             booted_before: true,

@@ -1,8 +1,10 @@
 //! Whether the edit will really give a password login, judged on the files as they will be: every
 //! finding names what stands in the way and how to fix it.
 
-use crate::cloud_config::credentials::{self, CloudInitVersion, UserOutcome};
+use crate::cloud_config::credentials::{self, UserOutcome};
+use crate::cloud_config::deprecations;
 use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::DROP_IN;
 use crate::sshd;
 
@@ -22,6 +24,27 @@ pub struct Finding {
     pub severity: Severity,
     pub message: String,
     pub fix: String,
+}
+
+/// A line cloud-init will log because of the configuration, as a finding: a warning, since it makes
+/// `cloud-init status` degraded from 23.4 on (the login itself still works).
+pub fn logged_finding(logged: &deprecations::Logged, version: CloudInitVersion) -> Finding {
+    let status = if version >= deprecations::DEGRADES_STATUS {
+        "; `cloud-init status` will end `degraded` (exit 2)"
+    } else {
+        ""
+    };
+    Finding {
+        severity: Severity::Warning,
+        message: format!(
+            "{}: cloud-init {version} logs a {} line for `{}`: {}{status}",
+            logged.file,
+            logged.level.to_uppercase(),
+            logged.key,
+            logged.message
+        ),
+        fix: logged.fix.clone(),
+    }
 }
 
 /// What the edit is meant to achieve.

@@ -159,6 +159,10 @@ pub struct InspectArgs {
     #[arg(long, value_name = "DEVICE")]
     pub root: Option<String>,
 
+    /// The cloud-init version to assume instead of the one read from the image
+    #[arg(long, value_name = "X.Y[.Z]")]
+    pub cloud_init_version: Option<String>,
+
     /// No progress lines, only the reports
     #[arg(short, long)]
     pub quiet: bool,
@@ -386,7 +390,9 @@ pub struct CustomizeArgs {
     #[arg(long, value_name = "DEVICE", help_heading = "Image")]
     pub root: Option<String>,
 
-    /// The cloud-init version to write for, when it cannot be read from the image
+    /// The cloud-init version to write for, instead of the one read from the image (its version.py or
+    /// meson_versions.py, Python package metadata, dpkg or rpm database; a source that disagrees is
+    /// reported)
     #[arg(long, value_name = "X.Y[.Z]", help_heading = "Image")]
     pub cloud_init_version: Option<String>,
 

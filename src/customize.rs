@@ -10,15 +10,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::accel::{self, Accel, HostKvm};
-use crate::batch;
+use crate::accel::Accel;
+use crate::appliance;
 use crate::checks::{self, Effective, Finding, Severity};
 use crate::cleanup;
 use crate::cli::Method;
-use crate::cloud_config::credentials::{self, CloudInitVersion, Form, Stored};
+use crate::cloud_config::credentials::{self, Form, Stored};
 use crate::cloud_config::lock;
-use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, UPLOAD, USAGE};
-use crate::guest::{Drive, Guest, LaunchOptions};
+use crate::cloud_config::version::{self, CloudInitVersion};
+use crate::exit_codes::{with_code, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, UPLOAD, USAGE};
+use crate::guest::{Drive, Guest};
 use crate::guest_config;
 use crate::hashing;
 use crate::image_file::{self, Format, ImageInfo};
@@ -47,6 +48,8 @@ pub struct Summary {
     pub root: Root,
     /// `None` when the image has no cloud-init (or its version is unknown and not needed).
     pub cloud_init_version: Option<String>,
+    /// Where that version was read (`source`, `path`, and the version as written there).
+    pub cloud_init_version_source: Option<version::Found>,
     /// `cloud-init`, `shadow`, or `lock`.
     pub method: &'static str,
     pub method_reason: String,
@@ -189,11 +192,6 @@ fn named(s: &Customize, input: &Path, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// The same error for another image of a shared launch (errors cannot be cloned), with its exit status.
-fn copy_error(e: &anyhow::Error) -> anyhow::Error {
-    with_code(crate::exit_codes::code_of(e))(anyhow::anyhow!("{e:#}"))
-}
-
 /// Checks one input's file and output, takes the in-place lock and creates its overlay.
 fn prepare(s: &Customize, index: usize, input: &Path, work: &Path, report: &Reporter) -> Result<Prepared> {
     report.phase(&format!("Examining {}", input.display()));
@@ -254,14 +252,9 @@ fn in_appliance(
     tmpdir: &Path,
     report: &Reporter,
 ) -> (Vec<(usize, ImageResult)>, Vec<usize>) {
-    let fail_all = |e: anyhow::Error| group.iter().map(|p| (p.index, Err(copy_error(&e)))).collect::<Vec<_>>();
     if group.is_empty() {
         return (Vec::new(), Vec::new());
     }
-    let (accel, why) = match accel::choose(s.accel, &HostKvm::probe()) {
-        Ok(choice) => choice,
-        Err(e) => return (fail_all(with_code(APPLIANCE)(e)), Vec::new()),
-    };
     let drives: Vec<Drive> = group
         .iter()
         .map(|p| match &p.overlay {
@@ -269,64 +262,28 @@ fn in_appliance(
             None => Drive { path: &p.input, format: p.info.format, readonly: true },
         })
         .collect();
-    report.phase(&format!(
-        "Launching the appliance ({}{}){}",
-        if accel == Accel::Kvm { "KVM" } else { "TCG" },
-        why.map(|w| format!(": {w}")).unwrap_or_default(),
-        if group.len() > 1 { format!(" for {} images", group.len()) } else { String::new() }
-    ));
-    let options = LaunchOptions { accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
-    let spinner = report.spinner("starting the appliance");
-    let launched = Guest::launch(&drives, &options).map_err(with_code(APPLIANCE));
-    drop(spinner);
-    let guest = match launched {
-        Ok(guest) => guest,
-        Err(e) => return (fail_all(e), Vec::new()),
+    let names: Vec<&Path> = group.iter().map(|p| p.input.as_path()).collect();
+    let options =
+        appliance::Options { accel: s.accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
+    let shared = match appliance::launch(&drives, &names, &options, report) {
+        Ok(shared) => shared,
+        Err(e) => return (group.iter().map(|p| (p.index, Err(appliance::copy_error(&e)))).collect(), Vec::new()),
     };
-    cleanup::fault_point("launched");
-    report.detail(&format!("appliance: {}", guest.appliance));
-    let split = if group.len() > 1 {
-        report.phase("Sorting out which filesystems belong to which image");
-        match batch::split(&guest).map_err(with_code(APPLIANCE)) {
-            Ok(split) => Some(split),
-            Err(e) => return (fail_all(e), Vec::new()),
-        }
-    } else {
-        None
-    };
-    let alone: Vec<usize> = split.as_ref().map_or(Vec::new(), |sp| sp.alone.iter().map(|(pos, _)| *pos).collect());
-    for (pos, why) in split.iter().flat_map(|sp| sp.alone.iter()) {
-        report.warn(&format!("{} gets an appliance launch of its own: {why}", group[*pos].input.display()));
-    }
-    let mut out: Vec<(usize, ImageResult)> = Vec::new();
-    // Once the appliance is gone, nothing more can be done in it: the remaining images get its error.
-    let mut gone: Option<anyhow::Error> = None;
-    for (pos, p) in group.iter().enumerate().filter(|(pos, _)| !alone.contains(pos)) {
-        let result = match &gone {
-            Some(e) => Err(copy_error(e)),
-            None => {
-                let disk = split.as_ref().map(|sp| &sp.disks[pos]);
-                let result = image_job(&guest, s, p, disk, secret, accel, report);
-                let _ = guest.umount_all();
-                result
-            }
-        };
-        match &result {
-            Err(e) if gone.is_none() && crate::exit_codes::code_of(e) == APPLIANCE => gone = Some(copy_error(e)),
-            _ => {}
-        }
-        out.push((p.index, result));
-    }
-    let alone = alone.into_iter().map(|pos| group[pos].index).collect();
+    let mut out: Vec<(usize, ImageResult)> = shared
+        .each(group.len(), |pos, disk| image_job(&shared.guest, s, group[pos], disk, secret, shared.accel, report))
+        .into_iter()
+        .map(|(pos, result)| (group[pos].index, result))
+        .collect();
+    let alone = shared.alone().into_iter().map(|pos| group[pos].index).collect();
     if s.output == Output::DryRun {
         return (out, alone);
     }
     cleanup::fault_point("edited");
-    let shut = guest.shutdown();
+    let shut = shared.guest.shutdown();
     cleanup::fault_point("shut-down");
     if let Err(e) = shut {
         for (_, result) in out.iter_mut().filter(|(_, r)| r.is_ok()) {
-            *result = Err(copy_error(&e));
+            *result = Err(appliance::copy_error(&e));
         }
     }
     (out, alone)
@@ -352,10 +309,16 @@ fn image_job(
     }
 
     report.phase(&format!("Reading the image's configuration{of}"));
-    let image = read_image(guest, s, report)?;
+    let image = read_image(guest, s, &Mounted { root: &root, readonly: dry_run, disk }, report)?;
     let facts =
         guest_facts(guest, &image, disk.map_or("/dev/sda", |d| d.device.as_str())).map_err(with_code(BAD_GUEST))?;
-    let decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret, report)? };
+    let mut decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret, report)? };
+    let disagreements = image.cloud.iter().flat_map(|c| c.detection.disagreements());
+    decision.findings.extend(disagreements.map(|message| Finding {
+        severity: Severity::Warning,
+        message,
+        fix: version::Detection::DISAGREEMENT_FIX.into(),
+    }));
     report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
     refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
     decision.notes.iter().for_each(|n| report.detail(n));
@@ -368,7 +331,8 @@ fn image_job(
         dry_run,
         accel,
         root,
-        cloud_init_version: image.cloud.as_ref().and_then(|c| c.version).map(|v| v.to_string()),
+        cloud_init_version: image.cloud.as_ref().and_then(|c| c.version()).map(|v| v.to_string()),
+        cloud_init_version_source: image.cloud.as_ref().and_then(|c| c.detection.chosen().cloned()),
         method: decision.method,
         method_reason: decision.method_reason,
         user: decision.user,
@@ -449,7 +413,7 @@ fn decide_credentials(
     let in_shadow = |u: &str| image.shadow.as_deref().is_some_and(|t| shadow::state(t, u) != shadow::State::Missing);
     let facts = method::Facts {
         cloud_init: image.cloud.is_some(),
-        version: image.cloud.as_ref().and_then(|c| c.version),
+        version: image.cloud.as_ref().and_then(|c| c.version()),
         plaintext: s.plaintext,
         set_passwords_runs: image.cloud.as_ref().is_some_and(|c| credentials::runs_set_passwords(&merged(&c.files))),
         booted_before: image.booted_before && !s.clean_instance_state,
@@ -488,7 +452,7 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             crate::cloud_config::CLOUD_CFG
         ))
     })?;
-    let version = cloud.version.ok_or_else(guest_config::version_unknown)?;
+    let version = cloud.version().ok_or_else(|| guest_config::version_unknown(&cloud.detection))?;
     let stored = secret.map(|secret| {
         if s.plaintext {
             Stored::Plain(secret.expose().to_string())
@@ -504,6 +468,7 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             version,
             passwd_users: &image.passwd_users,
             sshd: image.sshd.as_ref(),
+            shadow: image.shadow.as_deref(),
             booted_before: image.booted_before && !s.clean_instance_state,
         },
         &Request {
@@ -647,7 +612,7 @@ fn decide_shadow(
 /// On a new instance cloud-init applies its own `ssh_pwauth`, which may turn sshd's passwords off again.
 fn cloud_init_undoes_sshd(image: &ImageFacts, sshd_files: &sshd::Files) -> Option<Finding> {
     let cloud = image.cloud.as_ref()?;
-    let version = cloud.version?;
+    let version = cloud.version()?;
     let parsed: Vec<_> = cloud.files.iter().map(|f| f.parsed.clone()).collect();
     let outcome = credentials::outcome(&merged(&cloud.files), version, "", None);
     let after = sshd::password_authentication(&sshd::after_cloud_init(sshd_files, outcome.ssh_pwauth, version));
@@ -725,6 +690,13 @@ fn decide_lock(image: &ImageFacts) -> Result<Decision> {
     })
 }
 
+/// The root as it is mounted, so that it can be mounted again the same way.
+struct Mounted<'a> {
+    root: &'a Root,
+    readonly: bool,
+    disk: Option<&'a locate::Disk>,
+}
+
 /// What the decisions need from the mounted guest.
 struct ImageFacts {
     /// `None` without /etc/cloud/cloud.cfg.
@@ -740,24 +712,29 @@ struct ImageFacts {
 
 struct CloudFacts {
     files: Vec<guest_config::CloudFile>,
-    /// `None` when it cannot be read (and was not given with --cloud-init-version).
-    version: Option<CloudInitVersion>,
+    /// The version from --cloud-init-version or the image, and every source asked.
+    detection: version::Detection,
 }
 
-fn read_image(guest: &Guest, s: &Customize, report: &Reporter) -> Result<ImageFacts> {
+impl CloudFacts {
+    /// `None` when no source gave it.
+    fn version(&self) -> Option<CloudInitVersion> {
+        self.detection.chosen().map(|found| found.version)
+    }
+}
+
+fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report: &Reporter) -> Result<ImageFacts> {
     let cloud = if guest_config::has_cloud_init(guest).map_err(with_code(BAD_GUEST))? {
         let (files, read_warnings) = guest_config::read_cloud_files(guest).map_err(with_code(BAD_GUEST))?;
         read_warnings.iter().for_each(|w| report.warn(w));
-        let version = match s.cloud_init_version {
-            Some(v) => Some(v),
-            None => guest_config::cloud_init_version(guest).ok(),
-        };
-        report.detail(&format!(
-            "cloud-init {}; {} configuration files",
-            version.map_or("of unknown version".to_string(), |v| v.to_string()),
-            files.len()
-        ));
-        Some(CloudFacts { files, version })
+        let remount = || locate::mount_root(guest, mounted.root, mounted.readonly, mounted.disk).map(drop);
+        let detection = guest_config::cloud_init_version(guest, s.cloud_init_version, &mounted.root.device, remount)
+            .map_err(with_code(BAD_GUEST))?;
+        match detection.chosen() {
+            Some(found) => report.detail(&format!("cloud-init {found}; {} configuration files", files.len())),
+            None => report.detail(&format!("cloud-init of unknown version: {}", detection.failure())),
+        }
+        Some(CloudFacts { files, detection })
     } else {
         report.detail("no cloud-init in the image");
         None

@@ -360,6 +360,12 @@ impl Guest {
 
     /// [`Guest::read_config_file`], with the file's permission bits.
     pub fn read_config_file_with_mode(&self, path: &str) -> Result<Option<(Vec<u8>, u32)>> {
+        self.read_regular_file(path, MAX_CONFIG_FILE)
+    }
+
+    /// Like [`Guest::read_config_file_with_mode`] with a limit of `max` bytes, for the few larger files
+    /// cloudimg reads (dpkg's status file).
+    pub fn read_regular_file(&self, path: &str, max: i64) -> Result<Option<(Vec<u8>, u32)>> {
         if !self.exists(path)? && !self.is_symlink(path)? {
             return Ok(None);
         }
@@ -373,13 +379,43 @@ impl Guest {
             _ => bail!("{path} in the guest is not a regular file"),
         }
         let size = stat.st_size;
-        if size > MAX_CONFIG_FILE {
-            bail!("{path} in the guest is {size} bytes, larger than the {MAX_CONFIG_FILE} bytes a configuration file may have");
+        if size > max {
+            bail!("{path} in the guest is {size} bytes, larger than the {max} bytes cloudimg reads from such a file");
         }
-        // pread answers in one message; read_file goes through a download, ~0.12 s a file under TCG.
-        let count = i32::try_from(size.max(1)).expect("bounded by MAX_CONFIG_FILE");
-        let bytes = self.bounded(&format!("reading {path} in the guest"), |g| g.pread(path, count, 0))?;
+        // pread answers in one message (read_file goes through a download, ~0.12 s a file under TCG);
+        // a message holds at most a few MiB, so larger files come in pieces.
+        const PIECE: i64 = 1 << 20;
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        while (bytes.len() as i64) < size.max(1) {
+            let offset = bytes.len() as i64;
+            let count = i32::try_from((size - offset).clamp(1, PIECE)).expect("at most PIECE");
+            let piece = self.bounded(&format!("reading {path} in the guest"), |g| g.pread(path, count, offset))?;
+            if piece.is_empty() {
+                break;
+            }
+            bytes.extend_from_slice(&piece);
+        }
         Ok(Some((bytes, (stat.st_mode & 0o7777) as u32)))
+    }
+
+    /// The packages libguestfs's inspection finds installed in the operating system whose root is
+    /// `root`, as `(name, version-release)`. It reads package databases cloudimg does not parse itself
+    /// (rpm's). Inspection unmounts every filesystem first and needs the guest's own mounted again
+    /// before the listing, so `mount` is called in between.
+    pub fn inspected_packages(&self, root: &str, mount: impl FnOnce() -> Result<()>) -> Result<Vec<(String, String)>> {
+        let roots = self.bounded("inspecting the image (libguestfs inspection)", |g| g.inspect_os());
+        mount()?;
+        if !roots?.iter().any(|r| r == root) {
+            bail!("libguestfs's inspection does not recognise {root} as an operating system root");
+        }
+        let apps = self.bounded("listing the installed packages", |g| g.inspect_list_applications2(root))?;
+        Ok(apps
+            .into_iter()
+            .map(|a| {
+                let release = if a.app2_release.is_empty() { String::new() } else { format!("-{}", a.app2_release) };
+                (a.app2_name, format!("{}{release}", a.app2_version))
+            })
+            .collect())
     }
 
     /// Replaces (or creates) `path` with `content` through a temporary file in the same directory and a

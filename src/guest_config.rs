@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result};
 
-use crate::cloud_config::credentials::{self, CloudInitVersion};
 use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::version::{self, CloudInitVersion, Detection, Source, VersionPy};
 use crate::cloud_config::{yaml11, CLOUD_CFG, CLOUD_CFG_D};
 use crate::exit_codes::{with_code, BAD_GUEST};
 use crate::guest::Guest;
@@ -57,12 +57,7 @@ pub const MAX_DIR_BYTES: usize = 8 << 20;
 /// The files `names` of `dir` with their modes, each read on its own (an unreadable one is its
 /// caller's decision); more files than [`MAX_DIR_FILES`] or more bytes than [`MAX_DIR_BYTES`] refuse
 /// the guest. `reader` says who reads them all in the guest.
-fn read_dir_files(
-    guest: &Guest,
-    dir: &str,
-    names: &[String],
-    reader: &str,
-) -> Result<Vec<(String, Result<Option<(String, u32)>>)>> {
+fn read_dir_files(guest: &Guest, dir: &str, names: &[String], reader: &str) -> Result<Vec<(String, Result<TextFile>)>> {
     if names.len() > MAX_DIR_FILES {
         return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
             "{dir} in the guest holds {} files, more than the {MAX_DIR_FILES} cloudimg reads; {reader}, so checking only some would give wrong answers: remove the files that are not needed",
@@ -96,8 +91,11 @@ pub fn read_text(guest: &Guest, path: &str) -> Result<Option<String>> {
     Ok(read_text_with_mode(guest, path)?.map(|(text, _)| text))
 }
 
+/// A text file of the guest and its permission bits; `None` when it does not exist.
+type TextFile = Option<(String, u32)>;
+
 /// [`read_text`], with the file's permission bits.
-fn read_text_with_mode(guest: &Guest, path: &str) -> Result<Option<(String, u32)>> {
+fn read_text_with_mode(guest: &Guest, path: &str) -> Result<TextFile> {
     let Some((bytes, mode)) = guest.read_config_file_with_mode(path)? else { return Ok(None) };
     let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{path} in the guest is not UTF-8 text"))?;
     Ok(Some((text, mode)))
@@ -115,32 +113,138 @@ pub fn parse_file(path: &str, text: String) -> Result<CloudFile> {
     })
 }
 
-/// Where cloud-init's `version.py` lives across distributions and Python versions.
-const VERSION_PY_GLOBS: &[&str] = &[
-    "/usr/lib/python3*/*-packages/cloudinit/version.py",
-    "/usr/lib/python3/dist-packages/cloudinit/version.py",
-    "/usr/lib64/python3*/site-packages/cloudinit/version.py",
-    "/usr/lib/python2*/*-packages/cloudinit/version.py",
-];
+/// Where Python packages are installed: the distribution's directories (`/usr/lib/python3/dist-packages`,
+/// `/usr/lib64/python3.9/site-packages`, Python 2's for 0.7.x) and pip's under `/usr/local`.
+const PYTHON_PACKAGE_GLOBS: &[&str] =
+    &["/usr/lib*/python*/*-packages/cloud*", "/usr/local/lib*/python*/*-packages/cloud*"];
+/// A guest has one cloud-init, perhaps for two Python versions; more entries than this are not read.
+const MAX_PYTHON_ENTRIES: usize = 16;
+const DPKG_STATUS: &str = "/var/lib/dpkg/status";
+/// dpkg's status file is 1–3 MiB on a cloud image, rarely over 10 on a loaded server.
+const MAX_DPKG_STATUS: i64 = 64 << 20;
+/// Where rpm keeps its database (the second since rpm 4.17's move to /usr).
+const RPM_DATABASES: &[&str] = &["/var/lib/rpm", "/usr/lib/sysimage/rpm"];
 
-/// The cloud-init version installed in the guest.
-pub fn cloud_init_version(guest: &Guest) -> Result<CloudInitVersion> {
-    for pattern in VERSION_PY_GLOBS {
-        for path in guest.glob(pattern)? {
-            if let Some(text) = guest.read_config_file(&path)? {
-                if let Some(version) = credentials::version_from_version_py(&String::from_utf8_lossy(&text)) {
-                    return Ok(version);
-                }
-            }
-        }
+/// The cloud-init version for the mounted root: `given` (`--cloud-init-version`) first, then every
+/// source in the image that can be read from its files (version.py or meson's module, the Python
+/// package metadata, dpkg), and, only when none of them answers, the rpm database through libguestfs's
+/// inspection, which unmounts the guest and calls `remount`.
+pub fn cloud_init_version(
+    guest: &Guest,
+    given: Option<CloudInitVersion>,
+    root_device: &str,
+    remount: impl FnOnce() -> Result<()>,
+) -> Result<Detection> {
+    let mut detection = Detection::default();
+    if let Some(version) = given {
+        detection.answer(Source::CommandLine, "the command line", &version.to_string());
     }
-    Err(version_unknown())
+    let mut entries = Vec::new();
+    for pattern in PYTHON_PACKAGE_GLOBS {
+        entries.extend(guest.glob(pattern)?);
+    }
+    entries.truncate(MAX_PYTHON_ENTRIES);
+    read_version_py(guest, &entries, &mut detection)?;
+    let metadata: Vec<(&String, String)> = entries
+        .iter()
+        .filter_map(|path| Some((path, version::python_metadata_version(path.rsplit('/').next()?)?)))
+        .collect();
+    if metadata.is_empty() {
+        detection.miss("cloud_init-*.egg-info or .dist-info (Python package metadata)");
+    }
+    for (path, raw) in metadata {
+        detection.answer(Source::PythonMetadata, path, &raw);
+    }
+    match guest.read_regular_file(DPKG_STATUS, MAX_DPKG_STATUS) {
+        Ok(Some((bytes, _))) => match version::dpkg_version(&String::from_utf8_lossy(&bytes)) {
+            Some(raw) => detection.answer(Source::Dpkg, DPKG_STATUS, &raw),
+            None => detection.miss(format!("no installed cloud-init package in {DPKG_STATUS}")),
+        },
+        Ok(None) => detection.miss(format!("{DPKG_STATUS} (no dpkg database)")),
+        Err(e) => detection.miss(format!("{e:#}")),
+    }
+    if detection.chosen().is_none() {
+        read_rpm_database(guest, root_device, remount, &mut detection)?;
+    }
+    Ok(detection)
 }
 
-pub fn version_unknown() -> anyhow::Error {
-    with_code(BAD_GUEST)(anyhow::anyhow!(
-        "cannot find cloud-init's version in the image (no cloudinit/version.py); name it with --cloud-init-version"
-    ))
+/// `cloudinit/version.py` in each Python package directory, and meson's module where it points there.
+fn read_version_py(guest: &Guest, entries: &[String], detection: &mut Detection) -> Result<()> {
+    let packages: Vec<&String> = entries.iter().filter(|p| p.ends_with("/cloudinit")).collect();
+    if packages.is_empty() {
+        detection
+            .miss("cloudinit/version.py (no cloudinit package in /usr/lib*/python*/*-packages or /usr/local/lib*)");
+    }
+    for package in packages {
+        let path = format!("{package}/version.py");
+        let text = match read_text(guest, &path) {
+            Ok(Some(text)) => text,
+            Ok(None) => {
+                detection.miss(format!("{path} (missing)"));
+                continue;
+            }
+            Err(e) => {
+                detection.miss(format!("{e:#}"));
+                continue;
+            }
+        };
+        match version::parse_version_py(&text) {
+            VersionPy::Literal(raw) => detection.answer(Source::VersionPy, &path, &raw),
+            VersionPy::FromMesonModule { packaged } => {
+                let meson = format!("{package}/meson_versions.py");
+                match read_text(guest, &meson) {
+                    Ok(Some(text)) => match version::parse_meson_versions(&text) {
+                        Some(raw) => detection.answer(Source::MesonVersions, &meson, &raw),
+                        None => detection.miss(format!("{meson} (no UPSTREAM_VERSION in it)")),
+                    },
+                    Ok(None) => match packaged {
+                        Some(raw) => detection.answer(Source::VersionPy, &path, &raw),
+                        None => detection.miss(format!("{meson} (version.py imports it, but it is missing)")),
+                    },
+                    Err(e) => detection.miss(format!("{e:#}")),
+                }
+            }
+            VersionPy::Unknown => detection.miss(format!("{path} (no version in a form cloudimg knows)")),
+        }
+    }
+    Ok(())
+}
+
+fn read_rpm_database(
+    guest: &Guest,
+    root_device: &str,
+    remount: impl FnOnce() -> Result<()>,
+    detection: &mut Detection,
+) -> Result<()> {
+    let mut has_database = false;
+    for dir in RPM_DATABASES {
+        has_database |= guest.is_dir(dir)?;
+    }
+    if !has_database {
+        detection.miss(format!("an rpm database ({})", RPM_DATABASES.join(" or ")));
+        return Ok(());
+    }
+    match guest.inspected_packages(root_device, remount) {
+        Ok(packages) => {
+            let installed = version::PACKAGE_NAMES
+                .iter()
+                .find_map(|name| packages.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()));
+            match installed {
+                Some(raw) => detection.answer(Source::Rpm, "the rpm database", &raw),
+                None => detection.miss("cloud-init in the rpm database (not installed)"),
+            }
+        }
+        // The guest is mounted again even when inspection fails; an appliance that died is not a miss.
+        Err(e) if crate::exit_codes::code_of(&e) == crate::exit_codes::APPLIANCE => return Err(e),
+        Err(e) => detection.miss(format!("the rpm database: {e:#}")),
+    }
+    Ok(())
+}
+
+/// The error for an image whose cloud-init version no source gave.
+pub fn version_unknown(detection: &Detection) -> anyhow::Error {
+    with_code(BAD_GUEST)(anyhow::anyhow!(detection.failure()))
 }
 
 /// os-release (`/etc/os-release`, else `/usr/lib/os-release`), empty when there is none.

@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::accel::{self, HostKvm};
+use crate::accel;
+use crate::appliance;
 use crate::audit::{self, Analysis, Login};
 use crate::checks::{self, Finding, Severity};
 use crate::cli::Requirement;
 use crate::cloud_config::merge::ConfigFile;
 use crate::cloud_config::secrets;
+use crate::cloud_config::version::CloudInitVersion;
 use crate::exit_codes::{code_of, with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, SUCCESS, UNMET};
-use crate::guest::{Drive, Guest, LaunchOptions};
+use crate::guest::{Drive, Guest};
 use crate::guest_config;
 use crate::image_file::{self, Format};
 use crate::locate::{self, os_release_field, Root};
@@ -27,6 +29,8 @@ pub struct Options {
     pub require: Vec<Requirement>,
     pub accel: accel::Requested,
     pub timeout: Duration,
+    /// `--cloud-init-version`: what to assume when the image's own cannot be read.
+    pub cloud_init_version: Option<CloudInitVersion>,
 }
 
 /// The file as a file: nothing here comes from inside the guest.
@@ -89,35 +93,43 @@ impl ImageReport {
     }
 }
 
+/// Inspects every image: each is checked as a file, then those that can be opened share one
+/// read-only appliance launch (images that cannot share it get one of their own).
 pub fn run(images: &[PathBuf], opts: &Options, report: &Reporter) -> Vec<ImageReport> {
-    images.iter().map(|path| inspect_image(path, opts, report)).collect()
-}
-
-/// The exit status for a set of reports: an error first, then unmet requirements, then refusals.
-pub fn exit_code(reports: &[ImageReport]) -> i32 {
-    let worst = |codes: &[i32]| reports.iter().map(|r| r.exit_code).find(|c| codes.contains(c));
-    worst(&[APPLIANCE])
-        .or_else(|| reports.iter().map(|r| r.exit_code).find(|c| ![SUCCESS, BAD_INPUT, UNMET].contains(c)))
-        .or_else(|| worst(&[UNMET]))
-        .or_else(|| worst(&[BAD_INPUT]))
-        .unwrap_or(SUCCESS)
-}
-
-fn inspect_image(path: &Path, opts: &Options, report: &Reporter) -> ImageReport {
-    report.phase(&format!("Inspecting {}", path.display()));
-    let (file, info) = file_facts(path);
-    let mut out = ImageReport::new(path, file);
-    if let Some(reason) = &out.file.refused {
-        let pulls_in = reason.contains("backing file") || reason.contains("external data file");
-        out.findings.push(Finding {
-            severity: if pulls_in { Severity::Security } else { Severity::Error },
-            message: format!("the file is not opened: {reason}"),
-            fix: "cloudimg never follows a backing or data file out of an image".into(),
-        });
-        out.exit_code = BAD_INPUT;
+    let mut reports = Vec::new();
+    let mut openable = Vec::new();
+    for path in images {
+        report.phase(&format!("Inspecting {}", path.display()));
+        let (file, info) = file_facts(path);
+        let mut out = ImageReport::new(path, file);
+        if let Some(reason) = &out.file.refused {
+            let pulls_in = reason.contains("backing file") || reason.contains("external data file");
+            out.findings.push(Finding {
+                severity: if pulls_in { Severity::Security } else { Severity::Error },
+                message: format!("the file is not opened: {reason}"),
+                fix: "cloudimg never follows a backing or data file out of an image".into(),
+            });
+            out.exit_code = BAD_INPUT;
+        }
+        if let Some(info) = info {
+            openable.push((reports.len(), info.format));
+        }
+        reports.push(out);
     }
-    if let Some(info) = info {
-        match read_guest(path, info.format, opts, report) {
+    let read = match crate::cleanup::work_dir() {
+        Ok(work) => {
+            let mut read = read_guests(images, &openable, opts, work.path(), report);
+            let alone = std::mem::take(&mut read.1);
+            for pos in alone {
+                read.0.extend(read_guests(images, &openable[pos..=pos], opts, work.path(), report).0);
+            }
+            read.0
+        }
+        Err(e) => openable.iter().map(|(index, _)| (*index, Err(appliance::copy_error(&e)))).collect(),
+    };
+    for (index, result) in read {
+        let out = &mut reports[index];
+        match result {
             Ok((system, analysis)) => {
                 out.password_login = Some(audit::password_login(&analysis, opts.user.as_deref()));
                 out.findings.extend(analysis.findings.iter().cloned());
@@ -130,11 +142,58 @@ fn inspect_image(path: &Path, opts: &Options, report: &Reporter) -> ImageReport 
             }
         }
     }
-    out.unmet = unmet(&out, &opts.require);
-    if !out.unmet.is_empty() && matches!(out.exit_code, SUCCESS | BAD_INPUT) {
-        out.exit_code = UNMET;
+    for out in &mut reports {
+        out.unmet = unmet(out, &opts.require);
+        if !out.unmet.is_empty() && matches!(out.exit_code, SUCCESS | BAD_INPUT) {
+            out.exit_code = UNMET;
+        }
     }
-    out
+    reports
+}
+
+/// Reads the guests of `group` (report index, format) in one read-only appliance. Returns each
+/// one's result by report index, and the positions in `group` that need an appliance of their own.
+#[allow(clippy::type_complexity)]
+fn read_guests(
+    images: &[PathBuf],
+    group: &[(usize, Format)],
+    opts: &Options,
+    tmpdir: &Path,
+    report: &Reporter,
+) -> (Vec<(usize, Result<(System, Analysis)>)>, Vec<usize>) {
+    if group.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let drives: Vec<Drive> =
+        group.iter().map(|(index, format)| Drive { path: &images[*index], format: *format, readonly: true }).collect();
+    let names: Vec<&Path> = group.iter().map(|(index, _)| images[*index].as_path()).collect();
+    let launch = appliance::Options { accel: opts.accel, timeout: opts.timeout, debug: false, tmpdir };
+    let shared = match appliance::launch(&drives, &names, &launch, report) {
+        Ok(shared) => shared,
+        Err(e) => {
+            return (group.iter().map(|(index, _)| (*index, Err(appliance::copy_error(&e)))).collect(), Vec::new())
+        }
+    };
+    let results = shared
+        .each(group.len(), |pos, disk| {
+            report.phase(&format!("Reading the guest in {}", names[pos].display()));
+            read_guest(&shared.guest, disk, opts, report)
+        })
+        .into_iter()
+        .map(|(pos, result)| (group[pos].0, result))
+        .collect();
+    // Read-only: nothing to flush; the appliance goes with the handle.
+    (results, shared.alone())
+}
+
+/// The exit status for a set of reports: an error first, then unmet requirements, then refusals.
+pub fn exit_code(reports: &[ImageReport]) -> i32 {
+    let worst = |codes: &[i32]| reports.iter().map(|r| r.exit_code).find(|c| codes.contains(c));
+    worst(&[APPLIANCE])
+        .or_else(|| reports.iter().map(|r| r.exit_code).find(|c| ![SUCCESS, BAD_INPUT, UNMET].contains(c)))
+        .or_else(|| worst(&[UNMET]))
+        .or_else(|| worst(&[BAD_INPUT]))
+        .unwrap_or(SUCCESS)
 }
 
 fn file_facts(path: &Path) -> (FileFacts, Option<image_file::ImageInfo>) {
@@ -171,35 +230,34 @@ fn file_facts(path: &Path) -> (FileFacts, Option<image_file::ImageInfo>) {
     }
 }
 
-fn read_guest(path: &Path, format: Format, opts: &Options, report: &Reporter) -> Result<(System, Analysis)> {
-    let (accel, why) = accel::choose(opts.accel, &HostKvm::probe()).map_err(with_code(APPLIANCE))?;
-    report.detail(&format!(
-        "launching the appliance read-only{}",
-        why.map(|w| format!(" (TCG: {w})")).unwrap_or_default()
-    ));
-    let work = crate::cleanup::work_dir()?;
-    let launch = LaunchOptions { accel, timeout: opts.timeout, debug: false, tmpdir: work.path() };
-    let spinner = report.spinner("starting the appliance");
-    let guest = Guest::launch(&[Drive { path, format, readonly: true }], &launch).map_err(with_code(APPLIANCE))?;
-    drop(spinner);
-    let root = locate::find_root(&guest, opts.root.as_deref(), None).map_err(with_code(BAD_GUEST))?;
-    // One drive is attached, so the disk is /dev/sda.
-    let partition_table = guest.partition_table("/dev/sda").map_err(with_code(BAD_GUEST))?.map(|t| t.kind.to_string());
-    for note in locate::mount_root(&guest, &root, true, None).map_err(with_code(BAD_GUEST))? {
+/// One image's system and analysis, read from its disk of the shared appliance.
+fn read_guest(
+    guest: &Guest,
+    disk: Option<&locate::Disk>,
+    opts: &Options,
+    report: &Reporter,
+) -> Result<(System, Analysis)> {
+    let root = locate::find_root(guest, opts.root.as_deref(), disk).map_err(with_code(BAD_GUEST))?;
+    let device = disk.map_or("/dev/sda", |d| d.device.as_str());
+    let partition_table = guest.partition_table(device).map_err(with_code(BAD_GUEST))?.map(|t| t.kind.to_string());
+    for note in locate::mount_root(guest, &root, true, disk).map_err(with_code(BAD_GUEST))? {
         report.warn(&note);
     }
-    let result = analyse_guest(&guest, root, opts.user.as_deref(), report)
+    analyse_guest(guest, root, disk, opts, report)
         .map(|(system, analysis)| (System { partition_table, ..system }, analysis))
-        .map_err(with_code(BAD_GUEST));
-    // Read-only: nothing to flush; the appliance goes with the handle.
-    let _ = guest.umount_all();
-    result
+        .map_err(with_code(BAD_GUEST))
 }
 
-fn analyse_guest(guest: &Guest, root: Root, user: Option<&str>, report: &Reporter) -> Result<(System, Analysis)> {
+fn analyse_guest(
+    guest: &Guest,
+    root: Root,
+    disk: Option<&locate::Disk>,
+    opts: &Options,
+    report: &Reporter,
+) -> Result<(System, Analysis)> {
     let os_release = guest_config::os_release(guest)?;
     let mut exposed = Vec::new();
-    let (files, version) = if guest_config::has_cloud_init(guest)? {
+    let (files, detection) = if guest_config::has_cloud_init(guest)? {
         let (files, warnings) = guest_config::read_cloud_files(guest)?;
         warnings.iter().for_each(|w| report.warn(w));
         exposed = files
@@ -208,7 +266,12 @@ fn analyse_guest(guest: &Guest, root: Root, user: Option<&str>, report: &Reporte
             .filter_map(|f| checks::readable_password_finding(&f.path, f.mode?))
             .collect();
         let files: Vec<ConfigFile> = files.into_iter().map(|f| f.parsed).collect();
-        (files, Some(guest_config::cloud_init_version(guest)?))
+        let remount = || locate::mount_root(guest, &root, true, disk).map(drop);
+        let detection = guest_config::cloud_init_version(guest, opts.cloud_init_version, &root.device, remount)?;
+        if detection.chosen().is_none() {
+            return Err(guest_config::version_unknown(&detection));
+        }
+        (files, Some(detection))
     } else {
         (Vec::new(), None)
     };
@@ -217,11 +280,12 @@ fn analyse_guest(guest: &Guest, root: Root, user: Option<&str>, report: &Reporte
     let shadow_text = guest_config::read_text(guest, shadow::SHADOW)?;
     let mut analysis = audit::analyse(&audit::Image {
         files: &files,
-        version,
+        version: detection.as_ref().and_then(|d| d.chosen().cloned()),
+        version_disagreements: detection.map(|d| d.disagreements()).unwrap_or_default(),
         sshd: sshd.as_ref(),
         shadow: shadow_text.as_deref(),
         booted_before: guest_config::booted_before(guest)?,
-        user,
+        user: opts.user.as_deref(),
     });
     analysis.findings.extend(exposed);
     let system = System {
@@ -310,8 +374,10 @@ pub fn render(r: &ImageReport) -> String {
                 line(
                     "cloud-init",
                     format!(
-                        "{}, default user {}, set_passwords {}",
-                        ci.version,
+                        "{} (from {} {}), default user {}, set_passwords {}",
+                        ci.version.version,
+                        ci.version.source.describe(),
+                        ci.version.path,
                         ci.default_user.as_deref().unwrap_or("none"),
                         if ci.set_passwords_runs { "runs" } else { "NEVER RUNS" }
                     ),

@@ -1,5 +1,6 @@
 //! cloudimg: prepare cloud images offline for OpenStack.
 pub mod accel;
+pub mod appliance;
 pub mod assets;
 pub mod audit;
 pub mod batch;

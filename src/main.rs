@@ -112,7 +112,12 @@ fn print_json<T: serde::Serialize>(value: &T) {
 fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {
     let verbosity = if args.quiet { Verbosity::Quiet } else { Verbosity::Normal };
     let report = Reporter::new(verbosity, args.json);
+    let cloud_init_version = match args.cloud_init_version.as_deref().map(str::parse).transpose() {
+        Ok(version) => version,
+        Err(e) => return fail(&exit_codes::with_code(exit_codes::USAGE)(e)),
+    };
     let opts = inspect::Options {
+        cloud_init_version,
         user: args.user.clone(),
         root: args.root.clone(),
         require: args.require.clone(),

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 
 use crate::cli::Method;
-use crate::cloud_config::credentials::CloudInitVersion;
+use crate::cloud_config::version::CloudInitVersion;
 
 /// What decides the method.
 #[derive(Debug, Clone, Copy)]

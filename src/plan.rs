@@ -4,12 +4,15 @@
 use anyhow::{Context, Result};
 
 use crate::checks::{self, Effective, Finding, Intent};
-use crate::cloud_config::credentials::{self, CloudInitVersion, Form, Stored};
+use crate::cloud_config::credentials::{self, Form, Stored};
+use crate::cloud_config::deprecations::{self, Account};
 use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::yaml11::Value;
 use crate::cloud_config::{edit, keys, secrets, yaml11};
 use crate::exit_codes::{with_code, BAD_GUEST};
 use crate::guest_config::CloudFile;
+use crate::shadow;
 use crate::sshd;
 
 /// What was read from the image.
@@ -19,6 +22,8 @@ pub struct Facts<'a> {
     pub version: CloudInitVersion,
     pub passwd_users: &'a [String],
     pub sshd: Option<&'a sshd::Files>,
+    /// `/etc/shadow`, when the image has one: whether an account has a password to keep usable.
+    pub shadow: Option<&'a str>,
     pub booted_before: bool,
 }
 
@@ -53,6 +58,8 @@ pub struct Plan {
     pub holds_secret: bool,
     pub changed_keys: Vec<String>,
     pub effective: Effective,
+    /// What cloud-init will log at WARNING or DEPRECATED level with the edited files.
+    pub logged: Vec<deprecations::Logged>,
     pub findings: Vec<Finding>,
 }
 
@@ -103,7 +110,7 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
 
     let is_default_user = default_user.as_deref() == Some(user.as_str());
     let edit_with = |stored: Option<Stored>| -> Result<(Option<Form>, edit::Edited)> {
-        let (form, mut entries) = match stored {
+        let (form, mut entries) = match stored.clone() {
             Some(stored) => {
                 let creq = credentials::Request {
                     user: &user,
@@ -120,8 +127,13 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
             None => (None, req.ssh_pwauth.map(|on| ("ssh_pwauth".to_string(), Value::Bool(on))).into_iter().collect()),
         };
         if !req.ssh_keys.is_empty() {
+            let account = match &stored {
+                Some(stored) => keys::Account::Password { stored, already_set: req.already_set },
+                None if shadow::account(facts.shadow, &user) == Account::WithPassword => keys::Account::KeepPassword,
+                None => keys::Account::Locked,
+            };
             entries.extend(
-                keys::entries(&target_root, &lower, &user, is_default_user, req.ssh_keys)
+                keys::entries(&target_root, &lower, &user, is_default_user, req.ssh_keys, account)
                     .map_err(with_code(BAD_GUEST))?,
             );
         }
@@ -169,6 +181,9 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
             target: req.target,
         },
     );
+    let mut findings = findings;
+    let logged = deprecations::logged(&after, facts.version, &|name| shadow::account(facts.shadow, name));
+    findings.extend(logged.iter().map(|l| checks::logged_finding(l, facts.version)));
     Ok(Plan {
         user,
         form,
@@ -180,6 +195,7 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
         holds_secret,
         changed_keys: edited.changed_keys,
         effective,
+        logged,
         findings,
     })
 }
@@ -200,7 +216,78 @@ fn configured_users(cfg: &yaml11::Mapping) -> impl Iterator<Item = String> + '_ 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cloud_config::{CLOUD_CFG, DROP_IN};
     use crate::guest_config::parse_file;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcBP2Hlv715+49uDDvU+ZdmzRat/4M9S78A5XhQM7FV alice@laptop";
+    /// `ops` exists with a password, `nopw` exists locked, `alice` is new.
+    const SHADOW: &str = "root:*:19000::::::\nops:$6$a$b:19000::::::\nnopw:!:19000::::::\n";
+
+    /// What cloudimg writes makes the image's own cloud-init log no WARNING or DEPRECATED line, in
+    /// every release line it supports and for every kind of request, on each distribution's file.
+    #[test]
+    fn what_cloudimg_writes_is_never_reported_by_that_cloud_init() {
+        let versions = [
+            "0.7.5", "17.1", "18.5", "21.4", "22.1", "22.2", "22.3", "22.4.2", "23.4", "24.1", "24.3", "25.1.4", "26.2",
+        ];
+        let passwd: Vec<String> = ["root", "ops", "nopw"].iter().map(|u| u.to_string()).collect();
+        let keys = vec![KEY.to_string()];
+        let never = |_: &str| false;
+        let mut checked = 0;
+        for name in ["debian-12-22.4.2", "ubuntu-26", "rocky-26"] {
+            let cfg = std::fs::read_to_string(format!("fixtures/cloud-cfg/{name}.cloud.cfg")).unwrap();
+            let files = vec![parse_file(CLOUD_CFG, cfg).unwrap()];
+            for version in versions {
+                let version: CloudInitVersion = version.parse().unwrap();
+                let plain = version < CloudInitVersion::HASHES;
+                let stored = if plain { Stored::Plain("pw".into()) } else { Stored::Hash("$6$salt$hash".into()) };
+                let requests: [(Option<&str>, bool, &[String]); 7] = [
+                    (None, true, &[]),
+                    (None, true, &keys),
+                    (None, false, &keys),
+                    (Some("ops"), true, &keys),
+                    (Some("nopw"), false, &keys),
+                    (Some("nopw"), true, &keys),
+                    (Some("alice"), true, &keys),
+                ];
+                for (user, with_password, ssh_keys) in requests {
+                    for target in [CLOUD_CFG, DROP_IN] {
+                        let facts = Facts {
+                            files: &files,
+                            version,
+                            passwd_users: &passwd,
+                            sshd: None,
+                            shadow: Some(SHADOW),
+                            booted_before: false,
+                        };
+                        let request = Request {
+                            user,
+                            stored: with_password.then(|| stored.clone()),
+                            ssh_keys,
+                            already_set: &never,
+                            expire: false,
+                            ssh_pwauth: Some(true),
+                            target,
+                        };
+                        let what = format!(
+                            "{name} {version} {user:?} password={with_password} keys={} {target}",
+                            ssh_keys.len()
+                        );
+                        let planned = match (plan(&facts, &request), user) {
+                            (Ok(planned), _) => planned,
+                            // `alice` is neither in /etc/passwd nor created by cloud-init: refused, as it must be.
+                            (Err(e), Some("alice")) if e.to_string().contains("exists neither") => continue,
+                            (Err(e), _) => panic!("{what}: {e:#}"),
+                        };
+                        assert_eq!(planned.logged, Vec::new(), "{what}:\n{}", planned.new_text);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        // Every combination but the refused user was planned and judged.
+        assert_eq!(checked, 3 * 13 * 6 * 2);
+    }
 
     const BASE: &str = "cloud_config_modules: [set_passwords]\nsystem_info: {default_user: {name: debian}}\n";
 
@@ -211,6 +298,7 @@ mod tests {
             version: "23.1".parse().unwrap(),
             passwd_users: &[],
             sshd: None,
+            shadow: None,
             booted_before: false,
         };
         let request = Request {

@@ -8,8 +8,8 @@ use clap::ValueEnum;
 
 use crate::accel;
 use crate::cli::{CustomizeArgs, GlanceArgs, Method, SshPwauth};
-use crate::cloud_config::credentials::CloudInitVersion;
 use crate::cloud_config::keys;
+use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::{CLOUD_CFG, DROP_IN};
 use crate::exit_codes::{with_code, BAD_INPUT, OUTPUT, USAGE};
 use crate::image_file::Format;

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 
+use crate::cloud_config::deprecations::Account;
 use crate::locate::os_release_field;
 
 pub const SHADOW: &str = "/etc/shadow";
@@ -89,6 +90,17 @@ pub fn state(shadow: &str, user: &str) -> State {
         h if h.starts_with('!') && h.trim_start_matches('!').starts_with('$') => State::Locked,
         h if h.starts_with('!') || h.starts_with('*') => State::NoPassword,
         h => State::Hash(algorithm_name(h).to_string()),
+    }
+}
+
+/// How cloud-init's user module will find `user`: missing (it creates it), or existing with or
+/// without a password it can unlock. Without `/etc/shadow` nothing is known: an existing password is
+/// assumed, which claims no warning cloud-init might not log.
+pub fn account(shadow: Option<&str>, user: &str) -> Account {
+    match shadow.map(|text| state(text, user)) {
+        Some(State::Missing) => Account::New,
+        Some(State::Empty | State::NoPassword) => Account::WithoutPassword,
+        None | Some(State::Locked | State::Hash(_)) => Account::WithPassword,
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::cloud_config::credentials::CloudInitVersion;
+use crate::cloud_config::version::CloudInitVersion;
 
 pub const MAIN_CONFIG: &str = "/etc/ssh/sshd_config";
 pub const DROP_IN_DIR: &str = "/etc/ssh/sshd_config.d";

@@ -24,7 +24,14 @@ fn run_plan(files: &[CloudFile], version: &str, user: Option<&str>, stored: Stor
     let never = |_: &str| false;
     let users = vec!["root".to_string(), "ops".to_string()];
     plan(
-        &Facts { files, version: version.parse().unwrap(), passwd_users: &users, sshd: None, booted_before: false },
+        &Facts {
+            files,
+            version: version.parse().unwrap(),
+            passwd_users: &users,
+            sshd: None,
+            shadow: None,
+            booted_before: false,
+        },
         &Request {
             user,
             stored: Some(stored),
@@ -104,13 +111,14 @@ fn every_nasty_password_reads_back_identically_through_pyyaml_in_every_form() {
     let mut expected = Vec::new();
     for password in NASTY {
         let stored = || Stored::Plain(password.to_string());
-        // chpasswd.users (22.3+), top-level password (17.1+, default user), chpasswd.list (other user).
+        // chpasswd.users (22.3+), top-level password (17.1+, default user), chpasswd.list (other user;
+        // a YAML list from 17.1 on).
         documents.push(run_plan(&base, "22.4.2", None, stored(), CLOUD_CFG).new_text);
         expected.push(("/chpasswd/users/0/password", password.to_string()));
         documents.push(run_plan(&base, "20.1", None, stored(), CLOUD_CFG).new_text);
         expected.push(("/password", password.to_string()));
         documents.push(run_plan(&base, "20.1", Some("ops"), stored(), DROP_IN).new_text);
-        expected.push(("/chpasswd/list", format!("ops:{password}")));
+        expected.push(("/chpasswd/list/0", format!("ops:{password}")));
     }
     let parsed = common::pyyaml(&documents);
     for ((pointer, want), doc) in expected.iter().zip(&parsed) {

@@ -1,57 +1,14 @@
 //! Which cloud-config entries give a user a password, for the cloud-init version in the image, and
 //! what cloud-init will really do with a given configuration (an emulation of its `set_passwords`).
 
-use std::fmt;
 use std::sync::LazyLock;
 
 use anyhow::{bail, Result};
 use regex::Regex;
 
 use super::merge;
+use super::version::CloudInitVersion;
 use super::yaml11::{Mapping, Value};
-
-/// A cloud-init release number, e.g. 22.4.2 or 0.7.5.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct CloudInitVersion(pub u32, pub u32, pub u32);
-
-impl CloudInitVersion {
-    /// Hashes are recognised from 17.1 on (top-level `password` and `chpasswd.list`).
-    pub const HASHES: Self = Self(17, 1, 0);
-    /// `chpasswd.users` (with `type`) exists from 22.3 on; `chpasswd.list` is deprecated there.
-    pub const CHPASSWD_USERS: Self = Self(22, 3, 0);
-    /// From 22.4 on cloud-init writes `ssh_pwauth` to an sshd drop-in when sshd_config includes them.
-    pub const SSHD_DROP_IN: Self = Self(22, 4, 0);
-}
-
-impl std::str::FromStr for CloudInitVersion {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let mut parts = s.trim().split('.').map(|p| p.parse::<u32>());
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(Ok(a)), Some(Ok(b)), c, None) if c.as_ref().is_none_or(|c| c.is_ok()) => {
-                Ok(Self(a, b, c.and_then(|c| c.ok()).unwrap_or(0)))
-            }
-            _ => bail!("`{s}` is not a cloud-init version such as 22.4.2"),
-        }
-    }
-}
-
-impl fmt::Display for CloudInitVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.0, self.1, self.2)
-    }
-}
-
-/// Reads the version from cloud-init's `cloudinit/version.py`, in the forms used since 0.7.
-pub fn version_from_version_py(text: &str) -> Option<CloudInitVersion> {
-    static RE: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(
-            r#"(?m)^\s*(?:__VERSION__\s*=\s*|version\s*=\s*vr\.StrictVersion\()["']([0-9]+\.[0-9]+(?:\.[0-9]+)?)"#,
-        )
-        .expect("valid pattern")
-    });
-    RE.captures(text)?.get(1)?.as_str().parse().ok()
-}
 
 /// How a password is stored in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,12 +19,12 @@ pub enum Stored {
 }
 
 impl Stored {
-    fn text(&self) -> &str {
+    pub fn text(&self) -> &str {
         match self {
             Stored::Hash(s) | Stored::Plain(s) => s,
         }
     }
-    fn type_name(&self) -> &'static str {
+    pub fn type_name(&self) -> &'static str {
         match self {
             Stored::Hash(_) => "hash",
             Stored::Plain(_) => "text",
@@ -164,8 +121,8 @@ pub fn entries(
             chpasswd.insert("users", Value::Seq(upsert_user_entry(users, req)));
         }
         Form::ChpasswdList => {
-            let list = inherited("list").unwrap_or(Value::Str(String::new()));
-            chpasswd.insert("list", upsert_list_line(list, req)?);
+            let list = inherited("list").unwrap_or(Value::Null);
+            chpasswd.insert("list", upsert_list_line(list, version, req)?);
         }
     }
     chpasswd.insert("expire", Value::Bool(req.expire));
@@ -199,10 +156,16 @@ fn upsert_user_entry(mut users: Vec<Value>, req: &Request) -> Vec<Value> {
     users
 }
 
-fn upsert_list_line(list: Value, req: &Request) -> Result<Value> {
+/// `chpasswd.list` with `user`'s line set. cloud-init reads a YAML list from 17.1 on and reports the
+/// multi-line string as deprecated from 22.2, so the list form is written wherever it is understood; an
+/// existing string stays a string where that is not deprecated.
+fn upsert_list_line(list: Value, version: CloudInitVersion, req: &Request) -> Result<Value> {
     let (mut lines, as_string): (Vec<String>, bool) = match list {
-        Value::Null => (Vec::new(), true),
-        Value::Str(s) => (s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect(), true),
+        Value::Null => (Vec::new(), version < CloudInitVersion::HASHES),
+        Value::Str(s) => (
+            s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect(),
+            version < CloudInitVersion::CHPASSWD_STRING_DEPRECATED,
+        ),
         Value::Seq(items) => {
             (items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<_>>().unwrap_or_default(), false)
         }
@@ -317,7 +280,7 @@ pub(crate) fn is_true_like(v: &Value) -> bool {
     }
 }
 
-fn is_false_like(v: &Value) -> bool {
+pub(crate) fn is_false_like(v: &Value) -> bool {
     match v {
         Value::Bool(b) => !*b,
         Value::Str(s) => matches!(s.to_ascii_lowercase().as_str(), "false" | "0" | "off" | "no"),
@@ -381,23 +344,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn version_py_forms_are_read() {
-        assert_eq!(
-            version_from_version_py("__VERSION__ = \"22.4.2\"\n_PACKAGED_VERSION = \"@@PACKAGED_VERSION@@\"\n"),
-            Some(v("22.4.2"))
-        );
-        assert_eq!(
-            version_from_version_py(
-                "from distutils import version as vr\n\ndef version():\n    return vr.StrictVersion(\"0.7.5\")\n"
-            ),
-            None
-        );
-        assert_eq!(version_from_version_py("version = vr.StrictVersion(\"0.7.5\")\n"), Some(v("0.7.5")));
-        assert_eq!(version_from_version_py("__VERSION__ = '17.1'\n"), Some(v("17.1")));
-        assert!("22".parse::<CloudInitVersion>().is_err());
-    }
-
     fn request<'a>(user: &'a str, stored: &str, already: &'a dyn Fn(&str) -> bool) -> Request<'a> {
         Request {
             user,
@@ -434,6 +380,27 @@ mod tests {
         assert_eq!(form, Form::ChpasswdList);
         let chpasswd = entries.iter().find(|(k, _)| k == "chpasswd").unwrap().1.as_map().unwrap().clone();
         assert_eq!(chpasswd.get("list"), Some(&Value::Str("other:pw\ndebian:$6$s$h".into())));
+    }
+
+    #[test]
+    fn list_lines_take_the_form_that_is_not_deprecated_for_the_version() {
+        let never = |_: &str| false;
+        let list_after = |lower: &str, version: &str, plain: bool| {
+            let mut req = request("ops", "$6$s$h", &never);
+            if plain {
+                req.stored = Stored::Plain("pw".into());
+            }
+            let (form, e) = entries(&Mapping::default(), &parse(lower).unwrap().root, v(version), &req).unwrap();
+            assert_eq!(form, Form::ChpasswdList, "{version}");
+            let chpasswd = e.iter().find(|(k, _)| k == "chpasswd").unwrap().1.as_map().unwrap().clone();
+            chpasswd.get("list").cloned().unwrap()
+        };
+        let seq = |items: &[&str]| Value::Seq(items.iter().map(|i| Value::Str(i.to_string())).collect());
+        // 0.7.x reads only a string; from 17.1 a list; a string is deprecated from 22.2.
+        assert_eq!(list_after("{}", "0.7.5", true), Value::Str("ops:pw".into()));
+        assert_eq!(list_after("{}", "17.1", false), seq(&["ops:$6$s$h"]));
+        assert_eq!(list_after("chpasswd: {list: \"a:b\"}", "22.1", false), Value::Str("a:b\nops:$6$s$h".into()));
+        assert_eq!(list_after("chpasswd: {list: \"a:b\"}", "22.2", false), seq(&["a:b", "ops:$6$s$h"]));
     }
 
     #[test]

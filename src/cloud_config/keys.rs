@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use base64::Engine;
 
+use super::credentials::Stored;
 use super::merge;
 use super::yaml11::{Mapping, Value};
 
@@ -73,6 +74,19 @@ fn identity(line: &str) -> Result<(String, String)> {
     Ok((kind.to_string(), blob.to_string()))
 }
 
+/// What a non-default user's `users` entry says about the account's password.
+pub enum Account<'a> {
+    /// A password is set in the same run: the entry carries it as well, with `lock_passwd: false`
+    /// (cloud-init 24.3 and later warn about `lock_passwd: false` in an entry without a password,
+    /// and such a warning makes `cloud-init status` degraded). `already_set` says whether an
+    /// existing value already stands for it.
+    Password { stored: &'a Stored, already_set: &'a dyn Fn(&str) -> bool },
+    /// The account has a password that must stay usable: `lock_passwd: false`.
+    KeepPassword,
+    /// Nothing to unlock: cloud-init's default (locked) is left alone.
+    Locked,
+}
+
 /// The top-level entries that give `keys` to `user`. `target` is the file being edited and `lower`
 /// the merged files below it (a list written to `target` replaces theirs whole, so theirs is carried
 /// over). Keys the user already has are not added again.
@@ -82,6 +96,7 @@ pub fn entries(
     user: &str,
     default_user: bool,
     keys: &[String],
+    account: Account,
 ) -> Result<Vec<(String, Value)>> {
     let inherited = |key: &str| target.get(key).or_else(|| lower.get(key)).cloned();
     if default_user {
@@ -110,8 +125,10 @@ pub fn entries(
         None => {
             let mut m = Mapping::default();
             m.insert("name", Value::Str(user.to_string()));
-            // A `users` entry for an existing account would otherwise lock its password.
-            m.insert("lock_passwd", Value::Bool(false));
+            if !matches!(account, Account::Locked) {
+                // A `users` entry for an existing account would otherwise lock its password.
+                m.insert("lock_passwd", Value::Bool(false));
+            }
             m
         }
     };
@@ -121,8 +138,28 @@ pub fn entries(
         Some(Value::Str(s)) => vec![Value::Str(s.clone())],
         Some(_) => bail!("`ssh_authorized_keys` of user `{user}` is not a list; fix it by hand first"),
     };
-    let Some(list) = added(existing, keys) else { return Ok(Vec::new()) };
-    entry.insert("ssh_authorized_keys", Value::Seq(list));
+    let mut changed = false;
+    if let Some(list) = added(existing, keys) {
+        entry.insert("ssh_authorized_keys", Value::Seq(list));
+        changed = true;
+    }
+    if let Account::Password { stored, already_set } = account {
+        let key = match stored {
+            Stored::Hash(_) => "hashed_passwd",
+            Stored::Plain(_) => "plain_text_passwd",
+        };
+        let other = if key == "hashed_passwd" { "plain_text_passwd" } else { "hashed_passwd" };
+        let current = entry.get(key).and_then(Value::as_str).is_some_and(already_set);
+        if !current || entry.get(other).is_some() || entry.get("lock_passwd") != Some(&Value::Bool(false)) {
+            entry.remove(other);
+            entry.insert(key, Value::Str(stored.text().to_string()));
+            entry.insert("lock_passwd", Value::Bool(false));
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(Vec::new());
+    }
     match position {
         Some(i) => users[i] = Value::Map(entry),
         None => users.push(Value::Map(entry)),
@@ -190,20 +227,29 @@ mod tests {
     #[test]
     fn the_default_user_gets_top_level_keys_without_duplicates() {
         let target = parse(&format!("ssh_authorized_keys:\n  - {ED2}\n")).unwrap().root;
-        let e = entries(&target, &Mapping::default(), "debian", true, &[ED.into(), format!("{ED2} other comment")])
-            .unwrap();
+        let e = entries(
+            &target,
+            &Mapping::default(),
+            "debian",
+            true,
+            &[ED.into(), format!("{ED2} other comment")],
+            Account::KeepPassword,
+        )
+        .unwrap();
         assert_eq!(
             e,
             vec![("ssh_authorized_keys".into(), Value::Seq(vec![Value::Str(ED2.into()), Value::Str(ED.into())]))]
         );
         let again = parse(&format!("ssh_authorized_keys: ['{ED2}', '{ED}']\n")).unwrap().root;
-        assert!(entries(&again, &Mapping::default(), "debian", true, &[ED.into()]).unwrap().is_empty());
+        assert!(entries(&again, &Mapping::default(), "debian", true, &[ED.into()], Account::KeepPassword)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
     fn other_users_get_a_users_entry_and_the_default_user_stays() {
         let lower = parse("users: [default]\n").unwrap().root;
-        let e = entries(&Mapping::default(), &lower, "root", false, &[ED.into()]).unwrap();
+        let e = entries(&Mapping::default(), &lower, "root", false, &[ED.into()], Account::KeepPassword).unwrap();
         let Value::Seq(users) = &e[0].1 else { panic!() };
         assert_eq!(users[0], Value::Str("default".into()));
         let root = users[1].as_map().unwrap();
@@ -217,8 +263,48 @@ mod tests {
             ),
             1
         );
-        let absent = entries(&Mapping::default(), &Mapping::default(), "ops", false, &[ED.into()]).unwrap();
+        let absent =
+            entries(&Mapping::default(), &Mapping::default(), "ops", false, &[ED.into()], Account::KeepPassword)
+                .unwrap();
         let Value::Seq(users) = &absent[0].1 else { panic!() };
         assert_eq!(users[0], Value::Str("default".into()));
+    }
+
+    #[test]
+    fn a_users_entry_carries_the_password_set_with_it_and_locks_nothing_it_need_not() {
+        let entry_of = |e: &[(String, Value)]| {
+            let Value::Seq(users) = &e[0].1 else { panic!() };
+            users.last().unwrap().as_map().unwrap().clone()
+        };
+        let never = |_: &str| false;
+        let hash = Stored::Hash("$6$salt$hash".into());
+        let with = |account| entries(&Mapping::default(), &Mapping::default(), "alice", false, &[ED.into()], account);
+        let e = entry_of(&with(Account::Password { stored: &hash, already_set: &never }).unwrap());
+        assert_eq!(e.get("hashed_passwd"), Some(&Value::Str("$6$salt$hash".into())));
+        assert_eq!(e.get("lock_passwd"), Some(&Value::Bool(false)));
+        let plain = Stored::Plain("pw".into());
+        let e = entry_of(&with(Account::Password { stored: &plain, already_set: &never }).unwrap());
+        assert_eq!((e.get("plain_text_passwd"), e.get("hashed_passwd")), (Some(&Value::Str("pw".into())), None));
+        let e = entry_of(&with(Account::Locked).unwrap());
+        assert_eq!(e.get("lock_passwd"), None, "a new account has nothing to unlock");
+
+        // A second run with the same keys changes a stale password and keeps a current one.
+        let existing =
+            parse(&format!("users: [default, {{name: alice, lock_passwd: false, hashed_passwd: old, ssh_authorized_keys: ['{ED}']}}]\n"))
+                .unwrap()
+                .root;
+        let again = |already: &dyn Fn(&str) -> bool| {
+            entries(
+                &existing,
+                &Mapping::default(),
+                "alice",
+                false,
+                &[ED.into()],
+                Account::Password { stored: &hash, already_set: already },
+            )
+            .unwrap()
+        };
+        assert_eq!(entry_of(&again(&never)).get("hashed_passwd"), Some(&Value::Str("$6$salt$hash".into())));
+        assert!(again(&|old: &str| old == "old").is_empty());
     }
 }

@@ -1,11 +1,13 @@
 //! Everything cloud-init configuration: reading YAML as cloud-init does, editing it, merging files,
 //! and working out what cloud-init will do with the result. Pure functions only.
 pub mod credentials;
+pub mod deprecations;
 pub mod edit;
 pub mod keys;
 pub mod lock;
 pub mod merge;
 pub mod secrets;
+pub mod version;
 pub mod yaml11;
 
 /// cloud-init's main configuration file.
