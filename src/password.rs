@@ -292,10 +292,11 @@ mod tests {
         assert!(!matches(&Secret::new("wrong".into()).unwrap(), &h).unwrap());
     }
 
-    /// A `$y$` hash with these parameters, as yescrypt encodes them.
+    /// A real `$y$` hash with its parameters replaced by these, as yescrypt encodes them.
     fn yescrypt_hash(n: u64, r: u32, p: u32, t: u32) -> String {
         let params = yescrypt::Params::new_with_all_params(yescrypt::Mode::default(), n, r, p, t, 0).unwrap();
-        format!("$y${params}$saltsaltsaltsaltsalt$hashhashhashhashhashhashhashhashhashhashhas")
+        let real = hash_yescrypt(&Secret::new("another password".into()).unwrap());
+        real.replacen("$y$j9T$", &format!("$y${params}$"), 1)
     }
 
     #[test]
@@ -313,21 +314,22 @@ mod tests {
     #[test]
     fn hashes_asking_for_more_than_libxcrypt_writes_are_refused_before_any_work() {
         let secret = Secret::new("correct horse".into()).unwrap();
-        // 128 · 2^30 · 32 bytes (4 TiB): the allocation used to abort the process.
+        // 128 · 2^30 · 32 bytes (4 TiB; 64 GiB for its pre-hash): the allocation used to abort the process.
         let err = format!("{:#}", matches(&secret, &yescrypt_hash(1 << 30, 32, 1, 0)).unwrap_err());
         assert!(err.contains("N = 2^30, r = 32") && err.contains("beyond libxcrypt's largest (1024 MiB"), "{err}");
         let err = format!("{:#}", matches(&secret, &yescrypt_hash(1 << 12, 32, 1, 1_000_000)).unwrap_err());
         assert!(err.contains("t = 1000000"), "{err}");
         assert!(matches(&secret, &yescrypt_hash(1 << 19, 32, 1, 0)).is_err(), "2 GiB: beyond cost factor 11");
         // glibc's maximum rounds: hours of work.
-        let glibc_max = "$6$rounds=999999999$saltsalt$1234567890123456789012345678901234567890123456789012345678901234567890123456789012345";
-        let err = format!("{:#}", matches(&secret, glibc_max).unwrap_err());
+        let glibc_max = hash(&secret).replacen("$6$", "$6$rounds=999999999$", 1);
+        let err = format!("{:#}", matches(&secret, &glibc_max).unwrap_err());
         assert!(err.contains("999999999 rounds, more than the 1000000"), "{err}");
         assert!(matches(&secret, "$5$rounds=99999999999999999999999$s$h").is_err(), "saturates");
         assert!(matches(&secret, &format!("$6${}", "a".repeat(300))).is_err(), "no hash is that long");
         // What distributions and tools write is verified (and here does not match).
         assert!(!matches(&secret, &yescrypt_hash(1 << 12, 32, 1, 0)).unwrap());
-        assert!(!matches(&secret, "$6$rounds=656000$saltsalt$AAAA").unwrap(), "passlib's default rounds");
+        let passlib = hash(&Secret::new("another password".into()).unwrap()).replacen("$6$", "$6$rounds=656000$", 1);
+        assert!(!matches(&secret, &passlib).unwrap(), "passlib's default rounds");
     }
 
     #[test]

@@ -149,6 +149,22 @@ fn a_dry_run_never_prints_the_secret_or_its_hash_whatever_the_path() {
 }
 
 #[test]
+fn inspect_refuses_an_sshd_include_bomb_instead_of_following_it() {
+    // inspect asks for sshd's settings with nothing setting them (no `ssh_pwauth`): the resolver used
+    // to follow the drop-ins' 20^16 Include paths (stopped after 300 s without an answer).
+    let image = fixtures().image("hostile-guests");
+    let root = root_of("sshd_config.d drop-ins each include the directory");
+    let out = cloudimg(&["inspect", p(&image), "--root", &root], None, &[]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{said}");
+    assert!(
+        said.contains("/etc/ssh/sshd_config.d/00.conf line 1 includes /etc/ssh/sshd_config.d/00.conf")
+            && said.contains("Too many recursive configuration includes"),
+        "{said}"
+    );
+}
+
+#[test]
 fn guest_strings_reach_the_terminal_escaped() {
     let image = fixtures().image("hostile-guests");
     let tmp = tempfile::tempdir().unwrap();

@@ -117,9 +117,30 @@ pub fn masked_text(text: &str, ours: Option<&str>) -> String {
             .unwrap_or_else(|| yaml11::render_mapping(&masked_root))
     };
     if let Some(ours) = ours.filter(|o| out.contains(o)) {
-        out = out.replace(ours, MASK);
+        out = mask_occurrences(&out, ours);
     }
     CRYPT_HASH.replace_all(&out, HIDDEN).into_owned()
+}
+
+/// `text` with [`MASK`] for every occurrence of `secret` that stands on its own, not glued inside a
+/// longer word (a short password such as `pw` inside `ssh_pwauth` is not that password).
+fn mask_occurrences(text: &str, secret: &str) -> String {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let (first, last) = (secret.chars().next(), secret.chars().next_back());
+    let mut out = String::with_capacity(text.len());
+    let mut done = 0;
+    for (at, _) in text.match_indices(secret) {
+        let before = text[..at].chars().next_back();
+        let after = text[at + secret.len()..].chars().next();
+        if (word(before) && word(first)) || (word(after) && word(last)) {
+            continue;
+        }
+        out.push_str(&text[done..at]);
+        out.push_str(MASK);
+        done = at + secret.len();
+    }
+    out.push_str(&text[done..]);
+    out
 }
 
 /// The text with each top-level entry whose value changes when masked re-rendered; `None` when the
@@ -189,5 +210,7 @@ mod tests {
         let plain = "ntp: {servers: [a]}\n# our plaintext: correct horse\nruncmd: [echo $1$2]\n";
         assert_eq!(masked_text(plain, Some("correct horse")), plain.replace("correct horse", MASK));
         assert_eq!(masked_text(plain, None), plain);
+        let short = "ssh_pwauth: true\n# pw, or pw2\n";
+        assert_eq!(masked_text(short, Some("pw")), "ssh_pwauth: true\n# ********, or pw2\n");
     }
 }
