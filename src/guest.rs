@@ -361,8 +361,15 @@ impl Guest {
     /// Like [`Guest::read_config_file`] with a limit of `max` bytes, for the few larger files cloudimg
     /// reads (dpkg's status file).
     pub fn read_regular_file(&self, path: &str, max: i64) -> Result<Option<Vec<u8>>> {
+        let mut bytes = Vec::new();
+        Ok(self.copy_regular_file(path, max, &mut bytes)?.then_some(bytes))
+    }
+
+    /// Copies a regular guest file of at most `max` bytes into `out`, with the refusals of
+    /// [`Guest::read_config_file`]; `false` when it does not exist.
+    pub fn copy_regular_file(&self, path: &str, max: i64, out: &mut impl std::io::Write) -> Result<bool> {
         if !self.exists(path)? && !self.is_symlink(path)? {
-            return Ok(None);
+            return Ok(false);
         }
         let stat = self.bounded(&format!("checking {path}"), |g| g.lstatns(path))?;
         match stat.st_mode & S_IFMT {
@@ -380,17 +387,17 @@ impl Guest {
         // pread answers in one message (read_file goes through a download, ~0.12 s a file under TCG);
         // a message holds at most a few MiB, so larger files come in pieces.
         const PIECE: i64 = 1 << 20;
-        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        while (bytes.len() as i64) < size.max(1) {
-            let offset = bytes.len() as i64;
-            let count = i32::try_from((size - offset).clamp(1, PIECE)).expect("at most PIECE");
-            let piece = self.bounded(&format!("reading {path} in the guest"), |g| g.pread(path, count, offset))?;
+        let mut copied: i64 = 0;
+        while copied < size.max(1) {
+            let count = i32::try_from((size - copied).clamp(1, PIECE)).expect("at most PIECE");
+            let piece = self.bounded(&format!("reading {path} in the guest"), |g| g.pread(path, count, copied))?;
             if piece.is_empty() {
                 break;
             }
-            bytes.extend_from_slice(&piece);
+            out.write_all(&piece).with_context(|| format!("copying {path} out of the guest"))?;
+            copied += piece.len() as i64;
         }
-        Ok(Some(bytes))
+        Ok(true)
     }
 
     /// The packages libguestfs's inspection finds installed in the operating system whose root is

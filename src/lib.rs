@@ -29,6 +29,7 @@ pub mod password;
 pub mod plan;
 pub mod qcow2_layout;
 pub mod report;
+pub mod rpm_database;
 pub mod settings;
 pub mod shadow;
 pub mod sshd;

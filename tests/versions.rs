@@ -29,6 +29,7 @@ const INPUTS: &[&str] = &[
     "gen-25.1.4",
     "gen-26.2-meson",
     "gen-dpkg-only",
+    "gen-rpm-only",
     "gen-disagreeing",
     "gen-unknown",
 ];
@@ -79,6 +80,11 @@ fn each_generation_is_read_from_its_own_files_and_says_where() {
         "/usr/lib/python3/dist-packages/cloudinit/meson_versions.py"
     );
     assert_eq!(entry("gen-dpkg-only")["report"]["cloud_init_version_source"]["raw"], "25.1.4-1+deb13u1");
+    let rpm = &entry("gen-rpm-only")["report"]["cloud_init_version_source"];
+    assert_eq!(
+        (&rpm["path"], &rpm["raw"]),
+        (&Value::from("/var/lib/rpm/rpmdb.sqlite"), &Value::from("23.4-7.el9_4.1"))
+    );
 }
 
 #[test]
