@@ -32,4 +32,5 @@ pub mod report;
 pub mod settings;
 pub mod shadow;
 pub mod sshd;
+pub mod trusted_dir;
 pub mod upload;

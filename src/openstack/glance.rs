@@ -125,12 +125,13 @@ impl Glance<'_> {
         }
     }
 
-    /// Deletes the image, retrying for `patience` while Glance does not answer (a server that just
-    /// dropped the connection is often restarting).
+    /// Deletes the image, retrying while Glance does not answer (a server that just dropped the
+    /// connection is often restarting), all within `patience`: a server that stalls cannot hold us longer.
     pub fn delete(&self, id: &str, patience: Duration) -> Result<()> {
         let start = Instant::now();
         loop {
-            let result = self.http.delete(&self.image_url(id), &self.session.token);
+            let left = patience.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+            let result = self.http.delete(&self.image_url(id), &self.session.token, left);
             match result {
                 Ok(a) if a.status == 204 || a.status == 404 => return Ok(()),
                 Ok(a) if a.status < 500 => {
