@@ -300,6 +300,8 @@ fn image_job(
 ) -> ImageResult {
     let dry_run = s.output == Output::DryRun;
     let of = if s.inputs.len() > 1 { format!(" of {}", p.input.display()) } else { String::new() };
+    let deadline = cleanup::Deadline::analysis(&p.input, s.timeout);
+    cleanup::fault_point("analysing");
     report.phase(&format!("Finding the root filesystem{of}"));
     let root = locate::find_root(guest, s.root.as_deref(), disk).map_err(with_code(BAD_GUEST))?;
     report.detail(&format!("root {} ({}), {}", root.device, root.fs_type, root.os.as_deref().unwrap_or("unknown OS")));
@@ -320,6 +322,7 @@ fn image_job(
     }));
     report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
     refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
+    drop(deadline);
     decision.notes.iter().for_each(|n| report.detail(n));
 
     let mut summary = Summary {
@@ -797,6 +800,8 @@ fn produce_outputs(
         (Some(source), Some(secret)) => reveal_random_password(source, secret)?,
         _ => None,
     };
+    // Until an output exists, an interruption removes the saved password with the temporaries.
+    saved_password.iter().for_each(|path| cleanup::register(path));
     // Past this point outputs appear; an interrupt that arrived during the conversion wins.
     cleanup::checkpoint();
     let mut committed = 0;
@@ -810,6 +815,11 @@ fn produce_outputs(
         if let Err(e) = mode.and_then(|mode| pending.commit(mode, owner_like, target.replace)) {
             results.push((index, Err(with_code(OUTPUT)(e))));
             continue;
+        }
+        cleanup::written(&target.dest);
+        if let Some(path) = saved_password.as_deref().filter(|_| committed == 0) {
+            // An output now exists that the saved password opens: it is no longer a temporary.
+            cleanup::unregister(path);
         }
         committed += 1;
         summary.output = Some(target.dest.clone());
@@ -829,6 +839,7 @@ fn produce_outputs(
     }
     if committed == 0 {
         if let Some(path) = saved_password {
+            cleanup::unregister(&path);
             let _ = std::fs::remove_file(path);
         }
     }
@@ -853,6 +864,7 @@ fn finish_output(
         output::write_small_file(&path, &serde_json::to_string_pretty(manifest)?)
             .with_context(|| format!("the image {} was written, but not its manifest", dest.display()))
             .map_err(with_code(OUTPUT))?;
+        cleanup::written(&path);
     }
     if let (Some(args), Some(conn)) = (&s.upload, glance) {
         let options = upload::Options {

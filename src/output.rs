@@ -145,6 +145,8 @@ fn last_progress(chunk: &str) -> Option<f64> {
 pub struct Pending {
     temp: Option<tempfile::TempPath>,
     dest: PathBuf,
+    /// Tells a later run's sweep that this file's writer is alive.
+    _alive: cleanup::Alive,
 }
 
 impl Pending {
@@ -157,10 +159,11 @@ impl Pending {
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{}{}{}-", name.to_string_lossy(), cleanup::PARTIAL_MARKER, cleanup::owner_tag()))
             .tempfile_in(dir)
-            .with_context(|| format!("creating a temporary file in {}", dir.display()))?
-            .into_temp_path();
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        let alive = cleanup::Alive::hold(temp.as_file());
+        let temp = temp.into_temp_path();
         cleanup::register(&temp);
-        Ok(Pending { temp: Some(temp), dest: dest.to_path_buf() })
+        Ok(Pending { temp: Some(temp), dest: dest.to_path_buf(), _alive: alive })
     }
 
     /// The directory the file is in (the destination's).
