@@ -350,8 +350,12 @@ pub struct Deadline {
 impl Deadline {
     pub fn arm(limit: Duration, why: String) -> Self {
         let (disarm, wait) = mpsc::channel::<()>();
+        // Counted from now, not from whenever the thread first runs.
+        let end = std::time::Instant::now() + limit;
         let thread = std::thread::spawn(move || {
-            if wait.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
+            if wait.recv_timeout(end.saturating_duration_since(std::time::Instant::now()))
+                == Err(RecvTimeoutError::Timeout)
+            {
                 end_run(&why, crate::exit_codes::BAD_GUEST);
             }
         });

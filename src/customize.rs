@@ -800,8 +800,6 @@ fn produce_outputs(
         (Some(source), Some(secret)) => reveal_random_password(source, secret)?,
         _ => None,
     };
-    // Until an output exists, an interruption removes the saved password with the temporaries.
-    saved_password.iter().for_each(|path| cleanup::register(path));
     // Past this point outputs appear; an interrupt that arrived during the conversion wins.
     cleanup::checkpoint();
     let mut committed = 0;
@@ -815,11 +813,6 @@ fn produce_outputs(
         if let Err(e) = mode.and_then(|mode| pending.commit(mode, owner_like, target.replace)) {
             results.push((index, Err(with_code(OUTPUT)(e))));
             continue;
-        }
-        cleanup::written(&target.dest);
-        if let Some(path) = saved_password.as_deref().filter(|_| committed == 0) {
-            // An output now exists that the saved password opens: it is no longer a temporary.
-            cleanup::unregister(path);
         }
         committed += 1;
         summary.output = Some(target.dest.clone());
@@ -839,7 +832,6 @@ fn produce_outputs(
     }
     if committed == 0 {
         if let Some(path) = saved_password {
-            cleanup::unregister(&path);
             let _ = std::fs::remove_file(path);
         }
     }
@@ -864,7 +856,6 @@ fn finish_output(
         output::write_small_file(&path, &serde_json::to_string_pretty(manifest)?)
             .with_context(|| format!("the image {} was written, but not its manifest", dest.display()))
             .map_err(with_code(OUTPUT))?;
-        cleanup::written(&path);
     }
     if let (Some(args), Some(conn)) = (&s.upload, glance) {
         let options = upload::Options {
@@ -940,7 +931,20 @@ fn reveal_random_password(source: &Source, secret: &Secret) -> Result<Option<Pat
 
 /// The real file an in-place edit replaces (a symlink is followed, so the link stays a link).
 fn in_place_target(input: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(input).with_context(|| format!("resolving {}", input.display())).map_err(with_code(BAD_INPUT))
+    let target = std::fs::canonicalize(input)
+        .with_context(|| format!("resolving {}", input.display()))
+        .map_err(with_code(BAD_INPUT))?;
+    // The new image is written beside the old one and renamed over it: for a device, that would put a
+    // file in place of the device node.
+    if std::fs::metadata(&target).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())) {
+        return Err(with_code(USAGE)(anyhow::anyhow!(
+            "--in-place cannot rewrite the block device {}: write a new image with -o, then copy it onto the \
+             device yourself (e.g. `qemu-img convert -O raw OUT.qcow2 {}`)",
+            target.display(),
+            target.display()
+        )));
+    }
+    Ok(target)
 }
 
 /// Holds an exclusive lock on the input for the whole in-place run, so two runs cannot interleave.

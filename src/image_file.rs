@@ -6,7 +6,7 @@
 //! encryption, and headers whose tables lie beyond the end of the file.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
@@ -63,13 +63,18 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
     if file_type.is_char_device() || file_type.is_fifo() || file_type.is_socket() {
         bail!("{} is a device, pipe or socket, not a disk image file", path.display());
     }
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut head = Vec::with_capacity(HEADER_READ);
-    File::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
+    (&mut file)
         .take(HEADER_READ as u64)
         .read_to_end(&mut head)
         .with_context(|| format!("reading {}", path.display()))?;
-    let size = if file_type.is_block_device() { head.len() as u64 } else { meta.len() };
+    // A block device (a disk, an LVM volume, a loop device) has no file size: its end is its size.
+    let size = if file_type.is_block_device() {
+        file.seek(SeekFrom::End(0)).with_context(|| format!("finding the size of {}", path.display()))?
+    } else {
+        meta.len()
+    };
     classify(&head, size).with_context(|| format!("{} cannot be used", path.display()))
 }
 

@@ -193,6 +193,7 @@ impl Pending {
         let result = if replace { temp.persist(&dest).map_err(|e| e.error) } else { persist_noclobber(temp, &dest) };
         result.with_context(|| format!("moving the finished image to {}", dest.display()))?;
         cleanup::unregister(&temp_path);
+        cleanup::written(&dest);
         cleanup::fault_point("renamed");
         if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             File::open(dir)
