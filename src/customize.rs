@@ -301,6 +301,8 @@ fn image_job(
 ) -> ImageResult {
     let dry_run = s.output == Output::DryRun;
     let of = if s.inputs.len() > 1 { format!(" of {}", p.input.display()) } else { String::new() };
+    let deadline = cleanup::Deadline::analysis(&p.input, s.timeout);
+    cleanup::fault_point("analysing");
     report.phase(&format!("Finding the root filesystem{of}"));
     let root = locate::find_root(guest, s.root.as_deref(), disk).map_err(with_code(BAD_GUEST))?;
     report.detail(&format!("root {} ({}), {}", root.device, root.fs_type, root.os.as_deref().unwrap_or("unknown OS")));
@@ -321,6 +323,7 @@ fn image_job(
     }));
     report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
     refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
+    drop(deadline);
     decision.notes.iter().for_each(|n| report.detail(n));
 
     let mut summary = Summary {
@@ -936,7 +939,20 @@ fn reveal_random_password(source: &Source, secret: &Secret) -> Result<Option<Cre
 
 /// The real file an in-place edit replaces (a symlink is followed, so the link stays a link).
 fn in_place_target(input: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(input).with_context(|| format!("resolving {}", input.display())).map_err(with_code(BAD_INPUT))
+    let target = std::fs::canonicalize(input)
+        .with_context(|| format!("resolving {}", input.display()))
+        .map_err(with_code(BAD_INPUT))?;
+    // The new image is written beside the old one and renamed over it: for a device, that would put a
+    // file in place of the device node.
+    if std::fs::metadata(&target).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())) {
+        return Err(with_code(USAGE)(anyhow::anyhow!(
+            "--in-place cannot rewrite the block device {}: write a new image with -o, then copy it onto the \
+             device yourself (e.g. `qemu-img convert -O raw OUT.qcow2 {}`)",
+            target.display(),
+            target.display()
+        )));
+    }
+    Ok(target)
 }
 
 /// Holds an exclusive lock on the input for the whole in-place run, so two runs cannot interleave.

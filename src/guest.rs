@@ -101,6 +101,8 @@ pub struct Guest {
     timeout: Duration,
     /// The appliance it booted.
     pub appliance: fast_boot::Choice,
+    /// Set when libguestfs was configured for another backend than the one used.
+    backend_note: Option<String>,
 }
 
 /// One file's ownership, permissions and SELinux label, to carry over when it is replaced.
@@ -143,8 +145,14 @@ impl Guest {
         // the launch, so that supermin's files go wherever ours go.
         let cachedir = g.get_cachedir().map_err(gerr)?;
         g.set_cachedir(Some(&cachedir)).map_err(gerr)?;
+        let cache = fast_boot::check_cache(Path::new(&cachedir)).map_err(|why| {
+            with_code(APPLIANCE)(anyhow!(
+                "the appliance cache cannot be trusted, so nothing was booted from it: {why} (fix: {})",
+                why.fix
+            ))
+        })?;
         let appliance = match opts.accel {
-            Accel::Tcg => fast_boot::choose(Path::new(&cachedir)),
+            Accel::Tcg => fast_boot::choose(&cache),
             Accel::Kvm => {
                 fast_boot::Choice::Stock("with KVM the kernel decompresses itself in a fraction of a second".into())
             }
@@ -152,12 +160,18 @@ impl Guest {
         if let fast_boot::Choice::Copy { dir, .. } = &appliance {
             g.set_path(Some(&dir.to_string_lossy())).map_err(gerr)?;
         }
-        let guest = Guest { g, timeout: opts.timeout, appliance };
+        let backend_note = force_direct_backend(&g)?;
+        let guest = Guest { g, timeout: opts.timeout, appliance, backend_note };
         let tmpdir_env = ScopedEnv::set("TMPDIR", Some(opts.tmpdir));
         let launched = guest.bounded("launching the libguestfs appliance", |g| g.launch());
         drop(tmpdir_env);
         launched.map_err(|e| explain_launch_failure(e, opts, &guest.appliance))?;
         Ok(guest)
+    }
+
+    /// What the user must be told about how the appliance was started.
+    pub fn warnings(&self) -> Vec<String> {
+        self.appliance.warning().into_iter().chain(self.backend_note.clone()).collect()
     }
 
     /// Runs one guest call under the watchdog, so that a hung appliance becomes an error.
@@ -518,6 +532,26 @@ impl Drop for ScopedEnv {
     }
 }
 
+/// Launches with the direct backend whatever libguestfs was configured with: only then is qemu this
+/// process's child, which the watchdog (--timeout), Ctrl-C and `die_with_parent` rely on to stop it
+/// (with the libvirt backend libvirtd starts qemu, and nothing cloudimg does would stop it). Returns a
+/// note when another backend was asked for.
+fn force_direct_backend(g: &Handle) -> Result<Option<String>> {
+    let requested = g.get_backend().map_err(gerr)?;
+    g.set_backend(DIRECT_BACKEND).map_err(gerr)?;
+    // `appliance` is the old name of `direct`.
+    Ok((requested != DIRECT_BACKEND && requested != "appliance").then(|| {
+        format!(
+            "libguestfs is set to the `{requested}` backend (LIBGUESTFS_BACKEND or its build's default); cloudimg \
+             uses `{DIRECT_BACKEND}` instead, so that qemu is its own child and --timeout and Ctrl-C can stop it \
+             (export LIBGUESTFS_BACKEND={DIRECT_BACKEND} to silence this)"
+        )
+    }))
+}
+
+/// The only libguestfs backend cloudimg launches with.
+pub const DIRECT_BACKEND: &str = "direct";
+
 fn explain_launch_failure(err: anyhow::Error, opts: &LaunchOptions, appliance: &fast_boot::Choice) -> anyhow::Error {
     let text = format!("{err:#}");
     let hint = if text.contains("did not finish within") {
@@ -536,7 +570,7 @@ fn explain_launch_failure(err: anyhow::Error, opts: &LaunchOptions, appliance: &
             dir.display(),
             fast_boot::OPT_OUT_VARIABLE
         ),
-        fast_boot::Choice::Stock(_) => String::new(),
+        fast_boot::Choice::Stock(_) | fast_boot::Choice::Distrusted(_) => String::new(),
     };
     anyhow!("{text}; {hint}{copy}")
 }

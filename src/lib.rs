@@ -33,4 +33,5 @@ pub mod rpm_database;
 pub mod settings;
 pub mod shadow;
 pub mod sshd;
+pub mod trusted_dir;
 pub mod upload;

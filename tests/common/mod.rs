@@ -60,6 +60,7 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("gen-rpm-only", 64, |g, dev| build_generation(g, dev, "rpm-only")),
     ("gen-disagreeing", 64, |g, dev| build_generation(g, dev, "disagreeing")),
     ("gen-unknown", 64, |g, dev| build_generation(g, dev, "unknown")),
+    ("debian-fstab-borrows-lvm", 64, build_debian_fstab_borrows_lvm),
 ];
 
 /// The cloud-init generations (`gen-*` fixtures) and what each must be read as:
@@ -380,6 +381,22 @@ fn build_debian_deleted_data(g: &Handle, dev: &str) {
     // On the disk before it is deleted (ext4's delayed allocation would never write it otherwise).
     g.sync().unwrap();
     g.rm("/var/tmp/deleted").unwrap();
+}
+
+/// A Debian whose fstab mounts /var from an LVM volume it does not have: `rl/root`, the root of the
+/// rocky-lvm-xfs fixture, when both are customized in one run.
+fn build_debian_fstab_borrows_lvm(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    let root = format!("{dev}1");
+    mkfs(g, "ext4", &root, None);
+    g.mount(&root, "/").unwrap();
+    os_root(
+        g,
+        DEBIAN_RELEASE,
+        Some(DEBIAN_CFG),
+        Some((DEBIAN_VERSION_PY, "22.4.2")),
+        "PARTUUID=1 / ext4 rw 0 1\n/dev/mapper/rl-root /var xfs defaults 0 0\n",
+    );
 }
 
 /// A Debian without cloud-init whose sshd refuses passwords in its main file.
