@@ -162,6 +162,8 @@ fn build_generation(g: &Handle, dev: &str, which: &str) {
         "26.2-meson" => {
             put(g, &format!("{py3}/cloudinit/version.py"), VERSION_PY_MESON);
             put(g, &format!("{py3}/cloudinit/meson_versions.py"), MESON_VERSIONS_26_2);
+            // A form cloud-init 26 reports as deprecated (so `status` ends degraded), not cloudimg's.
+            put(g, "/etc/cloud/cloud.cfg.d/50-legacy.cfg", "users: default\n");
             put(g, "/var/lib/dpkg/status", &dpkg_status("26.2-1"));
         }
         "dpkg-only" => {
