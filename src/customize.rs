@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -26,7 +26,7 @@ use crate::image_file::{self, Format, ImageInfo};
 use crate::locate::{self, Root};
 use crate::manifest::{self, GuestFacts, Manifest};
 use crate::method;
-use crate::output::{self, Pending};
+use crate::output::{self, Created, Pending};
 use crate::password::{self, Secret, Source};
 use crate::plan::{self, Facts, Request};
 use crate::report::Reporter;
@@ -117,8 +117,9 @@ struct Prepared {
     index: usize,
     input: PathBuf,
     info: ImageInfo,
-    /// Held for the whole run when the input is edited in place.
-    _lock: Option<File>,
+    /// Held for the whole run when the input is edited in place (the input, open: the output takes its
+    /// mode and owner from this descriptor).
+    lock: Option<File>,
     /// The working overlay the edits go to; `None` for a dry run, which attaches the input read-only.
     overlay: Option<PathBuf>,
     target: Option<Target>,
@@ -240,7 +241,7 @@ fn prepare(s: &Customize, index: usize, input: &Path, work: &Path, report: &Repo
         }
         None => None,
     };
-    Ok(Prepared { index, input: input.to_path_buf(), info, _lock: lock, overlay, target })
+    Ok(Prepared { index, input: input.to_path_buf(), info, lock, overlay, target })
 }
 
 /// Edits the images of `group` in one appliance. Returns each edited image's result, and the images
@@ -301,6 +302,8 @@ fn image_job(
 ) -> ImageResult {
     let dry_run = s.output == Output::DryRun;
     let of = if s.inputs.len() > 1 { format!(" of {}", p.input.display()) } else { String::new() };
+    let deadline = cleanup::Deadline::analysis(&p.input, s.timeout);
+    cleanup::fault_point("analysing");
     report.phase(&format!("Finding the root filesystem{of}"));
     let root = locate::find_root(guest, s.root.as_deref(), disk).map_err(with_code(BAD_GUEST))?;
     report.detail(&format!("root {} ({}), {}", root.device, root.fs_type, root.os.as_deref().unwrap_or("unknown OS")));
@@ -321,6 +324,7 @@ fn image_job(
     }));
     report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
     refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
+    drop(deadline);
     decision.notes.iter().for_each(|n| report.detail(n));
 
     let mut summary = Summary {
@@ -778,13 +782,13 @@ fn produce_outputs(
                 &p.input,
                 target.format,
                 target.compress,
-                pending.path(),
+                &pending,
                 s.hash_while_writing(),
                 &mut |percent| progress.set(percent),
             )
             .map_err(with_code(OUTPUT))?;
             drop(progress);
-            let written = output::check_written(pending.path(), target.format, p.info.virtual_size)
+            let written = output::check_written(&pending, target.format, p.info.virtual_size)
                 .with_context(|| format!("checking the new image for {}", target.dest.display()))
                 .map_err(with_code(OUTPUT))?;
             let manifest =
@@ -793,9 +797,7 @@ fn produce_outputs(
         });
         cleanup::fault_point("converted");
         match pending {
-            Ok((pending, written, manifest)) => {
-                converted.push((p.index, summary, diff, pending, target, written, manifest))
-            }
+            Ok((pending, written, manifest)) => converted.push((p, summary, diff, pending, target, written, manifest)),
             Err(e) => results.push((p.index, Err(e))),
         }
     }
@@ -809,17 +811,23 @@ fn produce_outputs(
     // Past this point outputs appear; an interrupt that arrived during the conversion wins.
     cleanup::checkpoint();
     let mut committed = 0;
-    for (index, mut summary, diff, pending, target, written, manifest) in converted {
-        let mode = if target.in_place {
-            std::fs::metadata(&target.dest).context("reading the input's mode").map(|m| m.permissions().mode() & 0o7777)
-        } else {
-            Ok(output::default_file_mode())
+    for (p, mut summary, diff, pending, target, written, manifest) in converted {
+        let index = p.index;
+        // In place, the new file takes the input's mode and owner, read from the input's descriptor.
+        let like_input = match (&p.lock, target.in_place) {
+            (Some(input), true) => input
+                .metadata()
+                .context("reading the input's mode and owner")
+                .map(|m| (m.permissions().mode() & 0o7777, Some((m.uid(), m.gid())))),
+            _ => Ok((output::default_file_mode(), None)),
         };
-        let owner_like = target.in_place.then_some(target.dest.as_path());
-        if let Err(e) = mode.and_then(|mode| pending.commit(mode, owner_like, target.replace)) {
-            results.push((index, Err(with_code(OUTPUT)(e))));
-            continue;
-        }
+        let file = match like_input.and_then(|(mode, owner)| pending.commit(mode, owner, target.replace)) {
+            Ok(file) => file,
+            Err(e) => {
+                results.push((index, Err(with_code(OUTPUT)(e))));
+                continue;
+            }
+        };
         committed += 1;
         summary.output = Some(target.dest.clone());
         summary.output_format = Some(target.format);
@@ -832,23 +840,26 @@ fn produce_outputs(
             &name,
         ));
         summary.manifest = manifest;
-        let result = finish_output(s, &mut summary, (&target.dest, &written), &name, glance, report);
+        let result = finish_output(s, &mut summary, (&target.dest, file, &written), &name, glance, report);
         summary.elapsed_seconds = report.elapsed_secs();
         results.push((index, result.map(|()| (summary, diff))));
     }
     if committed == 0 {
-        if let Some(path) = saved_password {
-            let _ = std::fs::remove_file(path);
+        if let Some(saved) = saved_password {
+            if let Err(e) = saved.remove() {
+                report.warn(&format!("{e:#}"));
+            }
         }
     }
     Ok(results)
 }
 
-/// After an output is in place: its manifest file, then the upload.
+/// After an output is in place: its manifest file, then the upload (read through `file`, the
+/// descriptor the output was written with).
 fn finish_output(
     s: &Customize,
     summary: &mut Summary,
-    (dest, written): (&Path, &ImageInfo),
+    (dest, file, written): (&Path, File, &ImageInfo),
     name: &str,
     glance: Option<&Connection>,
     report: &Reporter,
@@ -859,13 +870,14 @@ fn finish_output(
         ManifestRequest::File(path) => Some(path.clone()),
     };
     if let (Some(path), Some(manifest)) = (manifest_path, &summary.manifest) {
-        output::write_small_file(&path, &serde_json::to_string_pretty(manifest)?)
+        output::write_small_file(&path, serde_json::to_string_pretty(manifest)?.as_bytes())
             .with_context(|| format!("the image {} was written, but not its manifest", dest.display()))
             .map_err(with_code(OUTPUT))?;
     }
     if let (Some(args), Some(conn)) = (&s.upload, glance) {
         let options = upload::Options {
             image: dest.to_path_buf(),
+            file: Some(file),
             manifest: summary.manifest.clone(),
             name: name.to_string(),
             properties: summary.properties.clone().into_iter().chain(args.properties.iter().cloned()).collect(),
@@ -959,11 +971,10 @@ fn refuse_if_ineffective(findings: &[Finding], allow: bool, report: &Reporter) -
 }
 
 /// Shows a generated password once on stderr, or saves it; returns the file it was saved to.
-fn reveal_random_password(source: &Source, secret: &Secret) -> Result<Option<PathBuf>> {
+fn reveal_random_password(source: &Source, secret: &Secret) -> Result<Option<Created>> {
     match source {
         Source::Random { save_to: Some(path) } => {
-            password::save_random(secret, path).map_err(with_code(OUTPUT))?;
-            Ok(Some(path.clone()))
+            password::save_random(secret, path).map(Some).map_err(with_code(OUTPUT))
         }
         Source::Random { save_to: None } => {
             eprintln!("cloudimg: generated password (shown once): {}", secret.expose());
@@ -975,7 +986,20 @@ fn reveal_random_password(source: &Source, secret: &Secret) -> Result<Option<Pat
 
 /// The real file an in-place edit replaces (a symlink is followed, so the link stays a link).
 fn in_place_target(input: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(input).with_context(|| format!("resolving {}", input.display())).map_err(with_code(BAD_INPUT))
+    let target = std::fs::canonicalize(input)
+        .with_context(|| format!("resolving {}", input.display()))
+        .map_err(with_code(BAD_INPUT))?;
+    // The new image is written beside the old one and renamed over it: for a device, that would put a
+    // file in place of the device node.
+    if std::fs::metadata(&target).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())) {
+        return Err(with_code(USAGE)(anyhow::anyhow!(
+            "--in-place cannot rewrite the block device {}: write a new image with -o, then copy it onto the \
+             device yourself (e.g. `qemu-img convert -O raw OUT.qcow2 {}`)",
+            target.display(),
+            target.display()
+        )));
+    }
+    Ok(target)
 }
 
 /// Holds an exclusive lock on the input for the whole in-place run, so two runs cannot interleave.

@@ -8,6 +8,7 @@ use crate::cloud_config::version::{self, CloudInitVersion, Detection, Source, Ve
 use crate::cloud_config::{yaml11, CLOUD_CFG, CLOUD_CFG_D};
 use crate::exit_codes::{with_code, BAD_GUEST};
 use crate::guest::Guest;
+use crate::rpm_database;
 use crate::sshd;
 
 /// One cloud-init file as text and as parsed.
@@ -124,6 +125,8 @@ const DPKG_STATUS: &str = "/var/lib/dpkg/status";
 const MAX_DPKG_STATUS: i64 = 64 << 20;
 /// Where rpm keeps its database (the second since rpm 4.17's move to /usr).
 const RPM_DATABASES: &[&str] = &["/var/lib/rpm", "/usr/lib/sysimage/rpm"];
+/// An rpm database is 10–100 MiB; it is copied to a private temporary file, not held in memory.
+const MAX_RPM_DATABASE: i64 = 1 << 30;
 
 /// The cloud-init version for the mounted root: `given` (`--cloud-init-version`) first, then every
 /// source in the image that can be read from its files (version.py or meson's module, the Python
@@ -217,6 +220,20 @@ fn read_rpm_database(
     remount: impl FnOnce() -> Result<()>,
     detection: &mut Detection,
 ) -> Result<()> {
+    for dir in RPM_DATABASES {
+        let path = format!("{dir}/rpmdb.sqlite");
+        let mut copy = tempfile::NamedTempFile::new().context("creating a temporary file for the rpm database")?;
+        match guest.copy_regular_file(&path, MAX_RPM_DATABASE, copy.as_file_mut()) {
+            Ok(None) => continue,
+            Ok(Some(_)) => match rpm_database::installed_version(copy.path(), version::PACKAGE_NAMES) {
+                Ok(Some(raw)) => detection.answer(Source::Rpm, &path, &raw),
+                Ok(None) => detection.miss(format!("cloud-init in {path} (not installed)")),
+                Err(e) => detection.miss(format!("{path}: {e:#}")),
+            },
+            Err(e) => detection.miss(format!("{e:#}")),
+        }
+        return Ok(());
+    }
     let mut has_database = false;
     for dir in RPM_DATABASES {
         has_database |= guest.is_dir(dir)?;
@@ -225,6 +242,8 @@ fn read_rpm_database(
         detection.miss(format!("an rpm database ({})", RPM_DATABASES.join(" or ")));
         return Ok(());
     }
+    // Older formats (Berkeley DB, ndb) through libguestfs's inspection, which reads them with the
+    // host's librpm where that can.
     match guest.inspected_packages(root_device, remount) {
         Ok(packages) => {
             let installed = version::PACKAGE_NAMES

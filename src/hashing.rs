@@ -2,7 +2,7 @@
 //! computed on two threads at once from the bytes as they pass (a file read once, or an upload).
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
@@ -73,9 +73,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads `path` once and returns its digests; `progress` gets the bytes read so far.
-pub fn file_digests(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<Digests> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+/// Reads `file` (called `path` in messages) once from its start and returns its digests; `progress`
+/// gets the bytes read so far.
+pub fn file_digests(mut file: &File, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<Digests> {
+    file.seek(SeekFrom::Start(0)).with_context(|| format!("reading {}", path.display()))?;
     let mut reader = HashingReader::new(file, progress);
     // Big reads: each one is a message to both hashing threads.
     let mut buffer = vec![0u8; CHUNK];
@@ -135,7 +136,9 @@ mod tests {
         let bytes: Vec<u8> = (0..(CHUNK * 2 + 12345)).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &bytes).unwrap();
         let mut seen = 0;
-        let from_file = file_digests(&path, &mut |n| seen = n).unwrap();
+        let mut file = File::open(&path).unwrap();
+        file.seek(SeekFrom::End(0)).unwrap();
+        let from_file = file_digests(&file, &path, &mut |n| seen = n).unwrap();
         assert_eq!(seen, bytes.len() as u64);
         let whole = Hashing::start();
         whole.update(&bytes);

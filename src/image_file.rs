@@ -6,8 +6,8 @@
 //! encryption, and headers whose tables lie beyond the end of the file.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::FileTypeExt;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -53,24 +53,66 @@ const QCOW2_EXT_END: u32 = 0;
 /// 68 KiB.
 const HEADER_READ: usize = 2 << 20;
 
+/// The largest virtual size accepted, 64 TiB: the largest disk the big clouds offer (AWS io2 Block
+/// Express, Google Persistent Disk, Azure Ultra Disk) and the VHDX format's maximum. A header may claim
+/// anything up to exabytes in a file of a few MiB, and a raw output with a manifest hashes every byte
+/// of the disk (zeros included: MD5 and SHA-512 cannot skip them), at a few hundred MB/s.
+pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+
 /// Opens nothing but the file itself: reads its first bytes and decides.
 pub fn inspect(path: &Path) -> Result<ImageInfo> {
+    inspect_file(&open(path)?, path)
+}
+
+/// Opens an image file for reading, after looking at what the name refers to: opening a FIFO would
+/// block, and opening a device can have effects of its own.
+pub fn open(path: &Path) -> Result<File> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    let file_type = meta.file_type();
+    refuse_special(meta.file_type(), path)?;
+    File::open(path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// [`inspect`] for a file already open, read through its descriptor (never by its name, which others
+/// may have changed since); `path` names it in messages.
+pub fn inspect_file(file: &File, path: &Path) -> Result<ImageInfo> {
+    let meta = file.metadata().with_context(|| format!("reading {}", path.display()))?;
+    refuse_special(meta.file_type(), path)?;
+    let head = read_head(file).with_context(|| format!("reading {}", path.display()))?;
+    // A block device (a disk, an LVM volume, a loop device) has no file size: its end is its size.
+    let size = if meta.file_type().is_block_device() {
+        let mut device = file;
+        device.seek(SeekFrom::End(0)).with_context(|| format!("finding the size of {}", path.display()))?
+    } else {
+        meta.len()
+    };
+    classify(&head, size).with_context(|| format!("{} cannot be used", path.display()))
+}
+
+fn refuse_special(file_type: std::fs::FileType, path: &Path) -> Result<()> {
     if file_type.is_dir() {
         bail!("{} is a directory, not a disk image", path.display());
     }
     if file_type.is_char_device() || file_type.is_fifo() || file_type.is_socket() {
         bail!("{} is a device, pipe or socket, not a disk image file", path.display());
     }
-    let mut head = Vec::with_capacity(HEADER_READ);
-    File::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
-        .take(HEADER_READ as u64)
-        .read_to_end(&mut head)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let size = if file_type.is_block_device() { head.len() as u64 } else { meta.len() };
-    classify(&head, size).with_context(|| format!("{} cannot be used", path.display()))
+    Ok(())
+}
+
+/// The first [`HEADER_READ`] bytes (fewer in a smaller file), read at offset 0 whatever the file's
+/// position (an output is checked right after it was written).
+fn read_head(file: &File) -> std::io::Result<Vec<u8>> {
+    let mut head = vec![0u8; HEADER_READ];
+    let mut len = 0;
+    while len < head.len() {
+        match file.read_at(&mut head[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    head.truncate(len);
+    Ok(head)
 }
 
 /// What a qcow2 header says, even when the file is refused: (version, virtual size).
@@ -146,6 +188,7 @@ fn qcow2(h: &[u8], file_size: u64) -> Result<ImageInfo> {
              the header gives {l1_size}"
         );
     }
+    check_virtual_size(virtual_size)?;
     let within = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= file_size);
     if !within(l1_offset, l1_size * 8) || !within(refcount_offset, refcount_clusters * cluster_size) {
         bail!("the file is truncated: its qcow2 tables point beyond its end ({file_size} bytes)");
@@ -164,6 +207,18 @@ fn qcow2(h: &[u8], file_size: u64) -> Result<ImageInfo> {
         }
     }
     Ok(ImageInfo { format: Format::Qcow2, virtual_size, file_size, qcow2_version: Some(version) })
+}
+
+fn check_virtual_size(virtual_size: u64) -> Result<()> {
+    if virtual_size > MAX_VIRTUAL_SIZE {
+        bail!(
+            "its header claims a disk of {virtual_size} bytes ({:.1} TiB), over cloudimg's limit of {} TiB \
+             (the largest disk a cloud offers)",
+            virtual_size as f64 / (1u64 << 40) as f64,
+            MAX_VIRTUAL_SIZE >> 40
+        );
+    }
+    Ok(())
 }
 
 fn has_data_file_extension(h: &[u8]) -> bool {
@@ -205,6 +260,7 @@ fn foreign_format(h: &[u8]) -> Option<&'static str> {
 const SECTOR: u64 = 512;
 
 fn raw(h: &[u8], file_size: u64) -> Result<ImageInfo> {
+    check_virtual_size(file_size)?;
     let info = ImageInfo { format: Format::Raw, virtual_size: file_size, file_size, qcow2_version: None };
     let mbr_signature = h.get(510..512) == Some(&[0x55, 0xaa]);
     if h.get(512..520) == Some(b"EFI PART") {
@@ -309,6 +365,28 @@ mod tests {
         assert!(err(&qcow2_header(3), 0x20000).contains("truncated"));
         assert!(err(&qcow2_header(3)[..30], 0x40000).contains("header is truncated"));
         assert!(err(&qcow2_header(4), 0x40000).contains("version 4"));
+    }
+
+    #[test]
+    fn a_petabyte_disk_is_refused_whatever_the_format() {
+        const PIB: u64 = 1 << 50;
+        // A consistent header: an L1 table big enough for 1 PiB (2 Mi entries of 512 MiB), inside the file.
+        let mut huge = qcow2_header(3);
+        huge[24..32].copy_from_slice(&PIB.to_be_bytes());
+        huge[36..40].copy_from_slice(&(2u32 << 20).to_be_bytes());
+        let file_size = 0x30000 + (16 << 20);
+        assert!(err(&huge, file_size).contains("claims a disk of 1125899906842624 bytes (1024.0 TiB)"));
+        let mut at_limit = huge.clone();
+        at_limit[24..32].copy_from_slice(&MAX_VIRTUAL_SIZE.to_be_bytes());
+        assert_eq!(classify(&at_limit, file_size).unwrap().virtual_size, MAX_VIRTUAL_SIZE);
+
+        let mut mbr = vec![0u8; 1024];
+        mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
+        mbr[446 + 4] = 0x83;
+        mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        mbr[446 + 12..446 + 16].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(err(&mbr, PIB).contains("over cloudimg's limit of 64 TiB"));
+        assert_eq!(classify(&mbr, MAX_VIRTUAL_SIZE).unwrap().virtual_size, MAX_VIRTUAL_SIZE);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 
@@ -22,14 +22,14 @@ use crate::qcow2_layout::{Layout, CLUSTER};
 /// Reads in flight between the reading and the writing thread.
 const READ_AHEAD: usize = 4;
 
-/// Writes the guest contents of `overlay` (whose backing file is `input`) to `dest` (an existing,
-/// empty file) as a standalone `format` image; returns the file's digests when `hash` is set.
-/// `progress` gets the percentage of data done.
+/// Writes the guest contents of `overlay` (whose backing file is `input`) through `dest` (an empty
+/// file, open for writing, called `name` in messages) as a standalone `format` image; returns the
+/// file's digests when `hash` is set. `progress` gets the percentage of data done.
 pub fn write(
     overlay: &Path,
     input: &Path,
     format: Format,
-    dest: &Path,
+    (dest, name): (&File, &Path),
     hash: bool,
     progress: &mut dyn FnMut(f64),
 ) -> Result<Option<Digests>> {
@@ -42,10 +42,8 @@ pub fn write(
     let open = |path: &Path| File::open(path).with_context(|| format!("opening {}", path.display()));
     // Depth 0 in qemu's map is the overlay, depth 1 the input under it.
     let files = [open(overlay)?, open(input)?];
-    let file =
-        File::options().write(true).truncate(true).open(dest).with_context(|| format!("opening {}", dest.display()))?;
-    let mut sink = Sink { file, hashing: hash.then(Hashing::start), at: 0 };
-    let write_error = |e| anyhow::Error::from(e).context(format!("writing {}", dest.display()));
+    let mut sink = Sink { file: dest, hashing: hash.then(Hashing::start), at: 0 };
+    let write_error = |e| anyhow::Error::from(e).context(format!("writing {}", name.display()));
     if format == Format::Qcow2 {
         layout.write_metadata(&mut |cluster| sink.data(Arc::new(cluster.to_vec()))).map_err(write_error)?;
     }
@@ -134,13 +132,13 @@ fn for_each_piece(spans: &[(u64, u64)], extents: &[Extent], virtual_size: u64, r
 }
 
 /// The output file with its position, and the hashes of everything that went into it.
-struct Sink {
-    file: File,
+struct Sink<'a> {
+    file: &'a File,
     hashing: Option<Hashing>,
     at: u64,
 }
 
-impl Sink {
+impl Sink<'_> {
     fn data(&mut self, bytes: Arc<Vec<u8>>) -> std::io::Result<()> {
         self.file.write_all(&bytes)?;
         self.at += bytes.len() as u64;
@@ -157,11 +155,13 @@ impl Sink {
         }
         self.at = self.file.seek(SeekFrom::Current(len as i64))?;
         if let Some(hashing) = &self.hashing {
-            let zeros = Arc::new(vec![0u8; CHUNK]);
+            // The zeros are never read from anywhere: one shared chunk goes to the hashes again and again.
+            static ZEROS: OnceLock<Arc<Vec<u8>>> = OnceLock::new();
+            let zeros = ZEROS.get_or_init(|| Arc::new(vec![0u8; CHUNK]));
             let mut left = len;
             while left > 0 {
                 let n = left.min(CHUNK as u64) as usize;
-                hashing.update_shared(if n == CHUNK { Arc::clone(&zeros) } else { Arc::new(vec![0u8; n]) });
+                hashing.update_shared(if n == CHUNK { Arc::clone(zeros) } else { Arc::new(vec![0u8; n]) });
                 left -= n as u64;
             }
         }

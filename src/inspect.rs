@@ -177,6 +177,7 @@ fn read_guests(
     let results = shared
         .each(group.len(), |pos, disk| {
             report.phase(&format!("Reading the guest in {}", names[pos].display()));
+            let _deadline = crate::cleanup::Deadline::analysis(names[pos], opts.timeout);
             read_guest(&shared.guest, disk, opts, report)
         })
         .into_iter()

@@ -3,7 +3,7 @@
 //! the overlay or the input at the offsets qemu gave, and data only qemu can decode (compressed
 //! clusters) through a read-only `qemu-nbd` on a private Unix socket.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -36,18 +36,37 @@ pub struct Extent {
     pub source: Source,
 }
 
-/// The virtual size of `overlay` and its extents, in order, covering the whole disk.
+/// The most extents read from `qemu-img map`: one per 64 KiB cluster of a 256 GiB disk whose every
+/// cluster lies apart from its neighbours in the file, far more than a real image has (a Debian cloud
+/// image has a few hundred). The extents are kept for the whole write (about 50 bytes each with the
+/// layout's copy, so at most some 200 MiB); a hostile image can make qemu-img report one per cluster.
+const MAX_EXTENTS: usize = 1 << 22;
+
+/// The virtual size of `overlay` and its extents, in order, covering the whole disk. qemu-img's answer
+/// is parsed as it arrives, so its text (about 120 bytes an extent) is never held whole.
 pub fn extents(overlay: &Path) -> Result<(u64, Vec<Extent>)> {
-    let out = Command::new("qemu-img")
-        .args(["map", "--output=json", "-f", "qcow2"])
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["map", "--output=json", "-f", "qcow2"])
         .arg(overlay)
         .stdin(Stdio::null())
-        .output()
-        .context("running qemu-img map (is qemu-utils installed?)")?;
-    if !out.status.success() {
-        bail!("qemu-img map failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        .stdout(Stdio::piped())
+        // Only an error message comes this way, read once the answer has been parsed.
+        .stderr(Stdio::piped());
+    cleanup::die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().context("running qemu-img map (is qemu-utils installed?)")?;
+    let parsed = parse_map(BufReader::new(child.stdout.take().expect("stdout is piped")), MAX_EXTENTS);
+    if parsed.is_err() {
+        let _ = child.kill();
     }
-    parse_map(&out.stdout).context("reading qemu-img map's answer")
+    let out = child.wait_with_output().context("waiting for qemu-img map")?;
+    match parsed {
+        Ok(map) if out.status.success() => Ok(map),
+        // Killed (by us, above) or done: the answer itself was wrong.
+        Err(e) if out.status.success() || out.status.code().is_none() => {
+            Err(e.context("reading qemu-img map's answer"))
+        }
+        _ => bail!("qemu-img map failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -60,12 +79,9 @@ struct MapEntry {
     offset: Option<u64>,
 }
 
-fn parse_map(json: &[u8]) -> Result<(u64, Vec<Extent>)> {
-    let entries: Vec<MapEntry> = serde_json::from_slice(json)?;
-    let size = entries.iter().map(|e| e.start + e.length).max().unwrap_or(0);
-    let extents = entries
-        .iter()
-        .map(|e| Extent {
+impl From<MapEntry> for Extent {
+    fn from(e: MapEntry) -> Extent {
+        Extent {
             start: e.start,
             length: e.length,
             source: match (e.data && !e.zero, e.offset) {
@@ -73,9 +89,55 @@ fn parse_map(json: &[u8]) -> Result<(u64, Vec<Extent>)> {
                 (true, Some(offset)) if e.depth <= 1 => Source::File { depth: e.depth, offset },
                 (true, _) => Source::Decoded,
             },
-        })
-        .collect();
-    Ok((size, extents))
+        }
+    }
+}
+
+/// Reads qemu-img map's JSON array one entry at a time (serde's sequence access), refusing more than
+/// `max` entries; returns the disk's size (the end of the last extent) and the extents.
+fn parse_map(reader: impl Read, max: usize) -> Result<(u64, Vec<Extent>)> {
+    let mut json = serde_json::Deserializer::from_reader(reader);
+    let map = serde::de::DeserializeSeed::deserialize(MapVisitor { max }, &mut json)?;
+    json.end()?;
+    Ok(map)
+}
+
+struct MapVisitor {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for MapVisitor {
+    type Value = (u64, Vec<Extent>);
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for MapVisitor {
+    type Value = (u64, Vec<Extent>);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("qemu-img map's array of extents")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let (mut size, mut extents) = (0u64, Vec::new());
+        while let Some(entry) = seq.next_element::<MapEntry>()? {
+            if extents.len() == self.max {
+                return Err(A::Error::custom(format!(
+                    "the image is split into more than {} extents, more than cloudimg handles",
+                    self.max
+                )));
+            }
+            let end =
+                entry.start.checked_add(entry.length).ok_or_else(|| A::Error::custom("an extent ends past 2^64"))?;
+            size = size.max(end);
+            extents.push(Extent::from(entry));
+        }
+        Ok((size, extents))
+    }
 }
 
 /// A read-only NBD export of the overlay, served by a qemu-nbd child that ends with it.
@@ -151,11 +213,40 @@ mod tests {
             {"start": 196608, "length": 65536, "depth": 1, "present": true, "zero": false, "data": true},
             {"start": 262144, "length": 1048576, "depth": 1, "present": false, "zero": true, "data": false}
         ]"#;
-        let (size, extents) = parse_map(json).unwrap();
+        let (size, extents) = parse_map(&json[..], MAX_EXTENTS).unwrap();
         assert_eq!(size, 1310720);
         let sources: Vec<Source> = extents.iter().map(|e| e.source).collect();
         let file = Source::File { depth: 0, offset: 327680 };
         assert_eq!(sources, [file, Source::Zeros, Source::Decoded, Source::Zeros]);
-        assert!(parse_map(b"{}").is_err());
+        assert!(parse_map(&b"{}"[..], MAX_EXTENTS).is_err());
+        assert!(parse_map(&b"[] trailing"[..], MAX_EXTENTS).is_err());
+        let err = parse_map(&json[..], 3).unwrap_err().to_string();
+        assert!(err.contains("more than 3 extents"), "{err}");
+        let overflow = br#"[{"start": 18446744073709551615, "length": 2, "depth": 0, "zero": true, "data": false}]"#;
+        assert!(parse_map(&overflow[..], MAX_EXTENTS).unwrap_err().to_string().contains("past 2^64"));
+    }
+
+    /// An answer that never ends, as a hostile image could make qemu-img print: the parser stops at the
+    /// cap after reading only that many entries, where reading the whole answer first would never end.
+    #[test]
+    fn an_endless_map_is_cut_off_at_the_cap() {
+        struct Endless {
+            entries: u64,
+            pending: std::io::Cursor<Vec<u8>>,
+        }
+        impl Read for Endless {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.pending.position() == self.pending.get_ref().len() as u64 {
+                    let entry = r#"{"start": 0, "length": 1, "depth": 0, "zero": true, "data": false},"#;
+                    self.pending = std::io::Cursor::new(entry.as_bytes().to_vec());
+                    self.entries += 1;
+                }
+                self.pending.read(buf)
+            }
+        }
+        let mut source = Endless { entries: 0, pending: std::io::Cursor::new(b"[".to_vec()) };
+        let err = parse_map(BufReader::new(&mut source), 10_000).unwrap_err().to_string();
+        assert!(err.contains("more than 10000 extents"), "{err}");
+        assert!(source.entries < 10_200, "read {} entries", source.entries);
     }
 }

@@ -5,11 +5,12 @@
 
 use std::fmt;
 use std::io::{BufRead, IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use sha_crypt::{PasswordHasher, PasswordVerifier, ShaCrypt};
+
+use crate::output::Created;
 
 /// A password that cannot be displayed or debug-printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -92,17 +93,16 @@ fn random_password() -> Secret {
     Secret(out)
 }
 
-/// Saves a generated password to a new file with mode 0600, refusing to replace an existing file.
-pub fn save_random(secret: &Secret, path: &Path) -> Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating password file {} (it must not exist yet)", path.display()))?;
+/// Saves a generated password to a new file with mode 0600, refusing to replace an existing file or
+/// to follow a symlink; written and flushed through the descriptor it was created with. Returns the
+/// file, which the caller removes again if no image gets the password.
+pub fn save_random(secret: &Secret, path: &Path) -> Result<Created> {
+    let created = Created::new(path, 0o600).context("saving the generated password")?;
+    let mut file = created.file();
     writeln!(file, "{}", secret.expose())
         .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing password file {}", path.display()))
+        .with_context(|| format!("writing password file {}", path.display()))?;
+    Ok(created)
 }
 
 /// A SHA-512 crypt hash (`$6$…`) with a fresh 16-character salt.

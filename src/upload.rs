@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ const DELETE_PATIENCE: Duration = Duration::from_secs(60);
 
 pub struct Options {
     pub image: PathBuf,
+    /// The image already open (customize's output, read through the descriptor it was written with);
+    /// `None`: `image` is opened, once.
+    pub file: Option<File>,
     pub manifest: Option<Manifest>,
     pub name: String,
     /// `--property K=V`, over the manifest's.
@@ -66,6 +70,7 @@ pub fn options(
 ) -> Result<Options> {
     Ok(Options {
         image: image.to_path_buf(),
+        file: None,
         manifest: manifest.map(Manifest::read).transpose().map_err(with_code(USAGE))?,
         name: args.name.clone().unwrap_or_else(|| default_name(image)),
         properties: args.properties.iter().cloned().collect(),
@@ -124,9 +129,10 @@ pub fn resolve_credentials(cloud: Option<&str>) -> Result<Credentials> {
 }
 
 /// Reads the file's facts and checks them against the manifest, before anything is sent.
-fn local_facts(opts: &Options, report: &Reporter) -> Result<(image_file::ImageInfo, String)> {
-    let info =
-        image_file::inspect(&opts.image).context("Glance refuses such files too").map_err(with_code(BAD_INPUT))?;
+fn local_facts(opts: &Options, file: &File, report: &Reporter) -> Result<(image_file::ImageInfo, String)> {
+    let info = image_file::inspect_file(file, &opts.image)
+        .context("Glance refuses such files too")
+        .map_err(with_code(BAD_INPUT))?;
     if let Some(m) = &opts.manifest {
         if m.disk_format != info.format.as_str() || m.size != info.file_size || m.virtual_size != info.virtual_size {
             return Err(with_code(BAD_INPUT)(anyhow::anyhow!(
@@ -169,7 +175,15 @@ pub fn connect(creds: &Credentials, report: &Reporter) -> Result<Connection> {
 }
 
 pub fn run(opts: &Options, conn: &Connection, report: &Reporter) -> Result<Uploaded> {
-    let (info, disk_format) = local_facts(opts, report)?;
+    let opened;
+    let file = match &opts.file {
+        Some(file) => file,
+        None => {
+            opened = image_file::open(&opts.image).map_err(with_code(BAD_INPUT))?;
+            &opened
+        }
+    };
+    let (info, disk_format) = local_facts(opts, file, report)?;
     let mut properties = opts.manifest.as_ref().map(|m| m.properties.clone()).unwrap_or_default();
     properties.extend(opts.properties.clone());
     let min_disk = opts.manifest.as_ref().map_or_else(|| manifest::min_disk(info.virtual_size), |m| m.min_disk);
@@ -187,7 +201,7 @@ pub fn run(opts: &Options, conn: &Connection, report: &Reporter) -> Result<Uploa
     let id = glance.create(&new).map_err(with_code(UPLOAD))?;
     report.detail(&format!("image id {id}"));
     cleanup::on_interrupt(Some(undo_on_interrupt(http, session, &id, opts.keep_failed)));
-    let result = send_and_verify(&glance, &id, opts, &info, report);
+    let result = send_and_verify(&glance, &id, (opts, file), &info, report);
     cleanup::on_interrupt(None);
     let record = match result {
         Ok(record) => record,
@@ -214,12 +228,12 @@ pub fn run(opts: &Options, conn: &Connection, report: &Reporter) -> Result<Uploa
 fn send_and_verify(
     glance: &Glance,
     id: &str,
-    opts: &Options,
+    (opts, mut file): (&Options, &File),
     info: &image_file::ImageInfo,
     report: &Reporter,
 ) -> Result<serde_json::Value> {
     report.phase(&format!("Uploading {} ({} bytes)", opts.image.display(), info.file_size));
-    let file = File::open(&opts.image).with_context(|| format!("opening {}", opts.image.display()))?;
+    file.seek(SeekFrom::Start(0)).with_context(|| format!("reading {}", opts.image.display()))?;
     let mut progress = report.progress("uploading");
     let total = info.file_size.max(1) as f64;
     let mut on_read = |n: u64| progress.set(n as f64 * 100.0 / total);

@@ -58,7 +58,8 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     let d = &reports[0];
     assert_eq!(d["system"]["os_id"], "debian");
     assert_eq!(d["file"]["compat"], "1.1");
-    assert_eq!(d["analysis"]["cloud_init"]["version"], "22.4.2");
+    assert_eq!(d["analysis"]["cloud_init"]["version"]["version"], "22.4.2");
+    assert_eq!(d["analysis"]["cloud_init"]["version"]["source"], "version-py");
     assert_eq!(d["analysis"]["cloud_init"]["default_user"], "debian");
     assert_eq!(d["analysis"]["cloud_init"]["passwords"], serde_json::json!([]));
     assert_eq!(d["analysis"]["booted_before"], false);

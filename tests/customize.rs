@@ -443,3 +443,57 @@ fn settings_that_would_not_work_are_refused() {
     );
     assert!(!out.exists());
 }
+
+/// A loop device attached read-only to a file; detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    /// `None` where loop devices cannot be made (not root, no loop module).
+    fn attach(file: &Path) -> Option<LoopDevice> {
+        let out = std::process::Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(file).output();
+        let out = out.ok().filter(|o| o.status.success())?;
+        Some(LoopDevice(text(&out.stdout).trim().to_string()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["--detach", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_block_device_is_an_input_like_a_file() {
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name);
+    std::fs::write(t("pw"), format!("{PASSWORD}\n")).unwrap();
+    let raw = t("disk.raw");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw", p(&fx.image("debian-ext4")), p(&raw)])
+        .status()
+        .unwrap();
+    assert!(converted.success());
+    let Some(device) = LoopDevice::attach(&raw) else {
+        eprintln!("skipped: no loop device can be attached here (needs root and losetup)");
+        return;
+    };
+    let sum = sha256(&raw);
+
+    let audit = cloudimg(&["inspect", &device.0, "--json"], None, &[]);
+    assert!(audit.status.success(), "{}", text(&audit.stderr));
+    let report: Value = serde_json::from_slice(&audit.stdout).unwrap();
+    assert_eq!(report[0]["file"]["virtual_size"], std::fs::metadata(&raw).unwrap().len(), "{report}");
+
+    let out = cloudimg(&["customize", &device.0, "-o", p(&t("out.qcow2")), "--password-file", p(&t("pw"))], None, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let files = ReadBack::open(&[&t("out.qcow2")]).read("/dev/sda1", "", &["/etc/cloud/cloud.cfg"]);
+    let cfg = &pyyaml(&[cloud_cfg_of(&files, "/etc/cloud/cloud.cfg")])[0];
+    let hash = cfg["chpasswd"]["users"][0]["password"].as_str().unwrap_or_else(|| panic!("{cfg}"));
+    assert!(system_crypt_verifies(PASSWORD, hash), "{hash}");
+    assert_eq!(sha256(&raw), sum, "the device was only read");
+
+    let refused = cloudimg(&["customize", &device.0, "--in-place", "--password-file", p(&t("pw"))], None, &[]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("--in-place cannot rewrite the block device"), "{}", text(&refused.stderr));
+}

@@ -101,6 +101,34 @@ fn unsafe_or_broken_files_are_refused_before_launch() {
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
 }
 
+/// A petabyte disk costs a few MiB as a qcow2 (qemu-img makes one) and nothing as a sparse raw file;
+/// written raw with a manifest, every byte of it would be hashed. Refused at once, before any launch.
+#[test]
+fn a_petabyte_disk_is_refused_before_launch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let huge = tmp.path().join("huge.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", huge.to_str().unwrap(), "1P"]);
+    let out = tmp.path().join("out.raw");
+    let limit = "over cloudimg's limit of 64 TiB";
+    refused(&huge, &out, &["--output-format", "raw", "--manifest"], 3, limit);
+    let inspected = cloudimg(&["inspect", huge.to_str().unwrap()], None, &[]);
+    assert_eq!(inspected.status.code(), Some(3), "{}", text(&inspected.stderr));
+    assert!(text(&inspected.stdout).contains(limit), "{}", text(&inspected.stdout));
+
+    // ext4 stops at 16 TiB a file; tmpfs takes a sparse petabyte.
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs at /dev/shm");
+    let raw = shm.path().join("huge.raw");
+    let file = std::fs::File::create(&raw).unwrap();
+    file.set_len(1 << 50).expect("a sparse 1 PiB file on /dev/shm");
+    let mut mbr = [0u8; 512];
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&1000u32.to_le_bytes());
+    mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::os::unix::fs::FileExt::write_all_at(&file, &mbr, 0).unwrap();
+    refused(&raw, &out, &[], 3, limit);
+}
+
 #[test]
 fn help_teaches_by_example_and_documents_exit_codes() {
     let out = cloudimg(&["customize", "--help"], None, &[]);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cloudimg::image_file::Format;
-use cloudimg::output;
+use cloudimg::output::{self, Pending};
 
 const MIB: u64 = 1 << 20;
 
@@ -68,11 +68,15 @@ fn written_images_read_back_as_the_overlay_with_the_hashes_of_their_bytes() {
     ];
     for (name, base, overlay, format, compress) in cases {
         let out = dir.path().join(name);
-        std::fs::File::create(&out).unwrap();
+        let pending = Pending::beside(&out).unwrap();
         let mut last = 0.0;
         let digests =
-            output::write_image(overlay, base, format, compress, &out, true, &mut |p| last = p).unwrap().unwrap();
+            output::write_image(overlay, base, format, compress, &pending, true, &mut |p| last = p).unwrap().unwrap();
         assert!((99.9..=100.0).contains(&last), "progress ends at 100 % ({last})");
+        // The test data has no partition table, which check_written would ask of a raw image.
+        let info =
+            (format == Format::Qcow2).then(|| output::check_written(&pending, format, 1536 * MIB + 512).unwrap());
+        pending.commit(0o644, None, false).unwrap();
         if format == Format::Qcow2 {
             let check = run(Command::new("qemu-img").args(["check", "--output=json", "-f", "qcow2"]).arg(&out));
             let check: serde_json::Value = serde_json::from_str(&check).unwrap();
@@ -85,12 +89,10 @@ fn written_images_read_back_as_the_overlay_with_the_hashes_of_their_bytes() {
             .arg(&out));
         assert_eq!(digests.md5, digest("md5sum", &out), "{}", out.display());
         assert_eq!(digests.sha512, digest("sha512sum", &out), "{}", out.display());
-        if format == Format::Raw {
-            // The test data has no partition table, which check_written would ask of a raw image.
+        let Some(info) = info else {
             assert_eq!(std::fs::metadata(&out).unwrap().len(), 1536 * MIB + 512);
             continue;
-        }
-        let info = output::check_written(&out, format, 1536 * MIB + 512).unwrap();
+        };
         if !compress {
             // Only the clusters that hold data are stored: ~3 MiB + 64 KiB + 2 clusters + 4 KiB, plus tables.
             assert!(info.file_size < 4 * MIB, "{} bytes", info.file_size);
@@ -98,16 +100,18 @@ fn written_images_read_back_as_the_overlay_with_the_hashes_of_their_bytes() {
     }
     // A compressed image without hashing still reports its progress to the end.
     let mut last = 0.0;
-    let compressed = dir.path().join("compressed-unhashed");
-    std::fs::File::create(&compressed).unwrap();
+    let compressed = Pending::beside(&dir.path().join("compressed-unhashed")).unwrap();
     assert!(output::write_image(&overlay, &base, Format::Qcow2, true, &compressed, false, &mut |p| last = p)
         .unwrap()
         .is_none());
     assert!((99.9..=100.0).contains(&last), "progress ends at 100 % ({last})");
     // Without hashing nothing is hashed, and the image is the same.
     let again = dir.path().join("again");
-    std::fs::File::create(&again).unwrap();
-    assert!(output::write_image(&overlay, &base, Format::Qcow2, false, &again, false, &mut |_| {}).unwrap().is_none());
+    let pending = Pending::beside(&again).unwrap();
+    assert!(output::write_image(&overlay, &base, Format::Qcow2, false, &pending, false, &mut |_| {})
+        .unwrap()
+        .is_none());
+    pending.commit(0o644, None, false).unwrap();
     assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.path().join("qcow2")).unwrap());
     // Read straight from the files or decoded by qemu: the same image.
     assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.path().join("plain")).unwrap());
@@ -121,8 +125,10 @@ fn an_empty_disk_is_written_whole() {
     let overlay = dir.path().join("overlay.qcow2");
     output::create_overlay(&base, Format::Qcow2, &overlay).unwrap();
     let out = dir.path().join("out");
-    std::fs::File::create(&out).unwrap();
-    let digests = output::write_image(&overlay, &base, Format::Qcow2, false, &out, true, &mut |_| {}).unwrap().unwrap();
+    let pending = Pending::beside(&out).unwrap();
+    let digests =
+        output::write_image(&overlay, &base, Format::Qcow2, false, &pending, true, &mut |_| {}).unwrap().unwrap();
+    pending.commit(0o644, None, false).unwrap();
     run(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"]).arg(&overlay).arg(&out));
     assert_eq!(digests.md5, digest("md5sum", &out));
 }

@@ -57,8 +57,10 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("gen-25.1.4", 64, |g, dev| build_generation(g, dev, "25.1.4")),
     ("gen-26.2-meson", 64, |g, dev| build_generation(g, dev, "26.2-meson")),
     ("gen-dpkg-only", 64, |g, dev| build_generation(g, dev, "dpkg-only")),
+    ("gen-rpm-only", 64, |g, dev| build_generation(g, dev, "rpm-only")),
     ("gen-disagreeing", 64, |g, dev| build_generation(g, dev, "disagreeing")),
     ("gen-unknown", 64, |g, dev| build_generation(g, dev, "unknown")),
+    ("debian-fstab-borrows-lvm", 64, build_debian_fstab_borrows_lvm),
 ];
 
 /// The cloud-init generations (`gen-*` fixtures) and what each must be read as:
@@ -70,6 +72,7 @@ pub const GENERATIONS: &[(&str, &str, &str, &str)] = &[
     ("gen-25.1.4", "25.1.4", "version-py", "chpasswd_users"),
     ("gen-26.2-meson", "26.2.0", "meson-versions", "chpasswd_users"),
     ("gen-dpkg-only", "25.1.4", "dpkg", "chpasswd_users"),
+    ("gen-rpm-only", "23.4.0", "rpm", "chpasswd_users"),
     ("gen-disagreeing", "24.1.0", "version-py", "chpasswd_users"),
 ];
 
@@ -90,6 +93,40 @@ fn dpkg_status(version: &str) -> String {
     format!("Package: cloud-guest-utils\nStatus: install ok installed\nVersion: 0.33-1\n\nPackage: cloud-init\nStatus: install ok installed\nPriority: optional\nSection: admin\nArchitecture: all\nVersion: {version}\nDepends: python3\nDescription: initialization and customization tool for cloud instances\n\n")
 }
 
+/// An rpm database (`rpmdb.sqlite`) holding one package, made by rpm itself (`rpmbuild` and
+/// `rpm --justdb`, from Debian's `rpm` package).
+fn rpm_database(name: &str, version: &str, release: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("package.spec");
+    std::fs::write(
+        &spec,
+        format!("Name: {name}\nVersion: {version}\nRelease: {release}\nSummary: phony\nLicense: none\nBuildArch: noarch\n%description\nphony\n%files\n"),
+    )
+    .unwrap();
+    let top = dir.path().join("top");
+    let built = Command::new("rpmbuild")
+        .arg("--define")
+        .arg(format!("_topdir {}", top.display()))
+        .arg("-bb")
+        .arg(&spec)
+        .output()
+        .expect("rpmbuild (Debian's rpm package, which scripts/install-deps installs)");
+    assert!(built.status.success(), "rpmbuild: {}", text(&built.stderr));
+    let package = top.join(format!("RPMS/noarch/{name}-{version}-{release}.noarch.rpm"));
+    let root = dir.path().join("root");
+    for args in [vec!["--initdb"], vec!["-i", "--justdb", "--nodeps", "--noscripts", package.to_str().unwrap()]] {
+        let out = Command::new("rpm")
+            .arg("--root")
+            .arg(&root)
+            .args(["--dbpath", "/var/lib/rpm"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rpm {args:?}: {}", text(&out.stderr));
+    }
+    std::fs::read(root.join("var/lib/rpm/rpmdb.sqlite")).unwrap()
+}
+
 /// One guest per cloud-init generation, with the files that generation's packages leave.
 fn build_generation(g: &Handle, dev: &str, which: &str) {
     g.part_disk(dev, "mbr").unwrap();
@@ -102,6 +139,7 @@ fn build_generation(g: &Handle, dev: &str, which: &str) {
         "22.4.2-ubuntu" => ("PRETTY_NAME=\"Ubuntu 22.04.5 LTS\"\nID=ubuntu\nVERSION_ID=\"22.04\"\n", UBUNTU_CFG),
         "25.1.4" => ("PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nID=debian\nVERSION_ID=\"13\"\n", DEBIAN_CFG),
         "26.2-meson" => ("PRETTY_NAME=\"Debian GNU/Linux forky/sid\"\nID=debian\n", DEBIAN_CFG),
+        "rpm-only" => (ROCKY_RELEASE, ROCKY_CFG),
         _ => (DEBIAN_RELEASE, DEBIAN_CFG),
     };
     os_root(g, release, Some(cfg), None, "LABEL=root / ext4 defaults 0 1\n");
@@ -124,12 +162,20 @@ fn build_generation(g: &Handle, dev: &str, which: &str) {
         "26.2-meson" => {
             put(g, &format!("{py3}/cloudinit/version.py"), VERSION_PY_MESON);
             put(g, &format!("{py3}/cloudinit/meson_versions.py"), MESON_VERSIONS_26_2);
+            // A form cloud-init 26 reports as deprecated (so `status` ends degraded), not cloudimg's.
+            put(g, "/etc/cloud/cloud.cfg.d/50-legacy.cfg", "users: default\n");
             put(g, "/var/lib/dpkg/status", &dpkg_status("26.2-1"));
         }
         "dpkg-only" => {
             // A layout cloudimg does not know (a future release): the package database still answers.
             put(g, &format!("{py3}/cloudinit/version.py"), "from cloudinit._build import VERSION as __VERSION__\n");
             put(g, "/var/lib/dpkg/status", &dpkg_status("25.1.4-1+deb13u1"));
+        }
+        "rpm-only" => {
+            // A version.py cloudimg cannot read; rpm's own database (sqlite, as on RHEL 9) answers.
+            put(g, "/usr/lib/python3.9/site-packages/cloudinit/version.py", "from cloudinit._build import VERSION as __VERSION__\n");
+            g.mkdir_p("/var/lib/rpm").unwrap();
+            g.write("/var/lib/rpm/rpmdb.sqlite", &rpm_database("cloud-init", "23.4", "7.el9_4.1")).unwrap();
         }
         "disagreeing" => {
             // cloud-init replaced by hand after the package: the file and the database disagree.
@@ -337,6 +383,22 @@ fn build_debian_deleted_data(g: &Handle, dev: &str) {
     // On the disk before it is deleted (ext4's delayed allocation would never write it otherwise).
     g.sync().unwrap();
     g.rm("/var/tmp/deleted").unwrap();
+}
+
+/// A Debian whose fstab mounts /var from an LVM volume it does not have: `rl/root`, the root of the
+/// rocky-lvm-xfs fixture, when both are customized in one run.
+fn build_debian_fstab_borrows_lvm(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    let root = format!("{dev}1");
+    mkfs(g, "ext4", &root, None);
+    g.mount(&root, "/").unwrap();
+    os_root(
+        g,
+        DEBIAN_RELEASE,
+        Some(DEBIAN_CFG),
+        Some((DEBIAN_VERSION_PY, "22.4.2")),
+        "PARTUUID=1 / ext4 rw 0 1\n/dev/mapper/rl-root /var xfs defaults 0 0\n",
+    );
 }
 
 /// A Debian without cloud-init whose sshd refuses passwords in its main file.
