@@ -49,6 +49,7 @@ pub fn launch(drives: &[Drive], names: &[&Path], opts: &Options, report: &Report
     drop(spinner);
     cleanup::fault_point("launched");
     report.detail(&format!("appliance: {}", guest.appliance));
+    guest.warnings().iter().for_each(|w| report.warn(w));
     let split = if drives.len() > 1 {
         report.phase("Sorting out which filesystems belong to which image");
         Some(batch::split(&guest).map_err(with_code(APPLIANCE))?)

@@ -233,6 +233,23 @@ pub fn root_password_finding(files: &sshd::Files) -> Option<Finding> {
     })
 }
 
+/// A password (hash or clear text) in a file that others than root can read on an instance: anyone
+/// with a shell there can try to guess it offline. `None` for a file only root reads.
+pub fn readable_password_finding(file: &str, mode: u32) -> Option<Finding> {
+    let who = match mode {
+        m if m & 0o004 != 0 => "every user",
+        m if m & 0o040 != 0 => "its group",
+        _ => return None,
+    };
+    Some(Finding {
+        severity: Severity::Warning,
+        message: format!(
+            "{file} holds a password and is readable by {who} on an instance (mode {mode:04o}): anyone with a shell there can try to guess it offline"
+        ),
+        fix: format!("keep the password where only root reads it: --drop-in writes it to {DROP_IN} with mode 0600"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +294,15 @@ mod tests {
         assert_eq!(findings, vec![]);
         assert_eq!(effective.outcome.password_kind, "hash");
         assert!(effective.sshd.unwrap().password_authentication);
+    }
+
+    #[test]
+    fn a_password_readable_by_others_than_root_is_a_finding() {
+        let f = readable_password_finding("/etc/cloud/cloud.cfg", 0o644).unwrap();
+        assert!(f.message.contains("every user") && f.message.contains("mode 0644"), "{}", f.message);
+        assert!(f.fix.contains("--drop-in"));
+        assert!(readable_password_finding("/etc/cloud/cloud.cfg", 0o640).unwrap().message.contains("its group"));
+        assert_eq!(readable_password_finding(DROP_IN, 0o600), None);
     }
 
     #[test]

@@ -216,7 +216,7 @@ Examples:
   # The reverse: undo cloudimg's edit (byte for byte), remove any other password, ssh_pwauth: false
   cloudimg customize out.qcow2 -o locked.qcow2 --lock
 
-What is written: /etc/cloud/cloud.cfg (or, with --drop-in, /etc/cloud/cloud.cfg.d/99-cloudimg.cfg)
+What is written: /etc/cloud/cloud.cfg (or, with --drop-in, /etc/cloud/cloud.cfg.d/99-cloudimg.cfg, mode 0600)
 gets a SHA-512 crypt hash of the password in the form the image's cloud-init version reads
 (chpasswd.users from 22.3, the top-level password or chpasswd.list from 17.1), chpasswd.expire: false
 and ssh_pwauth: true. Everything else in the file stays byte for byte. cloudimg then checks the
@@ -449,7 +449,8 @@ pub struct CustomizeArgs {
     #[arg(long, value_enum, value_name = "WHEN", help_heading = "What to write")]
     pub ssh_pwauth: Option<SshPwauth>,
 
-    /// Write /etc/cloud/cloud.cfg.d/99-cloudimg.cfg instead of editing /etc/cloud/cloud.cfg
+    /// Write /etc/cloud/cloud.cfg.d/99-cloudimg.cfg (mode 0600: only root reads the hash) instead of
+    /// editing /etc/cloud/cloud.cfg (which keeps its mode, often readable by every user)
     #[arg(long, help_heading = "What to write")]
     pub drop_in: bool,
 

@@ -1,6 +1,7 @@
 //! `cloudimg customize`: the pipeline, in order. Open the image safely → find the root → read
 //! cloud-init's configuration → plan the edit (pure) → write it back → produce the output.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -301,6 +302,8 @@ fn image_job(
 ) -> ImageResult {
     let dry_run = s.output == Output::DryRun;
     let of = if s.inputs.len() > 1 { format!(" of {}", p.input.display()) } else { String::new() };
+    let deadline = cleanup::Deadline::analysis(&p.input, s.timeout);
+    cleanup::fault_point("analysing");
     report.phase(&format!("Finding the root filesystem{of}"));
     let root = locate::find_root(guest, s.root.as_deref(), disk).map_err(with_code(BAD_GUEST))?;
     report.detail(&format!("root {} ({}), {}", root.device, root.fs_type, root.os.as_deref().unwrap_or("unknown OS")));
@@ -321,6 +324,7 @@ fn image_job(
     }));
     report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
     refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
+    drop(deadline);
     decision.notes.iter().for_each(|n| report.detail(n));
 
     let mut summary = Summary {
@@ -461,7 +465,8 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             Stored::Hash(password::hash(secret))
         }
     });
-    let already_set = |text: &str| secret.is_some_and(|secret| stands_for(secret, text, s.plaintext));
+    let comparer = Comparer::new(secret, s.plaintext);
+    let already_set = |text: &str| comparer.stands_for(text);
     let plan = plan::plan(
         &Facts {
             files: &cloud.files,
@@ -481,12 +486,14 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             target: s.target,
         },
     )?;
+    let in_cloud_cfg = plan.target == crate::cloud_config::CLOUD_CFG;
     let mut writes = Vec::new();
     if plan.changed() {
         writes.push(Write {
             path: plan.target.clone(),
             content: Some(plan.new_text.clone()),
-            private: false,
+            // A drop-in cloudimg writes a password to is root's alone; cloud.cfg keeps its mode.
+            private: plan.holds_secret && !in_cloud_cfg,
             like: crate::cloud_config::CLOUD_CFG,
         });
         let mut journal = image.journal.clone().unwrap_or_default();
@@ -498,6 +505,10 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             like: crate::cloud_config::CLOUD_CFG,
         });
     }
+    let exposed = (in_cloud_cfg && secret.is_some() && plan.holds_secret)
+        .then(|| cloud.files.iter().find(|f| f.path == plan.target)?.mode)
+        .flatten()
+        .and_then(|mode| checks::readable_password_finding(&plan.target, mode));
     Ok(Decision {
         method: "cloud-init",
         method_reason: reason,
@@ -508,7 +519,7 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
         changed_keys: plan.changed_keys.clone(),
         shadow_algorithm: None,
         effective: Some(plan.effective.clone()),
-        findings: plan.findings.clone(),
+        findings: plan.findings.iter().cloned().chain(comparer.findings()).chain(exposed).collect(),
         notes: Vec::new(),
         diff: plan.masked_diff(),
     })
@@ -533,7 +544,8 @@ fn decide_shadow(
     let mut notes = vec![format!("{} hash: {why}", algorithm.name())];
     let mut writes = Vec::new();
     let current_hash = shadow::hash_of(text, &user);
-    if !current_hash.is_some_and(|h| h.starts_with('$') && password::matches(secret, h)) {
+    let comparer = Comparer::new(Some(secret), false);
+    if !current_hash.is_some_and(|h| comparer.stands_for(h)) {
         let hash = match algorithm {
             shadow::Algorithm::Yescrypt => password::hash_yescrypt(secret),
             shadow::Algorithm::Sha512 => password::hash(secret),
@@ -543,7 +555,7 @@ fn decide_shadow(
         notes.extend(more);
         writes.push(Write { path: shadow::SHADOW.into(), content: Some(new), private: false, like: shadow::SHADOW });
     }
-    let mut findings = Vec::new();
+    let mut findings = comparer.findings();
     let mut diff = String::new();
     match (&image.sshd, s.ssh_pwauth) {
         (Some(files), Some(true)) => {
@@ -889,12 +901,50 @@ fn sweep(dir: &Path, marker: &str, report: &Reporter) {
     }
 }
 
-/// Whether an existing stored value already stands for the password, in the requested kind.
-fn stands_for(secret: &Secret, stored: &str, plaintext: bool) -> bool {
-    if plaintext {
-        stored == secret.expose()
-    } else {
-        stored.starts_with('$') && password::matches(secret, stored)
+/// Whether existing stored values already stand for the password, in the requested kind; each value
+/// is checked once. A hash with cost parameters beyond what cloudimg computes is not checked: it
+/// counts as another password (and is replaced), with a warning.
+struct Comparer<'a> {
+    secret: Option<&'a Secret>,
+    plaintext: bool,
+    checked: RefCell<BTreeMap<String, bool>>,
+    refused: RefCell<Vec<String>>,
+}
+
+impl<'a> Comparer<'a> {
+    fn new(secret: Option<&'a Secret>, plaintext: bool) -> Self {
+        Comparer { secret, plaintext, checked: RefCell::default(), refused: RefCell::default() }
+    }
+
+    fn stands_for(&self, stored: &str) -> bool {
+        let Some(secret) = self.secret else { return false };
+        if self.plaintext {
+            return stored == secret.expose();
+        }
+        if !stored.starts_with('$') {
+            return false;
+        }
+        if let Some(&known) = self.checked.borrow().get(stored) {
+            return known;
+        }
+        let same = password::matches(secret, stored).unwrap_or_else(|why| {
+            self.refused.borrow_mut().push(format!("{why:#}"));
+            false
+        });
+        self.checked.borrow_mut().insert(stored.to_string(), same);
+        same
+    }
+
+    fn findings(&self) -> Vec<Finding> {
+        self.refused
+            .borrow()
+            .iter()
+            .map(|why| Finding {
+                severity: Severity::Warning,
+                message: format!("a password hash already in the image was not compared with the password: {why}"),
+                fix: "none needed: a new hash takes its place".into(),
+            })
+            .collect()
     }
 }
 
@@ -931,7 +981,20 @@ fn reveal_random_password(source: &Source, secret: &Secret) -> Result<Option<Cre
 
 /// The real file an in-place edit replaces (a symlink is followed, so the link stays a link).
 fn in_place_target(input: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(input).with_context(|| format!("resolving {}", input.display())).map_err(with_code(BAD_INPUT))
+    let target = std::fs::canonicalize(input)
+        .with_context(|| format!("resolving {}", input.display()))
+        .map_err(with_code(BAD_INPUT))?;
+    // The new image is written beside the old one and renamed over it: for a device, that would put a
+    // file in place of the device node.
+    if std::fs::metadata(&target).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())) {
+        return Err(with_code(USAGE)(anyhow::anyhow!(
+            "--in-place cannot rewrite the block device {}: write a new image with -o, then copy it onto the \
+             device yourself (e.g. `qemu-img convert -O raw OUT.qcow2 {}`)",
+            target.display(),
+            target.display()
+        )));
+    }
+    Ok(target)
 }
 
 /// Holds an exclusive lock on the input for the whole in-place run, so two runs cannot interleave.

@@ -13,6 +13,7 @@ use crate::accel::{self, Accel, HostKvm, KvmDevice, Requested};
 use crate::cleanup::{self, Watchdog};
 use crate::guest::{self, Drive, Guest, LaunchOptions, Setup};
 use crate::image_file::Format;
+use crate::trusted_dir::Distrust;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -93,6 +94,9 @@ pub fn run(opts: &Options, mut show: impl FnMut(&Check)) -> Report {
     if let Some(cache) = setup.as_ref().map(|s| PathBuf::from(&s.cachedir)).filter(|c| *c != std::env::temp_dir()) {
         record(space_check("appliance cache", &cache, "LIBGUESTFS_CACHEDIR"), &mut checks);
     }
+    if let Some(setup) = &setup {
+        record(cache_trust_check(Path::new(&setup.cachedir)), &mut checks);
+    }
     let host = HostKvm::probe();
     let accel = accel::choose(opts.accel, &host).ok().map(|(a, _)| a);
     record(kvm_check(opts.accel, &host), &mut checks);
@@ -163,12 +167,18 @@ fn user_check(euid: u32, container: Option<String>) -> Check {
 
 fn libguestfs_check(setup: &Result<Setup>) -> Check {
     match setup {
-        Ok(s) if s.backend.starts_with("libvirt") && effective_uid() != 0 => Check::new(
+        Ok(s) if s.backend != guest::DIRECT_BACKEND => Check::new(
             "libguestfs",
-            Status::Warning,
-            format!("{} with the libvirt backend, which needs a running libvirtd for this user", s.version),
-        )
-        .fix("export LIBGUESTFS_BACKEND=direct"),
+            Status::Info,
+            format!(
+                "{} set to the `{}` backend; cloudimg launches with `{}` regardless, so that qemu is its own \
+                 child and --timeout and Ctrl-C can stop it (appliance from {})",
+                s.version,
+                s.backend,
+                guest::DIRECT_BACKEND,
+                s.appliance_path
+            ),
+        ),
         Ok(s) => Check::new(
             "libguestfs",
             Status::Ok,
@@ -415,16 +425,46 @@ fn kvm_check(requested: Requested, host: &HostKvm) -> Check {
     }
 }
 
+/// Whether libguestfs's cache and cloudimg's fast-boot copy beside it are this user's alone: anyone who
+/// could write there could choose the appliance cloudimg boots.
+fn cache_trust_check(cachedir: &Path) -> Check {
+    let checked = crate::fast_boot::check_cache(cachedir).and_then(|cache| cache.fast_boot_dir().map(drop));
+    cache_trust_verdict(cachedir, checked)
+}
+
+fn cache_trust_verdict(cachedir: &Path, checked: Result<(), Distrust>) -> Check {
+    const NAME: &str = "cache ownership";
+    match checked {
+        Ok(()) => Check::new(
+            NAME,
+            Status::Ok,
+            format!(
+                "{} and the fast-boot copy are this user's alone",
+                crate::fast_boot::libguestfs_cache(cachedir).display()
+            ),
+        ),
+        Err(why) => Check::new(
+            NAME,
+            Status::Fail,
+            format!("{why}; cloudimg does not boot an appliance from a cache someone else could have prepared"),
+        )
+        .fix(why.fix),
+    }
+}
+
 /// Builds (or finds up to date) the supermin appliance with the same command libguestfs runs, so that
 /// a failure shows supermin's own message, and the launch after it measures only the launch.
 fn build_check(setup: &Setup, timeout: Duration) -> Check {
-    let cache = crate::fast_boot::libguestfs_cache(Path::new(&setup.cachedir));
+    let cache = match crate::fast_boot::create_cache(Path::new(&setup.cachedir)) {
+        Ok(cache) => cache,
+        Err(why) => {
+            return Check::new("appliance", Status::Fail, format!("not built: {why}")).fix(why.fix);
+        }
+    };
     let appliance_d = cache.join("appliance.d");
     let before = modified(&appliance_d.join("root"));
     let start = Instant::now();
-    let built = std::fs::create_dir_all(&cache)
-        .with_context(|| format!("creating {}", cache.display()))
-        .and_then(|()| run_supermin(&setup.appliance_path, &cache, timeout));
+    let built = run_supermin(&setup.appliance_path, &cache, timeout);
     let seconds = start.elapsed().as_secs_f64();
     match built {
         Ok(()) if before.is_some() && before == modified(&appliance_d.join("root")) => Check::new(

@@ -33,11 +33,12 @@ pub const HELP: &str = "\
 Exit status:
   0    success (with --dry-run: the edit would be made)
   1    unexpected failure
-  2    bad command line
+  2    bad command line (also --in-place on a block device)
   3    input refused (not a disk image, truncated, backing/data file, output is the input)
-  4    guest cannot be edited (no OS, several OS roots, no cloud-init, invalid cloud.cfg)
+  4    guest cannot be edited (no OS, several OS roots, no cloud-init, invalid cloud.cfg, an fstab
+       naming another image's volume), or its analysis outlasted --timeout (the run is stopped)
   5    the password login would not work (overridden settings, sshd); nothing written
-  6    the libguestfs appliance failed to start or timed out
+  6    the libguestfs appliance failed to start or timed out, or its cache cannot be trusted
   7    the output exists (use --force) or could not be written (also: its temporary file was
        replaced or moved by someone else while cloudimg wrote it)
   9    --upload: Keystone or Glance refused, the upload failed, or Glance's copy differs (the output
@@ -65,8 +66,8 @@ Exit status:
   1    unexpected failure
   2    bad command line
   3    an image file was refused before opening (it is still reported, with the reason)
-  4    an image's guest could not be read
-  6    the libguestfs appliance failed to start or timed out
+  4    an image's guest could not be read, or its analysis outlasted --timeout (the run is stopped)
+  6    the libguestfs appliance failed to start or timed out, or its cache cannot be trusted
   8    an image does not meet a --require condition (the reasons are printed)
   130  interrupted";
 

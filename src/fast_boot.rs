@@ -15,13 +15,15 @@
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
 use object::read::ReadCache;
+
+use crate::trusted_dir::{Dir, Distrust, FileId};
 
 /// Set to 1 to always launch libguestfs's own appliance.
 pub const OPT_OUT_VARIABLE: &str = "CLOUDIMG_STOCK_APPLIANCE";
@@ -39,6 +41,8 @@ pub enum Choice {
     Copy { dir: PathBuf, made: bool },
     /// libguestfs's own appliance, and why.
     Stock(String),
+    /// libguestfs's own appliance, because cloudimg's fast-boot directory is not this user's alone.
+    Distrusted(Distrust),
 }
 
 impl std::fmt::Display for Choice {
@@ -47,58 +51,140 @@ impl std::fmt::Display for Choice {
             Choice::Copy { dir, made: true } => write!(f, "a fast-boot copy, made now in {}", dir.display()),
             Choice::Copy { dir, made: false } => write!(f, "the fast-boot copy in {}", dir.display()),
             Choice::Stock(why) => write!(f, "libguestfs's own ({why})"),
+            Choice::Distrusted(why) => write!(f, "libguestfs's own (the fast-boot copy was not used: {why})"),
         }
     }
 }
 
-/// Finds or makes the fast-boot copy of the appliance libguestfs keeps in `cachedir`. Never fails:
-/// whatever goes wrong means the stock appliance, with the reason.
-pub fn choose(cachedir: &Path) -> Choice {
+impl Choice {
+    /// What the user must hear about, even without -v: a fast-boot directory someone else may have
+    /// prepared.
+    pub fn warning(&self) -> Option<String> {
+        match self {
+            Choice::Distrusted(why) => Some(format!(
+                "not using the fast-boot appliance: {why}; booted libguestfs's own instead (about 5 s slower \
+                 under TCG) (fix: {})",
+                why.fix
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// libguestfs's appliance cache, reached through directories this user controls alone.
+#[derive(Debug)]
+pub struct Cache {
+    /// The cache directory (`$LIBGUESTFS_CACHEDIR`, `$TMPDIR` or /var/tmp).
+    root: Dir,
+    /// `.guestfs-UID/appliance.d`, once libguestfs has built it.
+    built: Option<Built>,
+}
+
+#[derive(Debug)]
+struct Built {
+    dir: Dir,
+    /// kernel, initrd and root, when all three are there.
+    files: Option<[FileId; 3]>,
+}
+
+/// Checks libguestfs's cache in `cachedir` before anything boots from it: `.guestfs-UID`, its
+/// `appliance.d` and the files in it must be this user's alone. libguestfs checks only
+/// `.guestfs-UID`, and only when it builds the appliance itself; it boots whatever `appliance.d`
+/// holds, and a fast-boot copy would skip even that check.
+pub fn check_cache(cachedir: &Path) -> Result<Cache, Distrust> {
+    let root = Dir::cache_root(cachedir)?;
+    let built = match root.open(&libguestfs_cache_name())? {
+        Some(cache) => cache.open("appliance.d")?,
+        None => None,
+    };
+    let built = match built {
+        Some(dir) => {
+            let mut ids = Vec::new();
+            for file in FILES {
+                ids.extend(dir.file(file)?);
+            }
+            Some(Built { files: ids.try_into().ok(), dir })
+        }
+        None => None,
+    };
+    Ok(Cache { root, built })
+}
+
+impl Cache {
+    /// cloudimg's fast-boot directory, checked, if it exists.
+    pub fn fast_boot_dir(&self) -> Result<Option<Dir>, Distrust> {
+        self.root.open(&fast_boot_name())
+    }
+}
+
+/// Finds or makes the fast-boot copy of the appliance in libguestfs's `cache`. Never fails: whatever
+/// goes wrong means the stock appliance, with the reason.
+pub fn choose(cache: &Cache) -> Choice {
     if std::env::var_os(OPT_OUT_VARIABLE).is_some_and(|v| v == "1") {
         return Choice::Stock(format!("{OPT_OUT_VARIABLE}=1"));
     }
     if std::env::var_os("LIBGUESTFS_PATH").is_some() {
         return Choice::Stock("LIBGUESTFS_PATH names the appliance to use".into());
     }
-    find_or_make(cachedir, packages_changed()).unwrap_or_else(|e| Choice::Stock(format!("{e:#}")))
+    outcome(find_or_make(cache, packages_changed()))
+}
+
+fn outcome(made: Result<Choice>) -> Choice {
+    made.unwrap_or_else(|e| match e.downcast::<Distrust>() {
+        Ok(why) => Choice::Distrusted(why),
+        Err(e) => Choice::Stock(format!("{e:#}")),
+    })
 }
 
 /// libguestfs's per-user cache in `cachedir`, where supermin builds `appliance.d`.
 pub fn libguestfs_cache(cachedir: &Path) -> PathBuf {
-    cachedir.join(format!(".guestfs-{}", crate::doctor::effective_uid()))
+    cachedir.join(libguestfs_cache_name())
+}
+
+/// Creates libguestfs's per-user cache in `cachedir` as libguestfs would (0755), or finds it, checked.
+pub fn create_cache(cachedir: &Path) -> Result<PathBuf, Distrust> {
+    let cache = Dir::cache_root(cachedir)?.open_or_create(&libguestfs_cache_name(), 0o755)?;
+    Ok(cache.path().to_path_buf())
+}
+
+fn libguestfs_cache_name() -> String {
+    format!(".guestfs-{}", crate::doctor::effective_uid())
+}
+
+fn fast_boot_name() -> String {
+    format!("cloudimg-appliance-{}", crate::doctor::effective_uid())
 }
 
 /// `packages_changed`: when the host's package database last changed, if known.
-fn find_or_make(cachedir: &Path, packages_changed: Option<SystemTime>) -> Result<Choice> {
-    let uid = crate::doctor::effective_uid();
-    let source = libguestfs_cache(cachedir).join("appliance.d");
-    let built = match fs::metadata(&source) {
-        Ok(m) => m.modified()?,
-        Err(_) => bail!("libguestfs has not built its appliance yet (it does on this launch)"),
+fn find_or_make(cache: &Cache, packages_changed: Option<SystemTime>) -> Result<Choice> {
+    let Some(built) = &cache.built else {
+        bail!("libguestfs has not built its appliance yet (it does on this launch)")
     };
     match packages_changed {
-        Some(changed) if changed < built => {}
+        Some(changed) if changed < built.dir.modified()? => {}
         Some(_) => bail!("host packages changed since libguestfs built its appliance: it checks it on this launch"),
         None => bail!("no known package database to tell whether libguestfs's appliance is up to date"),
     }
-    let ids = FILES.map(|f| fs::metadata(source.join(f)).map(|m| (m.dev(), m.ino())));
-    let [Ok(kernel), Ok(initrd), Ok(root)] = ids else { bail!("{} is incomplete", source.display()) };
-    let base = private_dir(&cachedir.join(format!("cloudimg-appliance-{uid}")))?;
+    let Some(ids @ [kernel, initrd, root]) = built.files else { bail!("{} is incomplete", built.dir.path().display()) };
+    let base = cache.root.open_or_create(&fast_boot_name(), 0o700)?;
     let name = copy_name(kernel, initrd, root);
-    let dir = base.join(&name);
-    if dir.join("README.fixed").is_file() {
-        remove_stale(&base, &name);
+    if let Some(copy) = base.open(&name)? {
+        check_copy(&copy, ids)?;
+        remove_stale(base.path(), &name);
+        return Ok(Choice::Copy { dir: copy.path().to_path_buf(), made: false });
+    }
+    let building = tempfile::Builder::new().prefix(".new-").tempdir_in(base.path())?;
+    make_copy(&built.dir, building.path(), ids)?;
+    let dir = base.path().join(&name);
+    if let Err(e) = fs::rename(building.path(), &dir) {
+        // Another run made the same copy meanwhile.
+        let Some(copy) = base.open(&name)? else {
+            return Err(e).with_context(|| format!("renaming the new copy to {}", dir.display()));
+        };
+        check_copy(&copy, ids)?;
         return Ok(Choice::Copy { dir, made: false });
     }
-    let building = tempfile::Builder::new().prefix(".new-").tempdir_in(&base)?;
-    make_copy(&source, building.path(), [kernel, initrd, root])?;
-    match fs::rename(building.path(), &dir) {
-        Ok(()) => {}
-        // Another run made the same copy meanwhile.
-        Err(_) if dir.join("README.fixed").is_file() => return Ok(Choice::Copy { dir, made: false }),
-        Err(e) => return Err(e).with_context(|| format!("renaming the new copy to {}", dir.display())),
-    }
-    remove_stale(&base, &name);
+    remove_stale(base.path(), &name);
     Ok(Choice::Copy { dir, made: true })
 }
 
@@ -107,38 +193,39 @@ fn packages_changed() -> Option<SystemTime> {
     PACKAGE_DATABASES.iter().filter_map(|p| fs::metadata(p).and_then(|m| m.modified()).ok()).max()
 }
 
-fn copy_name(kernel: (u64, u64), initrd: (u64, u64), root: (u64, u64)) -> String {
+fn copy_name(kernel: FileId, initrd: FileId, root: FileId) -> String {
     format!("{:x}-{:x}-{:x}-{:x}", kernel.0, kernel.1, initrd.1, root.1)
 }
 
-/// `dir`, created if missing, only if it is a real directory that this user owns and nobody else
-/// can write to: the cache is usually /var/tmp, where anyone could have made it first.
-fn private_dir(dir: &Path) -> Result<PathBuf> {
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+/// An existing copy is booted only if it is whole, this user's alone, and still linked to the
+/// appliance it was made from (`source`: kernel, initrd, root).
+fn check_copy(copy: &Dir, source: [FileId; 3]) -> Result<(), Distrust> {
+    let linked = [("kernel.source", source[0]), ("initrd", source[1]), ("root", source[2])];
+    for file in ["kernel", "kernel.source", "initrd", "root", "README.fixed"] {
+        let path = copy.path().join(file);
+        let fix = format!("rm -rf {}", copy.path().display());
+        let Some(id) = copy.file(file)? else {
+            return Err(Distrust { path, problem: "is missing: the copy is incomplete".into(), fix });
+        };
+        if linked.iter().any(|(name, source)| *name == file && *source != id) {
+            return Err(Distrust { path, problem: "is no longer a link to libguestfs's file".into(), fix });
+        }
     }
-    let m = fs::symlink_metadata(dir)?;
-    ensure!(
-        m.is_dir() && m.uid() == crate::doctor::effective_uid() && m.mode() & 0o022 == 0,
-        "{} is not a private directory of this user",
-        dir.display()
-    );
-    Ok(dir.to_path_buf())
+    Ok(())
 }
 
 /// Fills `into` with the copy: links to the source's files, the decompressed kernel, README.fixed
 /// last (its presence says the copy is whole).
-fn make_copy(source: &Path, into: &Path, ids: [(u64, u64); 3]) -> Result<()> {
+fn make_copy(source: &Dir, into: &Path, ids: [FileId; 3]) -> Result<()> {
     for file in FILES {
-        let link = if file == "kernel" { "kernel.source".to_string() } else { file.to_string() };
-        fs::hard_link(source.join(file), into.join(&link))
-            .with_context(|| format!("linking {} into {}", source.join(file).display(), into.display()))?;
+        let link = if file == "kernel" { "kernel.source" } else { file };
+        // Without AT_SYMLINK_FOLLOW this links the checked name itself, never what a link names.
+        rustix::fs::linkat(source.fd(), file, rustix::fs::CWD, into.join(link), rustix::fs::AtFlags::empty())
+            .with_context(|| format!("linking {} into {}", source.path().join(file).display(), into.display()))?;
     }
     // libguestfs may have replaced its appliance between our look and the links.
     for (file, id) in ["kernel.source", "initrd", "root"].iter().zip(ids) {
-        let m = fs::metadata(into.join(file))?;
+        let m = fs::symlink_metadata(into.join(file))?;
         ensure!((m.dev(), m.ino()) == id, "libguestfs's appliance changed while it was being copied");
     }
     let mut image = Vec::new();
@@ -364,6 +451,12 @@ mod tests {
         (cache, source)
     }
 
+    /// What a launch would boot from the cache in `cachedir`, had the host's packages last changed at
+    /// `changed`.
+    fn make(cachedir: &Path, changed: Option<SystemTime>) -> Result<Choice> {
+        find_or_make(&check_cache(cachedir).unwrap(), changed)
+    }
+
     fn ino(path: &Path) -> u64 {
         fs::metadata(path).unwrap().ino()
     }
@@ -373,18 +466,18 @@ mod tests {
         let elf = elf_with_note(b"Xen", 18);
         let (cache, source) = cache_with_appliance(&elf);
         let long_ago = Some(SystemTime::UNIX_EPOCH);
-        let Choice::Copy { dir, made: true } = find_or_make(cache.path(), long_ago).unwrap() else { panic!("no copy") };
+        let Choice::Copy { dir, made: true } = make(cache.path(), long_ago).unwrap() else { panic!("no copy") };
         assert_eq!(fs::read(dir.join("kernel")).unwrap(), elf, "the kernel is stored decompressed");
         for file in ["initrd", "root"] {
             assert_eq!(ino(&dir.join(file)), ino(&source.join(file)), "{file} is libguestfs's own file");
         }
         assert!(dir.join("README.fixed").is_file(), "libguestfs takes it for a fixed appliance");
-        assert_eq!(find_or_make(cache.path(), long_ago).unwrap(), Choice::Copy { dir: dir.clone(), made: false });
+        assert_eq!(make(cache.path(), long_ago).unwrap(), Choice::Copy { dir: dir.clone(), made: false });
 
         // libguestfs rebuilds its appliance: new files, a new copy, the old one gone.
         fs::remove_file(source.join("initrd")).unwrap();
         fs::write(source.join("initrd"), b"new initrd").unwrap();
-        let Choice::Copy { dir: new, made: true } = find_or_make(cache.path(), long_ago).unwrap() else { panic!() };
+        let Choice::Copy { dir: new, made: true } = make(cache.path(), long_ago).unwrap() else { panic!() };
         assert_ne!(new, dir);
         assert_eq!(fs::read(new.join("initrd")).unwrap(), b"new initrd");
         assert!(!dir.exists(), "the copy of the old build is removed");
@@ -394,15 +487,74 @@ mod tests {
     fn the_stock_appliance_is_used_when_the_copy_would_be_stale_or_cannot_boot() {
         let (cache, _) = cache_with_appliance(&elf_with_note(b"Xen", 18));
         let err = |r: Result<Choice>| format!("{:#}", r.unwrap_err());
-        assert!(err(find_or_make(cache.path(), Some(SystemTime::now() + Duration::from_secs(60))))
-            .contains("packages changed"));
-        assert!(err(find_or_make(cache.path(), None)).contains("no known package database"));
+        assert!(err(make(cache.path(), Some(SystemTime::now() + Duration::from_secs(60)))).contains("packages changed"));
+        assert!(err(make(cache.path(), None)).contains("no known package database"));
         let empty = tempfile::tempdir().unwrap();
-        assert!(err(find_or_make(empty.path(), Some(SystemTime::UNIX_EPOCH))).contains("not built its appliance yet"));
+        assert!(err(make(empty.path(), Some(SystemTime::UNIX_EPOCH))).contains("not built its appliance yet"));
         let (no_pvh, _) = cache_with_appliance(&elf_with_note(b"Xen", 17));
-        assert!(err(find_or_make(no_pvh.path(), Some(SystemTime::UNIX_EPOCH))).contains("no PVH entry point"));
+        assert!(err(make(no_pvh.path(), Some(SystemTime::UNIX_EPOCH))).contains("no PVH entry point"));
         let base = no_pvh.path().join(format!("cloudimg-appliance-{}", crate::doctor::effective_uid()));
         assert_eq!(fs::read_dir(base).unwrap().count(), 0, "nothing half-made is left");
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn an_appliance_cache_others_can_write_is_not_booted_from() {
+        let (cache, source) = cache_with_appliance(&elf_with_note(b"Xen", 18));
+        chmod(&source, 0o777);
+        let err = check_cache(cache.path()).unwrap_err();
+        assert_eq!(err.path, std::fs::canonicalize(&source).unwrap());
+        assert!(err.problem.contains("writable by group or others"), "{err}");
+        chmod(&source, 0o755);
+        chmod(&source.join("initrd"), 0o666);
+        let err = check_cache(cache.path()).unwrap_err();
+        assert!(err.path.ends_with("appliance.d/initrd") && err.fix.contains("rm -rf"), "{err:?}");
+        chmod(&source.join("initrd"), 0o644);
+        let cache_dir = source.parent().unwrap();
+        fs::rename(cache_dir, cache.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(cache.path().join("elsewhere"), cache_dir).unwrap();
+        assert!(check_cache(cache.path()).unwrap_err().problem.contains("symbolic link"));
+    }
+
+    #[test]
+    fn an_appliance_someone_else_planted_is_not_booted_from() {
+        if crate::doctor::effective_uid() != 0 {
+            return; // only root can give files away
+        }
+        let (cache, source) = cache_with_appliance(&elf_with_note(b"Xen", 18));
+        std::os::unix::fs::chown(source.join("root"), Some(65534), None).unwrap();
+        let err = check_cache(cache.path()).unwrap_err();
+        assert!(err.path.ends_with("appliance.d/root") && err.problem.contains("owned by uid 65534"), "{err}");
+        std::os::unix::fs::chown(source.parent().unwrap(), Some(65534), None).unwrap();
+        let err = check_cache(cache.path()).unwrap_err();
+        assert!(err.path.ends_with(libguestfs_cache_name()) && err.problem.contains("owned by uid 65534"), "{err}");
+    }
+
+    #[test]
+    fn a_fast_boot_directory_that_is_not_ours_alone_means_the_stock_appliance_and_a_warning() {
+        let elf = elf_with_note(b"Xen", 18);
+        let (cache, _) = cache_with_appliance(&elf);
+        let long_ago = Some(SystemTime::UNIX_EPOCH);
+        let base = cache.path().join(fast_boot_name());
+        fs::create_dir(&base).unwrap();
+        chmod(&base, 0o777);
+        let choice = outcome(make(cache.path(), long_ago));
+        let Choice::Distrusted(why) = &choice else { panic!("{choice:?}") };
+        assert!(why.problem.contains("mode 0777"), "{why}");
+        assert!(choice.warning().unwrap().contains(&format!("fix: rm -rf {}", why.path.display())), "{choice:?}");
+        assert_eq!(fs::read_dir(&base).unwrap().count(), 0, "nothing was made in it");
+
+        // A copy whose initrd is no longer libguestfs's file is not booted.
+        chmod(&base, 0o700);
+        let Choice::Copy { dir, .. } = outcome(make(cache.path(), long_ago)) else { panic!("no copy") };
+        fs::remove_file(dir.join("initrd")).unwrap();
+        fs::write(dir.join("initrd"), b"someone else's initrd").unwrap();
+        let Choice::Distrusted(why) = outcome(make(cache.path(), long_ago)) else { panic!("booted a changed copy") };
+        assert!(why.path.ends_with("initrd") && why.problem.contains("no longer a link"), "{why}");
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct Guest {
     timeout: Duration,
     /// The appliance it booted.
     pub appliance: fast_boot::Choice,
+    /// Set when libguestfs was configured for another backend than the one used.
+    backend_note: Option<String>,
 }
 
 /// One file's ownership, permissions and SELinux label, to carry over when it is replaced.
@@ -143,8 +145,14 @@ impl Guest {
         // the launch, so that supermin's files go wherever ours go.
         let cachedir = g.get_cachedir().map_err(gerr)?;
         g.set_cachedir(Some(&cachedir)).map_err(gerr)?;
+        let cache = fast_boot::check_cache(Path::new(&cachedir)).map_err(|why| {
+            with_code(APPLIANCE)(anyhow!(
+                "the appliance cache cannot be trusted, so nothing was booted from it: {why} (fix: {})",
+                why.fix
+            ))
+        })?;
         let appliance = match opts.accel {
-            Accel::Tcg => fast_boot::choose(Path::new(&cachedir)),
+            Accel::Tcg => fast_boot::choose(&cache),
             Accel::Kvm => {
                 fast_boot::Choice::Stock("with KVM the kernel decompresses itself in a fraction of a second".into())
             }
@@ -152,12 +160,18 @@ impl Guest {
         if let fast_boot::Choice::Copy { dir, .. } = &appliance {
             g.set_path(Some(&dir.to_string_lossy())).map_err(gerr)?;
         }
-        let guest = Guest { g, timeout: opts.timeout, appliance };
+        let backend_note = force_direct_backend(&g)?;
+        let guest = Guest { g, timeout: opts.timeout, appliance, backend_note };
         let tmpdir_env = ScopedEnv::set("TMPDIR", Some(opts.tmpdir));
         let launched = guest.bounded("launching the libguestfs appliance", |g| g.launch());
         drop(tmpdir_env);
         launched.map_err(|e| explain_launch_failure(e, opts, &guest.appliance))?;
         Ok(guest)
+    }
+
+    /// What the user must be told about how the appliance was started.
+    pub fn warnings(&self) -> Vec<String> {
+        self.appliance.warning().into_iter().chain(self.backend_note.clone()).collect()
     }
 
     /// Runs one guest call under the watchdog, so that a hung appliance becomes an error.
@@ -355,12 +369,24 @@ impl Guest {
     /// not a regular file, and files over [`MAX_CONFIG_FILE`], so that a hostile image cannot send the
     /// tool elsewhere or exhaust its memory.
     pub fn read_config_file(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.read_config_file_with_mode(path)?.map(|(bytes, _)| bytes))
+    }
+
+    /// [`Guest::read_config_file`], with the file's permission bits.
+    pub fn read_config_file_with_mode(&self, path: &str) -> Result<Option<(Vec<u8>, u32)>> {
         self.read_regular_file(path, MAX_CONFIG_FILE)
     }
 
-    /// Like [`Guest::read_config_file`] with a limit of `max` bytes, for the few larger files cloudimg
-    /// reads (dpkg's status file).
-    pub fn read_regular_file(&self, path: &str, max: i64) -> Result<Option<Vec<u8>>> {
+    /// Like [`Guest::read_config_file_with_mode`] with a limit of `max` bytes, for the few larger files
+    /// cloudimg reads (dpkg's status file).
+    pub fn read_regular_file(&self, path: &str, max: i64) -> Result<Option<(Vec<u8>, u32)>> {
+        let mut bytes = Vec::new();
+        Ok(self.copy_regular_file(path, max, &mut bytes)?.map(|mode| (bytes, mode)))
+    }
+
+    /// Copies a regular guest file of at most `max` bytes into `out`, with the refusals of
+    /// [`Guest::read_config_file`]; its permission bits, `None` when it does not exist.
+    pub fn copy_regular_file(&self, path: &str, max: i64, out: &mut impl std::io::Write) -> Result<Option<u32>> {
         if !self.exists(path)? && !self.is_symlink(path)? {
             return Ok(None);
         }
@@ -380,17 +406,17 @@ impl Guest {
         // pread answers in one message (read_file goes through a download, ~0.12 s a file under TCG);
         // a message holds at most a few MiB, so larger files come in pieces.
         const PIECE: i64 = 1 << 20;
-        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        while (bytes.len() as i64) < size.max(1) {
-            let offset = bytes.len() as i64;
-            let count = i32::try_from((size - offset).clamp(1, PIECE)).expect("at most PIECE");
-            let piece = self.bounded(&format!("reading {path} in the guest"), |g| g.pread(path, count, offset))?;
+        let mut copied: i64 = 0;
+        while copied < size.max(1) {
+            let count = i32::try_from((size - copied).clamp(1, PIECE)).expect("at most PIECE");
+            let piece = self.bounded(&format!("reading {path} in the guest"), |g| g.pread(path, count, copied))?;
             if piece.is_empty() {
                 break;
             }
-            bytes.extend_from_slice(&piece);
+            out.write_all(&piece).with_context(|| format!("copying {path} out of the guest"))?;
+            copied += piece.len() as i64;
         }
-        Ok(Some(bytes))
+        Ok(Some((stat.st_mode & 0o7777) as u32))
     }
 
     /// The first `count` bytes of the regular file `path` resolves to (symbolic links are followed
@@ -524,6 +550,26 @@ impl Drop for ScopedEnv {
     }
 }
 
+/// Launches with the direct backend whatever libguestfs was configured with: only then is qemu this
+/// process's child, which the watchdog (--timeout), Ctrl-C and `die_with_parent` rely on to stop it
+/// (with the libvirt backend libvirtd starts qemu, and nothing cloudimg does would stop it). Returns a
+/// note when another backend was asked for.
+fn force_direct_backend(g: &Handle) -> Result<Option<String>> {
+    let requested = g.get_backend().map_err(gerr)?;
+    g.set_backend(DIRECT_BACKEND).map_err(gerr)?;
+    // `appliance` is the old name of `direct`.
+    Ok((requested != DIRECT_BACKEND && requested != "appliance").then(|| {
+        format!(
+            "libguestfs is set to the `{requested}` backend (LIBGUESTFS_BACKEND or its build's default); cloudimg \
+             uses `{DIRECT_BACKEND}` instead, so that qemu is its own child and --timeout and Ctrl-C can stop it \
+             (export LIBGUESTFS_BACKEND={DIRECT_BACKEND} to silence this)"
+        )
+    }))
+}
+
+/// The only libguestfs backend cloudimg launches with.
+pub const DIRECT_BACKEND: &str = "direct";
+
 fn explain_launch_failure(err: anyhow::Error, opts: &LaunchOptions, appliance: &fast_boot::Choice) -> anyhow::Error {
     let text = format!("{err:#}");
     let hint = if text.contains("did not finish within") {
@@ -542,7 +588,7 @@ fn explain_launch_failure(err: anyhow::Error, opts: &LaunchOptions, appliance: &
             dir.display(),
             fast_boot::OPT_OUT_VARIABLE
         ),
-        fast_boot::Choice::Stock(_) => String::new(),
+        fast_boot::Choice::Stock(_) | fast_boot::Choice::Distrusted(_) => String::new(),
     };
     anyhow!("{text}; {hint}{copy}")
 }

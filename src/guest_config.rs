@@ -8,6 +8,7 @@ use crate::cloud_config::version::{self, CloudInitVersion, Detection, Source, Ve
 use crate::cloud_config::{yaml11, CLOUD_CFG, CLOUD_CFG_D};
 use crate::exit_codes::{with_code, BAD_GUEST};
 use crate::guest::Guest;
+use crate::rpm_database;
 use crate::sshd;
 
 /// One cloud-init file as text and as parsed.
@@ -15,21 +16,23 @@ pub struct CloudFile {
     pub path: String,
     pub text: String,
     pub parsed: ConfigFile,
+    /// Its permission bits in the guest (`None` for text that was not read from one).
+    pub mode: Option<u32>,
 }
 
 /// `cloud.cfg` and the drop-ins cloud-init reads, from lowest to highest priority, plus warnings about
 /// drop-ins that cloudimg cannot see into.
 pub fn read_cloud_files(guest: &Guest) -> Result<(Vec<CloudFile>, Vec<String>)> {
-    let base = read_text(guest, CLOUD_CFG)?.with_context(|| {
+    let (base, mode) = read_text_with_mode(guest, CLOUD_CFG)?.with_context(|| {
         format!("the image has no {CLOUD_CFG}, so no cloud-init to set the password; cloudimg needs an image with cloud-init")
     })?;
-    let base = parse_file(CLOUD_CFG, base)?;
+    let base = CloudFile { mode: Some(mode), ..parse_file(CLOUD_CFG, base)? };
     let mut files = vec![base];
     let mut warnings = Vec::new();
-    for name in guest.list_dir(CLOUD_CFG_D)?.into_iter().filter(|n| merge::is_drop_in_name(n)) {
-        let path = format!("{CLOUD_CFG_D}/{name}");
-        let text = match read_text(guest, &path) {
-            Ok(Some(text)) => text,
+    let names: Vec<String> = guest.list_dir(CLOUD_CFG_D)?.into_iter().filter(|n| merge::is_drop_in_name(n)).collect();
+    for (path, read) in read_dir_files(guest, CLOUD_CFG_D, &names, "cloud-init reads every *.cfg file there")? {
+        let (text, mode) = match read {
+            Ok(Some(read)) => read,
             Ok(None) => continue,
             Err(e) => {
                 warnings.push(format!("{e:#}; the checks cannot see what it sets"));
@@ -37,12 +40,45 @@ pub fn read_cloud_files(guest: &Guest) -> Result<(Vec<CloudFile>, Vec<String>)> 
             }
         };
         match parse_file(&path, text) {
-            Ok(file) => files.push(file),
+            Ok(file) => files.push(CloudFile { mode: Some(mode), ..file }),
             // cloud-init logs and skips a drop-in it cannot parse.
             Err(e) => warnings.push(format!("{e:#}; cloud-init will ignore this file")),
         }
     }
     Ok((files, warnings))
+}
+
+/// At most this many files are read from one configuration directory of the guest, and this many bytes
+/// in all. Distributions ship a handful of small files; cloud-init and sshd read every one, so the
+/// checks are only right when cloudimg does too: a directory beyond the caps is refused, not read in
+/// part.
+pub const MAX_DIR_FILES: usize = 256;
+pub const MAX_DIR_BYTES: usize = 8 << 20;
+
+/// The files `names` of `dir` with their modes, each read on its own (an unreadable one is its
+/// caller's decision); more files than [`MAX_DIR_FILES`] or more bytes than [`MAX_DIR_BYTES`] refuse
+/// the guest. `reader` says who reads them all in the guest.
+fn read_dir_files(guest: &Guest, dir: &str, names: &[String], reader: &str) -> Result<Vec<(String, Result<TextFile>)>> {
+    if names.len() > MAX_DIR_FILES {
+        return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
+            "{dir} in the guest holds {} files, more than the {MAX_DIR_FILES} cloudimg reads; {reader}, so checking only some would give wrong answers: remove the files that are not needed",
+            names.len()
+        )));
+    }
+    let mut bytes = 0;
+    let mut out = Vec::new();
+    for name in names {
+        let path = format!("{dir}/{name}");
+        let read = read_text_with_mode(guest, &path);
+        bytes += read.as_ref().ok().and_then(|t| t.as_ref()).map_or(0, |(text, _)| text.len());
+        if bytes > MAX_DIR_BYTES {
+            return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
+                "the files in {dir} in the guest add up to more than {MAX_DIR_BYTES} bytes, more than cloudimg reads; {reader}, so checking only some would give wrong answers: remove the files that are not needed"
+            )));
+        }
+        out.push((path, read));
+    }
+    Ok(out)
 }
 
 /// Whether the image has cloud-init's main configuration file (a link counts: reading it will say why
@@ -53,15 +89,29 @@ pub fn has_cloud_init(guest: &Guest) -> Result<bool> {
 
 /// A text file of the guest; `None` when it does not exist.
 pub fn read_text(guest: &Guest, path: &str) -> Result<Option<String>> {
-    let Some(bytes) = guest.read_config_file(path)? else { return Ok(None) };
-    String::from_utf8(bytes).map(Some).map_err(|_| anyhow::anyhow!("{path} in the guest is not UTF-8 text"))
+    Ok(read_text_with_mode(guest, path)?.map(|(text, _)| text))
+}
+
+/// A text file of the guest and its permission bits; `None` when it does not exist.
+type TextFile = Option<(String, u32)>;
+
+/// [`read_text`], with the file's permission bits.
+fn read_text_with_mode(guest: &Guest, path: &str) -> Result<TextFile> {
+    let Some((bytes, mode)) = guest.read_config_file_with_mode(path)? else { return Ok(None) };
+    let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{path} in the guest is not UTF-8 text"))?;
+    Ok(Some((text, mode)))
 }
 
 /// Parses a cloud-init file read from the guest (or an empty new drop-in).
 pub fn parse_file(path: &str, text: String) -> Result<CloudFile> {
     let doc =
         yaml11::parse(&text).with_context(|| format!("reading {path} in the guest")).map_err(with_code(BAD_GUEST))?;
-    Ok(CloudFile { path: path.to_string(), parsed: ConfigFile { path: path.to_string(), root: doc.root }, text })
+    Ok(CloudFile {
+        path: path.to_string(),
+        parsed: ConfigFile { path: path.to_string(), root: doc.root },
+        text,
+        mode: None,
+    })
 }
 
 /// Where Python packages are installed: the distribution's directories (`/usr/lib/python3/dist-packages`,
@@ -75,6 +125,8 @@ const DPKG_STATUS: &str = "/var/lib/dpkg/status";
 const MAX_DPKG_STATUS: i64 = 64 << 20;
 /// Where rpm keeps its database (the second since rpm 4.17's move to /usr).
 const RPM_DATABASES: &[&str] = &["/var/lib/rpm", "/usr/lib/sysimage/rpm"];
+/// An rpm database is 10–100 MiB; it is copied to a private temporary file, not held in memory.
+const MAX_RPM_DATABASE: i64 = 1 << 30;
 
 /// The cloud-init version for the mounted root: `given` (`--cloud-init-version`) first, then every
 /// source in the image that can be read from its files (version.py or meson's module, the Python
@@ -107,7 +159,7 @@ pub fn cloud_init_version(
         detection.answer(Source::PythonMetadata, path, &raw);
     }
     match guest.read_regular_file(DPKG_STATUS, MAX_DPKG_STATUS) {
-        Ok(Some(bytes)) => match version::dpkg_version(&String::from_utf8_lossy(&bytes)) {
+        Ok(Some((bytes, _))) => match version::dpkg_version(&String::from_utf8_lossy(&bytes)) {
             Some(raw) => detection.answer(Source::Dpkg, DPKG_STATUS, &raw),
             None => detection.miss(format!("no installed cloud-init package in {DPKG_STATUS}")),
         },
@@ -168,6 +220,20 @@ fn read_rpm_database(
     remount: impl FnOnce() -> Result<()>,
     detection: &mut Detection,
 ) -> Result<()> {
+    for dir in RPM_DATABASES {
+        let path = format!("{dir}/rpmdb.sqlite");
+        let mut copy = tempfile::NamedTempFile::new().context("creating a temporary file for the rpm database")?;
+        match guest.copy_regular_file(&path, MAX_RPM_DATABASE, copy.as_file_mut()) {
+            Ok(None) => continue,
+            Ok(Some(_)) => match rpm_database::installed_version(copy.path(), version::PACKAGE_NAMES) {
+                Ok(Some(raw)) => detection.answer(Source::Rpm, &path, &raw),
+                Ok(None) => detection.miss(format!("cloud-init in {path} (not installed)")),
+                Err(e) => detection.miss(format!("{path}: {e:#}")),
+            },
+            Err(e) => detection.miss(format!("{e:#}")),
+        }
+        return Ok(());
+    }
     let mut has_database = false;
     for dir in RPM_DATABASES {
         has_database |= guest.is_dir(dir)?;
@@ -176,6 +242,8 @@ fn read_rpm_database(
         detection.miss(format!("an rpm database ({})", RPM_DATABASES.join(" or ")));
         return Ok(());
     }
+    // Older formats (Berkeley DB, ndb) through libguestfs's inspection, which reads them with the
+    // host's librpm where that can.
     match guest.inspected_packages(root_device, remount) {
         Ok(packages) => {
             let installed = version::PACKAGE_NAMES
@@ -212,16 +280,20 @@ pub fn os_release(guest: &Guest) -> Result<String> {
     Ok(String::new())
 }
 
-/// sshd's main file and its drop-in directory; `None` without `/etc/ssh/sshd_config`.
+/// sshd's main file and its drop-in directory; `None` without `/etc/ssh/sshd_config`. Files whose
+/// Includes sshd itself would refuse, or that are an Include bomb, refuse the guest.
 pub fn sshd_files(guest: &Guest) -> Result<Option<sshd::Files>> {
     let Some(main) = read_text(guest, sshd::MAIN_CONFIG)? else { return Ok(None) };
     let mut files = sshd::Files::new();
     files.insert(sshd::MAIN_CONFIG.to_string(), main);
-    for name in guest.list_dir(sshd::DROP_IN_DIR)? {
-        let path = format!("{}/{name}", sshd::DROP_IN_DIR);
-        if let Some(text) = read_text(guest, &path)? {
+    let names = guest.list_dir(sshd::DROP_IN_DIR)?;
+    for (path, read) in read_dir_files(guest, sshd::DROP_IN_DIR, &names, "sshd reads every file its Includes name")? {
+        if let Some((text, _)) = read? {
             files.insert(path, text);
         }
+    }
+    if let Some(problem) = sshd::include_problem(&files) {
+        return Err(with_code(BAD_GUEST)(anyhow::anyhow!("sshd's configuration in the guest: {problem}")));
     }
     Ok(Some(files))
 }

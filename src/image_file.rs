@@ -6,7 +6,7 @@
 //! encryption, and headers whose tables lie beyond the end of the file.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
@@ -78,7 +78,13 @@ pub fn inspect_file(file: &File, path: &Path) -> Result<ImageInfo> {
     let meta = file.metadata().with_context(|| format!("reading {}", path.display()))?;
     refuse_special(meta.file_type(), path)?;
     let head = read_head(file).with_context(|| format!("reading {}", path.display()))?;
-    let size = if meta.file_type().is_block_device() { head.len() as u64 } else { meta.len() };
+    // A block device (a disk, an LVM volume, a loop device) has no file size: its end is its size.
+    let size = if meta.file_type().is_block_device() {
+        let mut device = file;
+        device.seek(SeekFrom::End(0)).with_context(|| format!("finding the size of {}", path.display()))?
+    } else {
+        meta.len()
+    };
     classify(&head, size).with_context(|| format!("{} cannot be used", path.display()))
 }
 

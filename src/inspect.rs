@@ -10,9 +10,10 @@ use anyhow::Result;
 use crate::accel;
 use crate::appliance;
 use crate::audit::{self, Analysis, Login};
-use crate::checks::{Finding, Severity};
+use crate::checks::{self, Finding, Severity};
 use crate::cli::Requirement;
 use crate::cloud_config::merge::ConfigFile;
+use crate::cloud_config::secrets;
 use crate::cloud_config::version::CloudInitVersion;
 use crate::exit_codes::{code_of, with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, SUCCESS, UNMET};
 use crate::guest::{Drive, Guest};
@@ -176,6 +177,7 @@ fn read_guests(
     let results = shared
         .each(group.len(), |pos, disk| {
             report.phase(&format!("Reading the guest in {}", names[pos].display()));
+            let _deadline = crate::cleanup::Deadline::analysis(names[pos], opts.timeout);
             read_guest(&shared.guest, disk, opts, report)
         })
         .into_iter()
@@ -255,9 +257,15 @@ fn analyse_guest(
     report: &Reporter,
 ) -> Result<(System, Analysis)> {
     let os_release = guest_config::os_release(guest)?;
+    let mut exposed = Vec::new();
     let (files, detection) = if guest_config::has_cloud_init(guest)? {
         let (files, warnings) = guest_config::read_cloud_files(guest)?;
         warnings.iter().for_each(|w| report.warn(w));
+        exposed = files
+            .iter()
+            .filter(|f| secrets::holds_secret(&f.parsed.root))
+            .filter_map(|f| checks::readable_password_finding(&f.path, f.mode?))
+            .collect();
         let files: Vec<ConfigFile> = files.into_iter().map(|f| f.parsed).collect();
         let remount = || locate::mount_root(guest, &root, true, disk).map(drop);
         let detection = guest_config::cloud_init_version(guest, opts.cloud_init_version, &root.device, remount)?;
@@ -271,7 +279,7 @@ fn analyse_guest(
     let sshd = guest_config::sshd_files(guest)?;
     // Read, never shown: only each user's state is reported.
     let shadow_text = guest_config::read_text(guest, shadow::SHADOW)?;
-    let analysis = audit::analyse(&audit::Image {
+    let mut analysis = audit::analyse(&audit::Image {
         files: &files,
         version: detection.as_ref().and_then(|d| d.chosen().cloned()),
         version_disagreements: detection.map(|d| d.disagreements()).unwrap_or_default(),
@@ -280,6 +288,7 @@ fn analyse_guest(
         booted_before: guest_config::booted_before(guest)?,
         user: opts.user.as_deref(),
     });
+    analysis.findings.extend(exposed);
     let system = System {
         lvm_root: !root.device.starts_with("/dev/sd") && !root.device.starts_with("/dev/vd"),
         root,

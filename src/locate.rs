@@ -112,7 +112,8 @@ fn choose_root(roots: Vec<Root>, named: Option<&str>) -> Result<Root> {
 }
 
 /// Mounts the chosen root at `/`, then `/usr` and `/var` when fstab puts them elsewhere (on `disk`,
-/// when several images share the appliance).
+/// when several images share the appliance). A spec that cannot be resolved leaves its mountpoint
+/// unmounted, with a note; one that names a filesystem outside `disk` is an error.
 pub fn mount_root(guest: &Guest, root: &Root, readonly: bool, disk: Option<&Disk>) -> Result<Vec<String>> {
     guest.mount(&root.device, &root.fs_type, "/", readonly)?;
     let mut notes = Vec::new();
@@ -125,6 +126,9 @@ pub fn mount_root(guest: &Guest, root: &Root, readonly: bool, disk: Option<&Disk
         }
         let device = match resolve_spec(guest, &entry.spec, disk) {
             Ok(d) => d,
+            Err(e) if e.is::<NotOnDisk>() => {
+                return Err(e.context(format!("/etc/fstab mounts {} from {}", entry.mountpoint, entry.spec)))
+            }
             Err(e) => {
                 notes.push(format!("could not mount {} from /etc/fstab ({}): {e:#}", entry.mountpoint, entry.spec));
                 continue;
@@ -136,33 +140,106 @@ pub fn mount_root(guest: &Guest, root: &Root, readonly: bool, disk: Option<&Disk
     Ok(notes)
 }
 
+/// What an fstab spec names, before anything is looked up.
+#[derive(Debug, PartialEq)]
+enum Spec {
+    Uuid(String),
+    Label(String),
+    /// A device path: `/dev/VG/LV` (from `/dev/mapper/VG-LV` too), `/dev/md/NAME`.
+    Device(String),
+}
+
+fn parse_spec(spec: &str) -> Option<Spec> {
+    if let Some(uuid) = spec.strip_prefix("UUID=") {
+        Some(Spec::Uuid(uuid.trim_matches('"').to_string()))
+    } else if let Some(label) = spec.strip_prefix("LABEL=") {
+        Some(Spec::Label(label.trim_matches('"').to_string()))
+    } else if let Some(uuid) = spec.strip_prefix("/dev/disk/by-uuid/") {
+        Some(Spec::Uuid(udev_unescape(uuid)))
+    } else if let Some(label) = spec.strip_prefix("/dev/disk/by-label/") {
+        Some(Spec::Label(udev_unescape(label)))
+    } else if let Some(name) = spec.strip_prefix("/dev/mapper/") {
+        lvm_path_from_mapper(name).map(Spec::Device)
+    } else if spec.starts_with("/dev/") && !spec.starts_with("/dev/disk/") && spec.matches('/').count() == 3 {
+        Some(Spec::Device(spec.to_string()))
+    } else {
+        None
+    }
+}
+
+/// udev writes unsafe characters of `/dev/disk/by-label` names as `\xNN`.
+fn udev_unescape(name: &str) -> String {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'\\' && bytes.get(i + 1) == Some(&b'x'))
+            .then(|| name.get(i + 2..i + 4).and_then(|hex| u8::from_str_radix(hex, 16).ok()))
+            .flatten();
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An fstab spec that names a filesystem outside the image's own disk, when several images share the
+/// appliance: another image's volume group or array, which must not be mounted (written, trimmed) as
+/// part of this one.
+#[derive(Debug)]
+struct NotOnDisk(String);
+
+impl std::fmt::Display for NotOnDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotOnDisk {}
+
 fn resolve_spec(guest: &Guest, spec: &str, disk: Option<&Disk>) -> Result<String> {
+    let parsed = parse_spec(spec).with_context(|| format!("cloudimg cannot resolve `{spec}` inside the appliance"))?;
+    let Some(disk) = disk else {
+        return match parsed {
+            Spec::Uuid(uuid) => guest.findfs_uuid(&uuid),
+            Spec::Label(label) => guest.findfs_label(&label),
+            Spec::Device(device) => Ok(device),
+        };
+    };
     // With several images attached, a UUID or label can be on a copy: look on this disk only.
     let on_disk = |read: &dyn Fn(&str) -> Result<String>, wanted: &str| -> Result<String> {
-        let disk = disk.expect("called with a disk");
         disk.filesystems
             .iter()
             .find(|(device, _)| read(device).is_ok_and(|v| v == wanted))
             .map(|(device, _)| device.clone())
             .with_context(|| format!("no filesystem on {} has {spec}", disk.device))
     };
-    if let Some(uuid) = spec.strip_prefix("UUID=") {
-        match disk {
-            Some(_) => on_disk(&|d| guest.vfs_uuid(d), uuid.trim_matches('"')),
-            None => guest.findfs_uuid(uuid.trim_matches('"')),
-        }
-    } else if let Some(label) = spec.strip_prefix("LABEL=") {
-        match disk {
-            Some(_) => on_disk(&|d| guest.vfs_label(d), label.trim_matches('"')),
-            None => guest.findfs_label(label.trim_matches('"')),
-        }
-    } else if let Some(name) = spec.strip_prefix("/dev/mapper/") {
-        lvm_path_from_mapper(name).with_context(|| format!("{spec} is not an LVM volume name"))
-    } else if spec.starts_with("/dev/") && spec.matches('/').count() == 3 {
-        Ok(spec.to_string())
-    } else {
-        bail!("cloudimg cannot resolve `{spec}` inside the appliance")
+    match parsed {
+        Spec::Uuid(uuid) => on_disk(&|d| guest.vfs_uuid(d), &uuid),
+        Spec::Label(label) => on_disk(&|d| guest.vfs_label(d), &label),
+        Spec::Device(device) => own_device(device, disk),
     }
+}
+
+/// `device` if it is one of `disk`'s filesystems.
+fn own_device(device: String, disk: &Disk) -> Result<String> {
+    if disk.filesystems.iter().any(|(own, _)| *own == device) {
+        return Ok(device);
+    }
+    Err(NotOnDisk(format!(
+        "{device} is not one of this image's own filesystems (on {}): with several images in one run, cloudimg \
+         mounts nothing outside an image's own disk, so this image is refused; if the volume is its own, \
+         customize it alone",
+        disk.device
+    ))
+    .into())
 }
 
 /// `/dev/mapper/vg--name-lv` names `/dev/vg-name/lv` (a dash inside a name is doubled).
@@ -221,6 +298,34 @@ mod tests {
         );
         assert!(choose_root(vec![root("/dev/sda1")], Some("/dev/sdz9")).is_err());
         assert!(choose_root(vec![], None).unwrap_err().to_string().contains("no operating system"));
+    }
+
+    #[test]
+    fn fstab_specs_are_parsed_before_anything_is_looked_up() {
+        let device = |d: &str| Some(Spec::Device(d.into()));
+        assert_eq!(parse_spec("UUID=\"ab-cd\""), Some(Spec::Uuid("ab-cd".into())));
+        assert_eq!(parse_spec("/dev/disk/by-uuid/ab-cd"), Some(Spec::Uuid("ab-cd".into())));
+        assert_eq!(parse_spec("LABEL=root"), Some(Spec::Label("root".into())));
+        assert_eq!(parse_spec("/dev/disk/by-label/my\\x20data"), Some(Spec::Label("my data".into())));
+        assert_eq!(parse_spec("/dev/mapper/rl-root"), device("/dev/rl/root"));
+        assert_eq!(parse_spec("/dev/rl/root"), device("/dev/rl/root"));
+        assert_eq!(parse_spec("/dev/md/data"), device("/dev/md/data"));
+        for unsupported in ["PARTUUID=1", "/dev/disk/by-id/x", "/dev/disk/by-path/pci-0", "/dev/sda2", "tmpfs"] {
+            assert_eq!(parse_spec(unsupported), None, "{unsupported}");
+        }
+        assert_eq!(udev_unescape("a\\x2fb\\xzz\\x4"), "a/b\\xzz\\x4");
+    }
+
+    #[test]
+    fn in_a_batch_a_device_must_be_on_the_images_own_disk() {
+        let disk = Disk {
+            device: "/dev/sdb".into(),
+            filesystems: vec![("/dev/sdb1".into(), "ext4".into()), ("/dev/data/var".into(), "xfs".into())],
+        };
+        assert_eq!(own_device("/dev/data/var".into(), &disk).unwrap(), "/dev/data/var");
+        let err = own_device("/dev/rl/root".into(), &disk).unwrap_err();
+        assert!(err.is::<NotOnDisk>(), "{err:?}");
+        assert!(err.to_string().contains("/dev/rl/root is not one of this image's own filesystems (on /dev/sdb)"));
     }
 
     #[test]

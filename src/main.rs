@@ -9,13 +9,17 @@ use cloudimg::customize;
 use cloudimg::doctor;
 use cloudimg::exit_codes;
 use cloudimg::inspect;
-use cloudimg::report::Reporter;
+use cloudimg::report::{for_terminal, Reporter};
 use cloudimg::settings::{Customize, Verbosity};
 use cloudimg::upload;
 
 fn main() {
     let cli = Cli::parse();
     cloudimg::cleanup::install_signal_handler();
+    if matches!(cli.command, Command::Customize(_) | Command::Inspect(_) | Command::Upload(_)) {
+        // They hold the password, OS_PASSWORD and the token, or the guests' hashes.
+        cloudimg::password::keep_out_of_core_dumps();
+    }
     let code = match cli.command {
         Command::Customize(args) => run_customize(*args),
         Command::Inspect(args) => run_inspect(&args),
@@ -67,7 +71,7 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
         match result {
             Ok((summary, diff)) => {
                 if !settings.json && settings.verbosity > Verbosity::Quiet {
-                    println!("== {}", input.display());
+                    println!("== {}", for_terminal(&input.display().to_string()));
                     print_summary(summary, diff);
                 }
                 entries.push(serde_json::json!({"input": input, "ok": true, "exit_code": 0, "report": summary}));
@@ -77,7 +81,7 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
                 if code == exit_codes::SUCCESS {
                     code = this;
                 }
-                eprintln!("cloudimg: error: {e:#}");
+                eprintln!("cloudimg: error: {}", for_terminal(&format!("{e:#}")));
                 entries.push(
                     serde_json::json!({"input": input, "ok": false, "exit_code": this, "error": format!("{e:#}")}),
                 );
@@ -126,7 +130,7 @@ fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {
         println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
     } else {
         for r in &reports {
-            print!("{}", inspect::render(r));
+            print!("{}", for_terminal(&inspect::render(r)));
         }
     }
     inspect::exit_code(&reports)
@@ -156,7 +160,7 @@ fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
             if args.json {
                 print_json(&json);
             } else if !args.quiet {
-                print!("{text}");
+                print!("{}", for_terminal(&text));
             }
             exit_codes::SUCCESS
         }
@@ -201,47 +205,50 @@ fn print_check(check: &doctor::Check) {
 }
 
 fn print_summary(summary: &customize::Summary, diff: &str) {
+    let mut out = String::new();
     if summary.dry_run {
         if diff.is_empty() {
-            println!("{} already has these settings; nothing would change.", summary.file);
+            out += &format!("{} already has these settings; nothing would change.\n", summary.file);
         } else {
-            print!("{diff}");
+            out += diff;
         }
     } else if !summary.changed {
-        println!("{} already had these settings; the output has the same configuration.", summary.file);
+        out += &format!("{} already had these settings; the output has the same configuration.\n", summary.file);
     }
     for note in &summary.notes {
-        println!("{note}");
+        out += &format!("{note}\n");
     }
     let user = summary.user.as_deref().unwrap_or("-");
-    match (&summary.effective, summary.method) {
-        (Some(e), _) => println!(
-            "user {user}: password ({}) via {}, expire {}, ssh_pwauth {}, sshd PasswordAuthentication {}",
+    out += &match (&summary.effective, summary.method) {
+        (Some(e), _) => format!(
+            "user {user}: password ({}) via {}, expire {}, ssh_pwauth {}, sshd PasswordAuthentication {}\n",
             e.outcome.password_kind,
             summary.form.map_or("nothing (no password given)", |f| f.describe()),
             e.outcome.expire,
             e.outcome.ssh_pwauth.map_or("unchanged".to_string(), |b| b.to_string()),
             e.sshd.as_ref().map_or("n/a (no sshd)", |d| if d.password_authentication { "yes" } else { "no" }),
         ),
-        (None, "shadow") => println!(
-            "user {user}: password set in /etc/shadow ({} hash) because {}",
+        (None, "shadow") => format!(
+            "user {user}: password set in /etc/shadow ({} hash) because {}\n",
             summary.shadow_algorithm.map_or("", |a| a.name()),
             summary.method_reason
         ),
-        _ => println!("locked: no password is set by cloud-init's configuration"),
-    }
+        _ => "locked: no password is set by cloud-init's configuration\n".to_string(),
+    };
     if let Some(output) = &summary.output {
-        println!("Wrote {} in {:.1} s.", output.display(), summary.elapsed_seconds);
+        out += &format!("Wrote {} in {:.1} s.\n", output.display(), summary.elapsed_seconds);
     }
     match (&summary.upload, &summary.openstack_command) {
-        (Some(uploaded), _) => print!("{}", upload::render(uploaded)),
-        (None, Some(command)) => println!("To upload it with its properties:\n  {command}"),
+        (Some(uploaded), _) => out += &upload::render(uploaded),
+        (None, Some(command)) => out += &format!("To upload it with its properties:\n  {command}\n"),
         (None, None) => {}
     }
+    // Guest data (the diff, os-release in the properties, file names) is in there.
+    print!("{}", for_terminal(&out));
 }
 
 fn fail(error: &anyhow::Error) -> i32 {
     cloudimg::cleanup::checkpoint();
-    eprintln!("cloudimg: error: {error:#}");
+    eprintln!("cloudimg: error: {}", for_terminal(&format!("{error:#}")));
     exit_codes::code_of(error)
 }

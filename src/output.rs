@@ -184,6 +184,8 @@ pub struct Pending {
     file: File,
     name: TempName,
     dest: PathBuf,
+    /// Tells a later run's sweep that this file's writer is alive.
+    _alive: cleanup::Alive,
 }
 
 /// The temporary name of a [`Pending`] file. Dropped, it is removed, but only while it still names
@@ -204,10 +206,12 @@ impl Pending {
             .into_parts();
         cleanup::register(&temp);
         let meta = file.metadata().with_context(|| format!("reading {}", temp.display()))?;
+        let alive = cleanup::Alive::hold(&file);
         Ok(Pending {
             file,
             name: TempName { path: Some(temp), id: (meta.dev(), meta.ino()) },
             dest: dest.to_path_buf(),
+            _alive: alive,
         })
     }
 
@@ -261,6 +265,7 @@ impl Pending {
             return Err(e.error).with_context(|| format!("moving the finished image to {}", self.dest.display()));
         }
         cleanup::unregister(&temp_path);
+        cleanup::written(&self.dest);
         cleanup::fault_point("renamed");
         let dir = parent_dir(&self.dest);
         File::options()

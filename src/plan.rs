@@ -9,7 +9,7 @@ use crate::cloud_config::deprecations::{self, Account};
 use crate::cloud_config::merge::{self, ConfigFile};
 use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::yaml11::Value;
-use crate::cloud_config::{edit, keys, yaml11};
+use crate::cloud_config::{edit, keys, secrets, yaml11};
 use crate::exit_codes::{with_code, BAD_GUEST};
 use crate::guest_config::CloudFile;
 use crate::shadow;
@@ -51,8 +51,11 @@ pub struct Plan {
     /// `None` when the target file does not exist yet.
     pub old_text: Option<String>,
     pub new_text: String,
-    /// The new text with the stored password replaced by a mask, for diffs.
-    pub masked_text: String,
+    /// The old and new texts with every password masked, for diffs.
+    masked_old: String,
+    masked_new: String,
+    /// Whether the new text holds a password (its own or another user's).
+    pub holds_secret: bool,
     pub changed_keys: Vec<String>,
     pub effective: Effective,
     /// What cloud-init will log at WARNING or DEPRECATED level with the edited files.
@@ -60,7 +63,6 @@ pub struct Plan {
     pub findings: Vec<Finding>,
 }
 
-const MASK: &str = "********";
 const DROP_IN_HEADER: &str = "# Written by cloudimg: password login settings for cloud-init.\n";
 
 impl Plan {
@@ -68,10 +70,9 @@ impl Plan {
         !self.changed_keys.is_empty()
     }
 
-    /// A unified diff of the target file, with the secret masked.
+    /// A unified diff of the target file, with every password masked.
     pub fn masked_diff(&self) -> String {
-        let old = self.old_text.as_deref().unwrap_or("");
-        similar::TextDiff::from_lines(old, &self.masked_text)
+        similar::TextDiff::from_lines(&self.masked_old, &self.masked_new)
             .unified_diff()
             .header(&format!("a{}", self.target), &format!("b{}", self.target))
             .to_string()
@@ -142,16 +143,17 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
         Ok((form, edited))
     };
     let (form, edited) = edit_with(req.stored.clone())?;
-    let masked = req.stored.as_ref().map(|stored| match stored {
-        Stored::Hash(_) => Stored::Hash(MASK.into()),
-        Stored::Plain(_) => Stored::Plain(MASK.into()),
-    });
-    let (_, masked_edit) = edit_with(masked)?;
 
     let new_parsed = ConfigFile {
         path: req.target.to_string(),
         root: yaml11::parse(&edited.text).context("re-reading the edited text")?.root,
     };
+    let ours = req.stored.as_ref().map(|stored| match stored {
+        Stored::Hash(text) | Stored::Plain(text) => text.as_str(),
+    });
+    let masked_old = old_text.as_deref().map_or(String::new(), |old| secrets::masked_text(old, ours));
+    let masked_new = secrets::masked_text(&edited.text, ours);
+    let holds_secret = secrets::holds_secret(&new_parsed.root);
     let mut after: Vec<ConfigFile> = parsed.iter().filter(|f| f.path != req.target).cloned().collect();
     after.push(new_parsed);
     merge::sort_by_priority(&mut after);
@@ -188,7 +190,9 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
         target: req.target.to_string(),
         old_text,
         new_text: edited.text,
-        masked_text: masked_edit.text,
+        masked_old,
+        masked_new,
+        holds_secret,
         changed_keys: edited.changed_keys,
         effective,
         logged,
@@ -283,5 +287,60 @@ mod tests {
         }
         // Every combination but the refused user was planned and judged.
         assert_eq!(checked, 3 * 13 * 6 * 2);
+    }
+
+    const BASE: &str = "cloud_config_modules: [set_passwords]\nsystem_info: {default_user: {name: debian}}\n";
+
+    fn plan_for(old: &str, stored: Stored, already_set: &dyn Fn(&str) -> bool) -> Plan {
+        let files = [parse_file("/etc/cloud/cloud.cfg", format!("{BASE}{old}")).unwrap()];
+        let facts = Facts {
+            files: &files,
+            version: "23.1".parse().unwrap(),
+            passwd_users: &[],
+            sshd: None,
+            shadow: None,
+            booted_before: false,
+        };
+        let request = Request {
+            user: None,
+            stored: Some(stored),
+            ssh_keys: &[],
+            already_set,
+            expire: false,
+            ssh_pwauth: None,
+            target: "/etc/cloud/cloud.cfg",
+        };
+        plan(&facts, &request).unwrap()
+    }
+
+    #[test]
+    fn the_diff_shows_no_password_whatever_put_it_in_the_text() {
+        // An entry that already stands for the password is kept, and the block is re-rendered around it
+        // (expire changes) with another user's clear text in it.
+        let kept = "$6$kept$KEPTHASHKEPTHASHKEPT";
+        let old = format!(
+            "chpasswd:\n  expire: true\n  users:\n  - {{name: debian, password: {kept}, type: hash}}\n  - {{name: ops, password: opspass, type: text}}\n"
+        );
+        let p = plan_for(&old, Stored::Hash("$6$new$NEWHASHNEWHASHNEW".into()), &|t| t == kept);
+        assert!(p.new_text.contains(kept), "the matching entry is kept: {}", p.new_text);
+        let diff = p.masked_diff();
+        assert!(diff.contains("+  expire: false"), "{diff}");
+        for secret in ["KEPTHASH", "opspass", "NEWHASH"] {
+            assert!(!diff.contains(secret), "{secret} in:\n{diff}");
+        }
+        assert!(p.holds_secret);
+
+        // --plaintext, with the same clear text already there.
+        let old = "chpasswd:\n  expire: true\n  users:\n  - {name: debian, password: correct horse, type: text}\n";
+        let p = plan_for(old, Stored::Plain("correct horse".into()), &|t| t == "correct horse");
+        let diff = p.masked_diff();
+        assert!(diff.contains("+  expire: false") && !diff.contains("correct horse"), "{diff}");
+
+        // A replaced password shows as a change of mask.
+        let old = format!("chpasswd:\n  users: [{{name: debian, password: {kept}}}]\n");
+        let p = plan_for(&old, Stored::Hash("$6$new$NEWHASHNEWHASHNEW".into()), &|_| false);
+        let diff = p.masked_diff();
+        assert!(diff.contains("-    password: '<hidden>'\n") && diff.contains("+    password: '********'\n"), "{diff}");
+        assert!(!diff.contains("KEPTHASH") && !diff.contains("NEWHASH"), "{diff}");
     }
 }

@@ -1,6 +1,7 @@
 //! Talking to the user: one line per phase with the elapsed time, like the virt tools, on stdout (on
 //! stderr with --json, whose report owns stdout); warnings and errors on stderr.
 
+use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
@@ -70,10 +71,11 @@ impl Reporter {
     }
 
     pub fn warn(&self, what: &str) {
-        eprintln!("cloudimg: warning: {what}");
+        eprintln!("cloudimg: warning: {}", for_terminal(what));
     }
 
     fn line(&self, line: &str) {
+        let line = for_terminal(line);
         if self.json {
             eprintln!("{line}");
         } else {
@@ -82,6 +84,30 @@ impl Reporter {
             let _ = out.flush();
         }
     }
+}
+
+/// Text safe to print on a terminal: control characters, which could move the cursor, rewrite the
+/// screen or the window title, or answer back, are shown as `\x1b`-style escapes, as are the Unicode
+/// marks that reorder text; newlines and tabs stay. Guest data (os-release, file names, YAML errors
+/// quoting the file) reaches every message, so everything cloudimg prints for people goes through
+/// here (JSON is escaped by serde).
+pub fn for_terminal(text: &str) -> Cow<'_, str> {
+    let escaped = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            c if !escaped(c) => out.push(c),
+            c if u32::from(c) <= 0xff => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// See [`Reporter::progress`].
@@ -126,6 +152,16 @@ fn quarter_reached(done: u32, percent: f64) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_and_reordering_marks_are_shown_escaped() {
+        assert_eq!(for_terminal("plain text\n\twith a tab"), "plain text\n\twith a tab");
+        assert_eq!(
+            for_terminal("Debian \x1b]0;pwned\x07\x1b[2J\r\u{9b}31m\u{202e}txt.exe\u{7f}"),
+            "Debian \\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x9b31m\\u{202e}txt.exe\\x7f"
+        );
+        assert!(matches!(for_terminal("é 日本"), Cow::Borrowed(_)));
+    }
 
     #[test]
     fn plain_progress_lines_come_once_per_quarter() {

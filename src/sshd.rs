@@ -5,7 +5,7 @@
 //! cloud-init's `ssh_pwauth` changes those files before sshd starts, in a way that depends on its
 //! version, so the decision is made on the files as cloud-init will leave them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::cloud_config::version::CloudInitVersion;
 
@@ -28,7 +28,7 @@ pub struct Decision {
 
 /// sshd's global `PasswordAuthentication`.
 pub fn password_authentication(files: &Files) -> Decision {
-    first_value(files, MAIN_CONFIG, "passwordauthentication", 0)
+    first_value(files, "passwordauthentication")
         .map(|(value, set_by)| Decision {
             password_authentication: value.eq_ignore_ascii_case("yes"),
             set_by: Some(set_by),
@@ -51,7 +51,7 @@ impl RootLogin {
 }
 
 pub fn permit_root_login(files: &Files) -> RootLogin {
-    match first_value(files, MAIN_CONFIG, "permitrootlogin", 0) {
+    match first_value(files, "permitrootlogin") {
         Some((value, set_by)) => RootLogin { value: value.to_ascii_lowercase(), set_by: Some(set_by) },
         None => RootLogin { value: "prohibit-password".into(), set_by: None },
     }
@@ -91,40 +91,150 @@ pub fn enable_password_authentication(files: &Files) -> Files {
     changed
 }
 
-fn first_value(files: &Files, path: &str, option: &str, depth: usize) -> Option<(String, String)> {
-    let text = files.get(path)?;
-    if depth > 16 {
-        return None;
-    }
-    for (number, line) in text.lines().enumerate() {
-        let Some((keyword, args)) = split_option(line) else {
-            continue;
-        };
-        match keyword.to_ascii_lowercase().as_str() {
-            "match" => return None,
-            "include" => {
-                for pattern in args.split_whitespace() {
-                    let pattern =
-                        if pattern.starts_with('/') { pattern.to_string() } else { format!("/etc/ssh/{pattern}") };
-                    let Ok(glob) = glob::Pattern::new(&pattern) else {
-                        continue;
-                    };
-                    // BTreeMap keys are already in sorted order, as sshd's glob() gives them.
-                    for included in files.keys().filter(|p| glob.matches(p)) {
-                        if let Some(found) = first_value(files, included, option, depth + 1) {
-                            return Some(found);
+/// sshd stops with "Too many recursive configuration includes" when Includes nest deeper than this
+/// (OpenSSH's servconf.c, `SERVCONF_MAX_DEPTH`).
+const MAX_INCLUDE_DEPTH: usize = 16;
+
+/// sshd reads a file again at every Include that names it. Past this many reads (or this many Include
+/// arguments) a configuration is an Include bomb: cloudimg does not follow it, and sshd would take
+/// exponential time over it.
+pub const MAX_INCLUDE_READS: usize = 1000;
+
+/// The option's first value and its `file:line`, reading as sshd does from its main file. Each file is
+/// read once: a file read before gave no value then and gives none again (a file that includes itself
+/// is refused by [`include_problem`]), which keeps a fan-out of Includes linear.
+fn first_value(files: &Files, option: &str) -> Option<(String, String)> {
+    let mut walk = Walk { files, seen: HashSet::new(), budget: MAX_INCLUDE_READS };
+    walk.first_value(MAIN_CONFIG, option, 0)
+}
+
+struct Walk<'a> {
+    files: &'a Files,
+    /// Files already read.
+    seen: HashSet<&'a str>,
+    /// Include arguments and included files still allowed.
+    budget: usize,
+}
+
+impl<'a> Walk<'a> {
+    fn first_value(&mut self, path: &'a str, option: &str, depth: usize) -> Option<(String, String)> {
+        let text = self.files.get(path)?;
+        if depth > MAX_INCLUDE_DEPTH || !self.seen.insert(path) {
+            return None;
+        }
+        for (number, line) in text.lines().enumerate() {
+            let Some((keyword, args)) = split_option(line) else {
+                continue;
+            };
+            match keyword.to_ascii_lowercase().as_str() {
+                "match" => return None,
+                "include" => {
+                    for pattern in args.split_whitespace() {
+                        self.budget = self.budget.checked_sub(1)?;
+                        for included in included(self.files, pattern) {
+                            self.budget = self.budget.checked_sub(1)?;
+                            if let Some(found) = self.first_value(included, option, depth + 1) {
+                                return Some(found);
+                            }
                         }
                     }
                 }
+                k if k == option => {
+                    let value = args.split_whitespace().next().unwrap_or("").to_string();
+                    return Some((value, format!("{path}:{}", number + 1)));
+                }
+                _ => {}
             }
-            k if k == option => {
-                let value = args.split_whitespace().next().unwrap_or("").to_string();
-                return Some((value, format!("{path}:{}", number + 1)));
-            }
-            _ => {}
         }
+        None
     }
-    None
+}
+
+/// The files one `Include` argument names, in the order sshd reads them (sorted, as its glob() gives
+/// them; BTreeMap keys already are).
+fn included<'a>(files: &'a Files, pattern: &str) -> impl Iterator<Item = &'a str> + 'a {
+    let pattern = if pattern.starts_with('/') { pattern.to_string() } else { format!("/etc/ssh/{pattern}") };
+    let glob = glob::Pattern::new(&pattern).ok();
+    files.keys().map(String::as_str).filter(move |p| glob.as_ref().is_some_and(|g| g.matches(p)))
+}
+
+/// Why sshd would not start with these files, or why cloudimg will not work out what it does: an
+/// Include that reads a file already being read (sshd then nests until it stops), Includes nested
+/// deeper than sshd allows, or more reads than [`MAX_INCLUDE_READS`]. sshd reads every Include,
+/// inside `Match` blocks too, so all of them count. The work is bounded by the number of files times
+/// that cap, whatever the fan-out.
+pub fn include_problem(files: &Files) -> Option<String> {
+    let mut check = IncludeCheck { files, reads: HashMap::new(), reading: Vec::new(), arguments: MAX_INCLUDE_READS };
+    check.reads(MAIN_CONFIG, 0).err()
+}
+
+struct IncludeCheck<'a> {
+    files: &'a Files,
+    /// For each file read to its end: how many reads sshd makes for it (itself and its Includes,
+    /// again at each repeat) and how deep its Includes nest.
+    reads: HashMap<&'a str, (usize, usize)>,
+    /// The chain of files being read.
+    reading: Vec<&'a str>,
+    /// Include arguments still allowed.
+    arguments: usize,
+}
+
+impl<'a> IncludeCheck<'a> {
+    fn reads(&mut self, path: &'a str, depth: usize) -> Result<(usize, usize), String> {
+        let Some(text) = self.files.get(path) else { return Ok((0, 0)) };
+        if let Some(&(reads, height)) = self.reads.get(path) {
+            if depth + height > MAX_INCLUDE_DEPTH {
+                return Err(self.too_deep(path));
+            }
+            return Ok((reads, height));
+        }
+        self.reading.push(path);
+        let (mut reads, mut height) = (1usize, 0);
+        for (number, line) in text.lines().enumerate() {
+            let Some((keyword, args)) = split_option(line) else { continue };
+            if !keyword.eq_ignore_ascii_case("include") {
+                continue;
+            }
+            for pattern in args.split_whitespace() {
+                self.arguments = self.arguments.checked_sub(1).ok_or_else(|| self.too_many(path, number))?;
+                for included in included(self.files, pattern) {
+                    if self.reading.contains(&included) {
+                        return Err(format!(
+                            "{path} line {} includes {included}, which is already being read ({}): sshd nests such Includes until it stops with \"Too many recursive configuration includes\" and does not start; remove that Include",
+                            number + 1,
+                            self.reading.join(" -> ")
+                        ));
+                    }
+                    if depth + 1 > MAX_INCLUDE_DEPTH {
+                        return Err(self.too_deep(included));
+                    }
+                    let (more, below) = self.reads(included, depth + 1)?;
+                    reads = reads.saturating_add(more);
+                    height = height.max(below + 1);
+                    if reads > MAX_INCLUDE_READS {
+                        return Err(self.too_many(path, number));
+                    }
+                }
+            }
+        }
+        self.reading.pop();
+        self.reads.insert(path, (reads, height));
+        Ok((reads, height))
+    }
+
+    fn too_deep(&self, path: &str) -> String {
+        format!(
+            "sshd's Includes nest deeper than its limit of {MAX_INCLUDE_DEPTH} ({} -> {path}): sshd stops with \"Too many recursive configuration includes\" and does not start",
+            self.reading.join(" -> ")
+        )
+    }
+
+    fn too_many(&self, path: &str, number: usize) -> String {
+        format!(
+            "sshd would read more than {MAX_INCLUDE_READS} files, since its Includes read the same files again and again (from {path} line {}); cloudimg does not follow such a configuration: remove the repeated Include lines",
+            number + 1
+        )
+    }
 }
 
 /// `Keyword args` or `Keyword=args`, skipping blanks and comments.
@@ -230,6 +340,71 @@ mod tests {
         assert!(d.password_authentication);
         assert_eq!(d.set_by.as_deref(), Some("/etc/ssh/sshd_config.d/10-a.conf:2"));
         assert!(enable_password_authentication(&files(&[(MAIN_CONFIG, "UsePAM yes\n")])).is_empty());
+    }
+
+    /// Drop-ins that each include the whole directory, none setting anything: without a record of the
+    /// files read, the resolver followed 20^16 paths before reaching the main file's next line.
+    fn fan_out_bomb(count: usize) -> Files {
+        let mut f = files(&[(MAIN_CONFIG, "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication no\n")]);
+        for i in 0..count {
+            f.insert(format!("{DROP_IN_DIR}/{i:02}.conf"), "Include /etc/ssh/sshd_config.d/*.conf\n".into());
+        }
+        f
+    }
+
+    #[test]
+    fn an_include_fan_out_bomb_is_resolved_in_linear_time_and_reported() {
+        let bomb = fan_out_bomb(20);
+        let d = password_authentication(&bomb);
+        assert!(!d.password_authentication);
+        assert_eq!(d.set_by.as_deref(), Some("/etc/ssh/sshd_config:2"));
+        assert_eq!(permit_root_login(&bomb).set_by, None);
+        assert!(enable_password_authentication(&bomb).contains_key(MAIN_CONFIG));
+        let problem = include_problem(&bomb).expect("sshd itself refuses this");
+        assert!(
+            problem.contains("/etc/ssh/sshd_config.d/00.conf line 1 includes /etc/ssh/sshd_config.d/00.conf")
+                && problem.contains("Too many recursive configuration includes"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn includes_without_a_loop_are_refused_when_sshd_would_read_too_many_files_or_nest_too_deep() {
+        // Level i's three files each include all of level i + 1's: 3^16 reads for sshd, no loop.
+        let mut f = files(&[(MAIN_CONFIG, "Include sshd_config.d/l01-*.conf\n")]);
+        for level in 1..=16 {
+            for i in 0..3 {
+                let next = if level < 16 {
+                    format!("Include sshd_config.d/l{:02}-*.conf\n", level + 1)
+                } else {
+                    String::new()
+                };
+                f.insert(format!("{DROP_IN_DIR}/l{level:02}-{i}.conf"), next);
+            }
+        }
+        assert!(include_problem(&f).unwrap().contains("more than 1000 files"), "{:?}", include_problem(&f));
+        assert!(password_authentication(&f).password_authentication);
+
+        let chain = |length: usize| -> Files {
+            let mut f = files(&[(MAIN_CONFIG, "Include c01.conf\n")]);
+            for i in 1..=length {
+                f.insert(format!("/etc/ssh/c{i:02}.conf"), format!("Include c{:02}.conf\n", i + 1));
+            }
+            f
+        };
+        assert_eq!(include_problem(&chain(16)), None, "sshd reads 16 nested Includes");
+        assert!(include_problem(&chain(17)).unwrap().contains("deeper than its limit of 16"));
+    }
+
+    #[test]
+    fn the_same_drop_ins_included_twice_are_fine() {
+        let f = files(&[
+            (MAIN_CONFIG, "Include /etc/ssh/sshd_config.d/*.conf\nInclude sshd_config.d/*.conf\nUsePAM yes\n"),
+            UBUNTU_60,
+        ]);
+        assert_eq!(include_problem(&f), None);
+        assert!(!password_authentication(&f).password_authentication);
+        assert_eq!(include_problem(&files(&[(MAIN_CONFIG, UBUNTU_MAIN)])), None);
     }
 
     #[test]

@@ -105,3 +105,35 @@ fn one_run_customizes_copies_and_fails_only_the_bad_images() {
         assert!(system_crypt_verifies(PASSWORD, hash), "{hash}");
     }
 }
+
+#[test]
+fn an_image_whose_fstab_names_another_images_volume_is_refused_alone() {
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name);
+    std::fs::write(t("pw"), format!("{PASSWORD}\n")).unwrap();
+    let (rocky, borrower) = (t("rocky.qcow2"), t("borrower.qcow2"));
+    std::fs::copy(fx.image("rocky-lvm-xfs"), &rocky).unwrap();
+    std::fs::copy(fx.image("debian-fstab-borrows-lvm"), &borrower).unwrap();
+    std::fs::create_dir(t("out")).unwrap();
+    let (out_dir, pw) = (t("out"), t("pw"));
+    let args = ["customize", p(&rocky), p(&borrower), "--out-dir", p(&out_dir), "--password-file", p(&pw), "--json"];
+    let out = cloudimg(&args, None, &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+    let (rocky_entry, borrower_entry) = (&report[0], &report[1]);
+    assert_eq!(rocky_entry["ok"], true, "{rocky_entry}");
+    assert_eq!(borrower_entry["exit_code"], 4, "{borrower_entry}");
+    let error = borrower_entry["error"].as_str().unwrap();
+    assert!(
+        error.contains("/etc/fstab mounts /var from /dev/mapper/rl-root")
+            && error.contains("/dev/rl/root is not one of this image's own filesystems"),
+        "{error}"
+    );
+    assert!(!stderr.contains("gets an appliance launch of its own"), "the two shared the appliance: {stderr}");
+    assert!(!t("out/borrower.qcow2").exists());
+    let cfg = ["/etc/cloud/cloud.cfg"];
+    let hash = configured_hash(&ReadBack::open(&[&t("out/rocky.qcow2")]).read("/dev/rl/root", "", &cfg), "rocky");
+    assert!(system_crypt_verifies(PASSWORD, &hash), "the other image is customized: {hash}");
+}

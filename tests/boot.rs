@@ -14,9 +14,7 @@
 
 mod common;
 
-use std::hash::{Hash, Hasher};
 use std::net::TcpListener;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Condvar, Mutex};
@@ -24,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use common::{cloudimg, text};
 
-const RECIPE: &str = include_str!("../scripts/build-debian-image");
 const PASSWORD: &str = "boot-test: Correct horse 'battery'";
 const OPS_PASSWORD: &str = "ops: another 'secret' #2";
 const BOOT_DEADLINE: Duration = Duration::from_secs(20 * 60);
@@ -38,29 +35,25 @@ struct Image {
 }
 
 impl Image {
-    /// Builds the image unless the cache has it; two tests asking for the same suite wait for one build.
+    /// The suite's image from `scripts/boot-images`, which builds it unless its cache has it (CI
+    /// starts it early, in the background) and makes two runs asking for one suite wait for one build.
     fn get(suite: &'static str) -> Image {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (RECIPE, suite).hash(&mut hasher);
-        let root = std::env::var_os("CLOUDIMG_BOOT_CACHE")
+        let cache = std::env::var_os("CLOUDIMG_BOOT_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-image"));
-        let dir = root.join(format!("{suite}-{:016x}", hasher.finish()));
-        std::fs::create_dir_all(&root).unwrap();
-        let lock = std::fs::File::create(root.join(format!(".{suite}.lock"))).unwrap();
-        // SAFETY: flock on a file we own; released when `lock` is dropped.
-        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-        if !dir.join("debian.qcow2").exists() {
-            let started = Instant::now();
-            let status = Command::new("timeout")
-                .args(["1800", concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-debian-image"), suite])
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(status.success(), "building the {suite} image failed");
-            eprintln!("boot: built the {suite} image in {:.0} s", started.elapsed().as_secs_f64());
-        }
-        let image = Image { suite, dir };
+        let started = Instant::now();
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/boot-images"))
+            .arg(&cache)
+            .arg(suite)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "building the {suite} image failed");
+        let listed = text(&out.stdout);
+        let dir =
+            listed.trim().strip_prefix(&format!("{suite} ")).unwrap_or_else(|| panic!("boot-images said: {listed}"));
+        eprintln!("boot: the {suite} image was ready after {:.0} s", started.elapsed().as_secs_f64());
+        let image = Image { suite, dir: PathBuf::from(dir) };
         image.make_pvh_kernel();
         image
     }

@@ -58,7 +58,8 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     let d = &reports[0];
     assert_eq!(d["system"]["os_id"], "debian");
     assert_eq!(d["file"]["compat"], "1.1");
-    assert_eq!(d["analysis"]["cloud_init"]["version"], "22.4.2");
+    assert_eq!(d["analysis"]["cloud_init"]["version"]["version"], "22.4.2");
+    assert_eq!(d["analysis"]["cloud_init"]["version"]["source"], "version-py");
     assert_eq!(d["analysis"]["cloud_init"]["default_user"], "debian");
     assert_eq!(d["analysis"]["cloud_init"]["passwords"], serde_json::json!([]));
     assert_eq!(d["analysis"]["booted_before"], false);
@@ -117,6 +118,10 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     assert_eq!(reports[0]["password_login"]["works"], true);
     assert_eq!(reports[0]["analysis"]["cloud_init"]["passwords"][0]["kind"], "hash");
     assert_eq!(reports[0]["analysis"]["cloud_init"]["passwords"][0]["file"], "/etc/cloud/cloud.cfg");
+    let exposed = reports[0]["findings"].as_array().unwrap().iter().find(|f| {
+        f["message"].as_str().unwrap().starts_with("/etc/cloud/cloud.cfg holds a password and is readable by its group")
+    });
+    assert!(exposed.is_some_and(|f| f["fix"].as_str().unwrap().contains("--drop-in")), "{}", reports[0]["findings"]);
     assert!(
         reports[1]["unmet"][0].as_str().unwrap().starts_with("password-login: nothing sets a password"),
         "{}",

@@ -236,13 +236,23 @@ fn customized_images_of_every_layout_read_back_correctly() {
     let inplace = rb.read("/dev/sde1", "", &[cfg]);
     let debian_again = rb.read("/dev/sdf1", "", &[cfg]);
     let debian_mode = rb.owner_mode("/dev/sda1", "", cfg);
+    let ubuntu_drop_in_mode = rb.owner_mode("/dev/sdb3", "", drop_in);
 
     // Debian: cloud.cfg edited, original bytes kept as a prefix, mode/owner kept.
     let debian_cfg = cloud_cfg_of(&debian, cfg);
     assert!(debian_cfg.starts_with(common::DEBIAN_CFG), "Debian's original text must be kept");
     assert!(debian[drop_in].is_none());
     assert_eq!(debian_mode, (0o640, 0, 4));
-    // Ubuntu: cloud.cfg untouched, the drop-in carries the settings.
+    // cloud.cfg keeps its mode, so the hash is readable by its group (adm): said, with the way out.
+    let debian_warnings = text(&outputs[0].stderr);
+    assert!(
+        debian_warnings.contains("/etc/cloud/cloud.cfg holds a password and is readable by its group on an instance")
+            && debian_warnings.contains("--drop-in writes it to /etc/cloud/cloud.cfg.d/99-cloudimg.cfg with mode 0600"),
+        "{debian_warnings}"
+    );
+    // Ubuntu: cloud.cfg untouched, the drop-in carries the settings and is root's alone (not 0644
+    // like the cloud.cfg it takes its label from).
+    assert_eq!(ubuntu_drop_in_mode, (0o600, 0, 0));
     assert_eq!(cloud_cfg_of(&ubuntu, cfg), common::UBUNTU_CFG);
     assert_eq!(
         ubuntu["/etc/ssh/sshd_config.d/60-cloudimg-settings.conf"].as_deref(),
@@ -432,4 +442,58 @@ fn settings_that_would_not_work_are_refused() {
         "{diff}"
     );
     assert!(!out.exists());
+}
+
+/// A loop device attached read-only to a file; detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    /// `None` where loop devices cannot be made (not root, no loop module).
+    fn attach(file: &Path) -> Option<LoopDevice> {
+        let out = std::process::Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(file).output();
+        let out = out.ok().filter(|o| o.status.success())?;
+        Some(LoopDevice(text(&out.stdout).trim().to_string()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["--detach", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_block_device_is_an_input_like_a_file() {
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name);
+    std::fs::write(t("pw"), format!("{PASSWORD}\n")).unwrap();
+    let raw = t("disk.raw");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw", p(&fx.image("debian-ext4")), p(&raw)])
+        .status()
+        .unwrap();
+    assert!(converted.success());
+    let Some(device) = LoopDevice::attach(&raw) else {
+        eprintln!("skipped: no loop device can be attached here (needs root and losetup)");
+        return;
+    };
+    let sum = sha256(&raw);
+
+    let audit = cloudimg(&["inspect", &device.0, "--json"], None, &[]);
+    assert!(audit.status.success(), "{}", text(&audit.stderr));
+    let report: Value = serde_json::from_slice(&audit.stdout).unwrap();
+    assert_eq!(report[0]["file"]["virtual_size"], std::fs::metadata(&raw).unwrap().len(), "{report}");
+
+    let out = cloudimg(&["customize", &device.0, "-o", p(&t("out.qcow2")), "--password-file", p(&t("pw"))], None, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let files = ReadBack::open(&[&t("out.qcow2")]).read("/dev/sda1", "", &["/etc/cloud/cloud.cfg"]);
+    let cfg = &pyyaml(&[cloud_cfg_of(&files, "/etc/cloud/cloud.cfg")])[0];
+    let hash = cfg["chpasswd"]["users"][0]["password"].as_str().unwrap_or_else(|| panic!("{cfg}"));
+    assert!(system_crypt_verifies(PASSWORD, hash), "{hash}");
+    assert_eq!(sha256(&raw), sum, "the device was only read");
+
+    let refused = cloudimg(&["customize", &device.0, "--in-place", "--password-file", p(&t("pw"))], None, &[]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("--in-place cannot rewrite the block device"), "{}", text(&refused.stderr));
 }

@@ -251,6 +251,22 @@ fn sigint_and_sigterm_clean_up_at_once() {
 }
 
 #[test]
+fn a_run_holding_the_password_can_dump_no_core() {
+    let bench = Bench::new();
+    let (input, _, output) = bench.input_and_output();
+    let args = bench.customize(&input, Some(&output));
+    let mut child = bench.command(&args_ref(&args), Some("creating-overlay")).spawn().unwrap();
+    wait_until_stopped(&mut child, "creating-overlay");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    signal(child.id(), libc::SIGTERM);
+    signal(child.id(), libc::SIGCONT);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    // Soft and hard limit: no child (qemu, qemu-img) can raise it again either.
+    assert_eq!(core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(), ["0", "0"], "{limits}");
+}
+
+#[test]
 fn a_killed_appliance_is_an_appliance_error_and_leaves_nothing() {
     let bench = Bench::new();
     let (input, input_sum, output) = bench.input_and_output();
@@ -267,6 +283,61 @@ fn a_killed_appliance_is_an_appliance_error_and_leaves_nothing() {
         });
     assert_eq!(status.code(), Some(6), "{stderr}");
     assert_no_survivors(&children, "qemu killed");
+    assert_eq!(sha256(&input), input_sum);
+    assert!(!output.exists());
+    assert_eq!(bench.extra_files(&[input.as_path()]), Vec::<String>::new(), "{stderr}");
+}
+
+#[test]
+fn interrupted_between_two_outputs_of_a_batch_the_last_word_names_the_written_one() {
+    let bench = Bench::new();
+    let (a, b) = (bench.image("a.qcow2"), bench.image("b.qcow2"));
+    let out = bench.dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let args = ["customize", p(&a), p(&b), "--out-dir", p(&out), "--password-file", p(&bench.pw)];
+    // Stopped as the first output has been renamed into place, then interrupted.
+    let (status, children, stderr) = fault_at(&mut bench.command(&args, Some("renamed")), "renamed", |pid| {
+        signal(pid, libc::SIGINT);
+        signal(pid, libc::SIGCONT);
+    });
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_no_survivors(&children, "interrupted batch");
+    let written = out.join("a.qcow2");
+    assert!(
+        stderr.contains(&format!("written completely before the stop: {}; no other output was written", p(&written))),
+        "{stderr}"
+    );
+    assert!(qemu_img_check(&written), "the output it names is complete");
+    let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec!["a.qcow2"], "the second output was not written");
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn an_analysis_that_outlasts_the_timeout_stops_the_run_and_leaves_nothing() {
+    // A stall in host-side work over the image's data (a configuration built to keep a parser busy),
+    // simulated by stopping the run while it analyses the image for longer than --timeout: when it
+    // continues, its deadline has passed. --timeout must also let the appliance start under TCG.
+    const TIMEOUT: u64 = 60;
+    let bench = Bench::new();
+    let (input, input_sum, output) = bench.input_and_output();
+    let mut args = bench.customize(&input, Some(&output));
+    args.extend(["--timeout".to_string(), TIMEOUT.to_string()]);
+    let mut cmd = bench.command(&args_ref(&args), Some("analysing"));
+    let (status, children, stderr) = fault_at(&mut cmd, "analysing", |pid| {
+        std::thread::sleep(Duration::from_secs(TIMEOUT + 2));
+        signal(pid, libc::SIGCONT);
+    });
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains(&format!("did not finish within {TIMEOUT} s (--timeout), so the run was stopped"))
+            && stderr.contains("no output was written"),
+        "{stderr}"
+    );
+    assert_no_survivors(&children, "analysis deadline");
     assert_eq!(sha256(&input), input_sum);
     assert!(!output.exists());
     assert_eq!(bench.extra_files(&[input.as_path()]), Vec::<String>::new(), "{stderr}");

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::sync::Mutex;
 
-use common::{cloudimg, fixtures, text, HOSTILE_GUESTS};
+use common::{cloudimg, fixtures, text, ESCAPING_PRETTY_NAME, HOSTILE_GUESTS, MATCHING_HASH, MATCHING_SECRET};
 
 /// (case, exit status, text the message must contain)
 const OUTCOMES: &[(&str, i32, &str)] = &[
@@ -32,6 +32,22 @@ const OUTCOMES: &[(&str, i32, &str)] = &[
         0,
         "50-dir.cfg in the guest is not a regular file; the checks cannot see",
     ),
+    // Refused at once, before a single file is read (reading them took hours).
+    (
+        "cloud.cfg.d holds 100 000 hard links to 1 MiB files",
+        4,
+        "/etc/cloud/cloud.cfg.d in the guest holds 100001 files, more than the 256 cloudimg reads",
+    ),
+    // sshd itself refuses to start; following the Includes took 20^16 steps.
+    ("sshd_config.d drop-ins each include the directory", 4, "Too many recursive configuration includes"),
+    (
+        "os-release and a drop-in name carry terminal escape sequences",
+        0,
+        "50-\\x1b[31mred.cfg in the guest is a symbolic link",
+    ),
+    // The image's own password is replaced (these runs give another one) and shown masked.
+    ("cloud.cfg holds the hash of the password being set", 0, "-    password: '<hidden>'"),
+    ("cloud.cfg holds the password being set in clear text", 0, "-    password: '<hidden>'"),
 ];
 
 #[test]
@@ -53,7 +69,8 @@ fn every_hostile_guest_gets_its_documented_outcome() {
                 let out = cloudimg(&[&args[..], &["--timeout", "300"]].concat(), None, &[]);
                 let (_, code, needle) = OUTCOMES.iter().find(|(c, _, _)| *c == case).unwrap();
                 let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
-                if out.status.code() != Some(*code) || !said.contains(needle) {
+                let leaked = said.contains(MATCHING_HASH) || said.contains(MATCHING_SECRET) || said.contains('\x1b');
+                if out.status.code() != Some(*code) || !said.contains(needle) || leaked {
                     failures
                         .lock()
                         .unwrap()
@@ -70,6 +87,104 @@ fn every_hostile_guest_gets_its_documented_outcome() {
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
+}
+
+/// `--root` for one of the hostile guests.
+fn root_of(case: &str) -> String {
+    format!("/dev/sda{}", HOSTILE_GUESTS.iter().position(|c| *c == case).unwrap() + 1)
+}
+
+/// Runs `cloudimg` with each argument list, two at a time (each is one appliance launch).
+fn run_pairs(jobs: Vec<Vec<String>>) -> Vec<std::process::Output> {
+    let mut outputs = Vec::new();
+    for pair in jobs.chunks(2) {
+        let handles: Vec<_> = pair
+            .iter()
+            .cloned()
+            .map(|args| {
+                std::thread::spawn(move || cloudimg(&args.iter().map(String::as_str).collect::<Vec<_>>(), None, &[]))
+            })
+            .collect();
+        outputs.extend(handles.into_iter().map(|h| h.join().unwrap()));
+    }
+    outputs
+}
+
+#[test]
+fn a_dry_run_never_prints_the_secret_or_its_hash_whatever_the_path() {
+    // The image already holds this password (hash, or clear text for --plaintext), so the entry is
+    // kept, and the chpasswd block around it is re-rendered (expire changes); with -v and --json too.
+    let image = fixtures().image("hostile-guests");
+    let tmp = tempfile::tempdir().unwrap();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, format!("{MATCHING_SECRET}\n")).unwrap();
+    // The kept hash is not the one this run would write: `<hidden>`; the clear text is: `********`.
+    let cases = [
+        ("cloud.cfg holds the hash of the password being set", None, "<hidden>"),
+        ("cloud.cfg holds the password being set in clear text", Some("--plaintext"), "********"),
+    ];
+    let mut jobs = Vec::new();
+    let mut masks = Vec::new();
+    for (case, plaintext, mask) in cases {
+        for extra in [&[][..], &["-v", "--json"][..]] {
+            let root = root_of(case);
+            let mut args = vec!["customize", p(&image), "--dry-run", "--root", &root, "--password-file", p(&pw)];
+            args.extend(plaintext);
+            args.extend(extra);
+            jobs.push(args.into_iter().map(str::to_string).collect());
+            masks.push(mask);
+        }
+    }
+    let outputs = run_pairs(jobs.clone());
+    let hash_part = MATCHING_HASH.rsplit('$').next().unwrap();
+    for ((args, out), mask) in jobs.iter().zip(&outputs).zip(masks) {
+        let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{args:?}: {said}");
+        assert!(!said.contains(MATCHING_SECRET) && !said.contains(hash_part), "{args:?} printed the secret:\n{said}");
+        if !args.contains(&"--json".to_string()) {
+            let kept = format!("     password: '{mask}'\n");
+            assert!(said.contains("+  expire: false") && said.contains(&kept), "{args:?}: {said}");
+        }
+    }
+}
+
+#[test]
+fn inspect_refuses_an_sshd_include_bomb_instead_of_following_it() {
+    // inspect asks for sshd's settings with nothing setting them (no `ssh_pwauth`): the resolver used
+    // to follow the drop-ins' 20^16 Include paths (stopped after 300 s without an answer).
+    let image = fixtures().image("hostile-guests");
+    let root = root_of("sshd_config.d drop-ins each include the directory");
+    let out = cloudimg(&["inspect", p(&image), "--root", &root], None, &[]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{said}");
+    assert!(
+        said.contains("/etc/ssh/sshd_config.d/00.conf line 1 includes /etc/ssh/sshd_config.d/00.conf")
+            && said.contains("Too many recursive configuration includes"),
+        "{said}"
+    );
+}
+
+#[test]
+fn guest_strings_reach_the_terminal_escaped() {
+    let image = fixtures().image("hostile-guests");
+    let tmp = tempfile::tempdir().unwrap();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, "hostile pw\n").unwrap();
+    let root = root_of("os-release and a drop-in name carry terminal escape sequences");
+    let outputs = run_pairs(vec![
+        ["inspect", p(&image), "--root", &root].iter().map(|s| s.to_string()).collect(),
+        ["customize", p(&image), "--dry-run", "-v", "--root", &root, "--password-file", p(&pw)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    ]);
+    let shown = ESCAPING_PRETTY_NAME.replace('\x1b', "\\x1b").replace('\x07', "\\x07");
+    for out in &outputs {
+        let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(!said.contains('\x1b') && !said.contains('\x07'), "raw control characters:\n{said:?}");
+        assert!(said.contains(&shown), "the name, escaped: {said}");
+        assert!(said.contains("50-\\x1b[31mred.cfg"), "{said}");
+    }
 }
 
 #[test]

@@ -195,5 +195,5 @@ fn hashes_verify_with_the_system_crypt() {
         .output()
         .unwrap();
     let glibc = common::text(&glibc.stdout).trim().to_string();
-    assert!(password::matches(&Secret::new("openstack".into()).unwrap(), &glibc), "{glibc}");
+    assert!(password::matches(&Secret::new("openstack".into()).unwrap(), &glibc).unwrap(), "{glibc}");
 }

@@ -198,7 +198,7 @@ fn to_json(value: &Value) -> Option<serde_json::Value> {
 
 fn map_to_json(map: &Mapping) -> Option<serde_json::Value> {
     let mut object = serde_json::Map::new();
-    for (k, v) in &map.0 {
+    for (k, v) in map.iter() {
         object.insert(k.as_str()?.to_string(), to_json(v)?);
     }
     Some(object.into())

@@ -29,6 +29,7 @@ const INPUTS: &[&str] = &[
     "gen-25.1.4",
     "gen-26.2-meson",
     "gen-dpkg-only",
+    "gen-rpm-only",
     "gen-disagreeing",
     "gen-unknown",
 ];
@@ -79,6 +80,20 @@ fn each_generation_is_read_from_its_own_files_and_says_where() {
         "/usr/lib/python3/dist-packages/cloudinit/meson_versions.py"
     );
     assert_eq!(entry("gen-dpkg-only")["report"]["cloud_init_version_source"]["raw"], "25.1.4-1+deb13u1");
+    // customize warns about what the image's cloud-init will report, though it is not cloudimg's.
+    let findings = entry("gen-26.2-meson")["report"]["findings"].as_array().unwrap();
+    assert!(
+        findings.iter().any(|f| f["message"]
+            .as_str()
+            .unwrap()
+            .contains("50-legacy.cfg: cloud-init 26.2.0 logs a DEPRECATED line for `users`")),
+        "{findings:#?}"
+    );
+    let rpm = &entry("gen-rpm-only")["report"]["cloud_init_version_source"];
+    assert_eq!(
+        (&rpm["path"], &rpm["raw"]),
+        (&Value::from("/var/lib/rpm/rpmdb.sqlite"), &Value::from("23.4-7.el9_4.1"))
+    );
 }
 
 #[test]
@@ -209,6 +224,19 @@ fn inspect_reads_every_generation_in_one_appliance_launch() {
             "{name}: {r:#}"
         );
     }
+    // What the image's own cloud-init will report, with the file and key, and its effect on `status`.
+    for (name, _, _, _) in GENERATIONS {
+        let ci = &reports[INPUTS.iter().position(|n| n == name).unwrap()]["analysis"]["cloud_init"];
+        let expected = if *name == "gen-26.2-meson" { 1 } else { 0 };
+        assert_eq!(ci["logged"].as_array().unwrap().len(), expected, "{name}: {ci:#}");
+        assert_eq!(ci["degraded"], expected == 1, "{name}");
+    }
+    let legacy =
+        &reports[INPUTS.iter().position(|n| *n == "gen-26.2-meson").unwrap()]["analysis"]["cloud_init"]["logged"][0];
+    assert_eq!(
+        (&legacy["file"], &legacy["key"], &legacy["level"]),
+        (&Value::from("/etc/cloud/cloud.cfg.d/50-legacy.cfg"), &Value::from("users"), &Value::from("deprecated"))
+    );
     let unknown = &reports[INPUTS.iter().position(|n| *n == "gen-unknown").unwrap()];
     assert!(unknown["error"].as_str().unwrap().contains("cannot find cloud-init's version"), "{unknown:#}");
 }

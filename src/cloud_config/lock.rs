@@ -137,7 +137,7 @@ fn password_removals(root: &Mapping) -> Vec<(String, Option<Value>)> {
             new.remove("list");
         }
         if &new != chpasswd {
-            out.push(("chpasswd".to_string(), (!new.0.is_empty()).then_some(Value::Map(new))));
+            out.push(("chpasswd".to_string(), (!new.is_empty()).then_some(Value::Map(new))));
         }
     }
     if let Some(Value::Seq(users)) = root.get("users") {

@@ -33,15 +33,12 @@ pub fn effective(files: &[ConfigFile]) -> Mapping {
 /// `higher` merged over `lower` with cloud-init's default merger.
 pub fn overlay(lower: &Mapping, higher: &Mapping) -> Mapping {
     let mut out = lower.clone();
-    for (key, value) in &higher.0 {
-        let merged = match (out.0.iter().find(|(k, _)| k == key).map(|(_, v)| v), value) {
+    for (key, value) in higher.iter() {
+        let merged = match (out.get_value(key), value) {
             (Some(Value::Map(low)), Value::Map(high)) => Value::Map(overlay(low, high)),
             _ => value.clone(),
         };
-        match out.0.iter_mut().find(|(k, _)| k == key) {
-            Some(entry) => entry.1 = merged,
-            None => out.0.push((key.clone(), merged)),
-        }
+        out.insert_value(key.clone(), merged);
     }
     out
 }

@@ -6,6 +6,7 @@ pub mod edit;
 pub mod keys;
 pub mod lock;
 pub mod merge;
+pub mod secrets;
 pub mod version;
 pub mod yaml11;
 

@@ -199,6 +199,30 @@ pub fn python_metadata_version(dir_name: &str) -> Option<String> {
     upstream_of(version).map(|_| version.to_string())
 }
 
+/// `(name, version-release)` of an rpm header as rpm stores it in its database: the index count and
+/// data length (big-endian), 16-byte index entries (tag, type, offset, count), then the data. `None`
+/// when the blob is malformed or lacks a tag; every offset is checked against the blob.
+pub fn rpm_header_package(blob: &[u8]) -> Option<(String, String)> {
+    const NAME: u32 = 1000;
+    const VERSION: u32 = 1001;
+    const RELEASE: u32 = 1002;
+    const STRING: u32 = 6;
+    let be = |at: usize| blob.get(at..at + 4).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+    let (entries, data_len) = (be(0)? as usize, be(4)? as usize);
+    let data_start = 8usize.checked_add(entries.checked_mul(16)?)?;
+    let data = blob.get(data_start..data_start.checked_add(data_len)?)?;
+    let string = |tag: u32| -> Option<String> {
+        let entry = (0..entries).map(|i| 8 + i * 16).find(|&at| be(at) == Some(tag))?;
+        if be(entry + 4)? != STRING {
+            return None;
+        }
+        let rest = data.get(be(entry + 8)? as usize..)?;
+        let end = rest.iter().position(|&b| b == 0)?;
+        String::from_utf8(rest[..end].to_vec()).ok()
+    };
+    Some((string(NAME)?, format!("{}-{}", string(VERSION)?, string(RELEASE)?)))
+}
+
 /// Every source that was asked, in order, and what it said.
 #[derive(Debug, Clone, Default)]
 pub struct Detection {
@@ -350,6 +374,41 @@ mod tests {
         assert_eq!(python_metadata_version("cloud_init-0.7.5.egg-info").as_deref(), Some("0.7.5"));
         assert_eq!(python_metadata_version("cloud_utils-0.33.egg-info"), None);
         assert_eq!(python_metadata_version("cloud_init-x.egg-info"), None);
+    }
+
+    /// An rpm database header blob: `tags` as (tag, type, string value).
+    fn rpm_blob(tags: &[(u32, u32, &str)]) -> Vec<u8> {
+        let mut index = Vec::new();
+        let mut data = Vec::new();
+        for (tag, kind, value) in tags {
+            for word in [*tag, *kind, data.len() as u32, 1] {
+                index.extend_from_slice(&word.to_be_bytes());
+            }
+            data.extend_from_slice(value.as_bytes());
+            data.push(0);
+        }
+        let mut blob = (tags.len() as u32).to_be_bytes().to_vec();
+        blob.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        blob.extend(index);
+        blob.extend(data);
+        blob
+    }
+
+    #[test]
+    fn rpm_headers_give_name_version_and_release_and_malformed_ones_nothing() {
+        let blob = rpm_blob(&[(1000, 6, "cloud-init"), (1002, 6, "7.el9_4.1"), (1001, 6, "23.4"), (1004, 9, "x")]);
+        assert_eq!(rpm_header_package(&blob), Some(("cloud-init".into(), "23.4-7.el9_4.1".into())));
+        assert_eq!(rpm_header_package(&rpm_blob(&[(1000, 6, "cloud-init"), (1001, 6, "23.4")])), None);
+        assert_eq!(rpm_header_package(&rpm_blob(&[(1000, 4, "x"), (1001, 6, "1"), (1002, 6, "1")])), None);
+        for cut in [0, 7, 20, blob.len() - 1] {
+            assert_eq!(rpm_header_package(&blob[..cut]), None, "cut at {cut}");
+        }
+        let mut huge = blob.clone();
+        huge[0..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(rpm_header_package(&huge), None);
+        let mut outside = blob.clone();
+        outside[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(rpm_header_package(&outside), None);
     }
 
     #[test]

@@ -5,16 +5,18 @@
 //! own implicit-resolver patterns. The loader also records where each top-level key sits in the text,
 //! which is what lets the editor replace one key's lines and keep every other byte.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::LazyLock;
 
 use anyhow::{bail, Context, Result};
+use indexmap::IndexMap;
 use regex::Regex;
 use yaml_rust2::parser::{Event, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 /// A YAML value as PyYAML's `safe_load` builds it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
     Null,
     Bool(bool),
@@ -32,44 +34,73 @@ pub enum Value {
     Map(Mapping),
 }
 
-/// A mapping in document order; a repeated key keeps its last value, as in PyYAML.
-#[derive(Debug, Clone, Default)]
-pub struct Mapping(pub Vec<(Value, Value)>);
-
-impl PartialEq for Mapping {
-    /// Python dicts compare without regard to order.
-    fn eq(&self, other: &Self) -> bool {
-        self.0.len() == other.0.len() && self.0.iter().all(|(k, v)| other.get_value(k) == Some(v))
+impl Hash for Value {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            // Exactly as a `str` hashes, so that a mapping can be searched with a `&str` (see `Equivalent`).
+            Value::Str(s) => s.hash(state),
+            other => {
+                std::mem::discriminant(other).hash(state);
+                match other {
+                    Value::Null | Value::Str(_) => {}
+                    Value::Bool(b) => b.hash(state),
+                    Value::Int(i) => i.hash(state),
+                    Value::Float(f) => f.hash(state),
+                    Value::Other { kind, text } => (kind, text).hash(state),
+                    Value::Seq(items) => items.hash(state),
+                    // Mappings are equal whatever their order, so their hash may not depend on it.
+                    Value::Map(m) => m.len().hash(state),
+                }
+            }
+        }
     }
 }
 
+impl indexmap::Equivalent<Value> for str {
+    fn equivalent(&self, key: &Value) -> bool {
+        key.as_str() == Some(self)
+    }
+}
+
+/// A mapping in document order; a repeated key keeps its first place and its last value, as in
+/// PyYAML. Indexed by key, so that building or merging one with many keys stays linear (a hostile
+/// file may hold 100 000).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mapping(IndexMap<Value, Value>);
+
 impl Mapping {
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.0.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+        self.0.get(key)
     }
 
-    fn get_value(&self, key: &Value) -> Option<&Value> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    pub fn get_value(&self, key: &Value) -> Option<&Value> {
+        self.0.get(key)
     }
 
     /// Sets `key`, keeping its position when it exists.
     pub fn insert(&mut self, key: &str, value: Value) {
-        match self.0.iter_mut().find(|(k, _)| k.as_str() == Some(key)) {
-            Some(entry) => entry.1 = value,
-            None => self.0.push((Value::Str(key.to_string()), value)),
-        }
+        self.insert_value(Value::Str(key.to_string()), value);
+    }
+
+    /// Sets `key`, keeping its position when it exists.
+    pub fn insert_value(&mut self, key: Value, value: Value) {
+        self.0.insert(key, value);
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        let at = self.0.iter().position(|(k, _)| k.as_str() == Some(key))?;
-        Some(self.0.remove(at).1)
+        self.0.shift_remove(key)
     }
 
-    fn insert_value(&mut self, key: Value, value: Value) {
-        match self.0.iter_mut().find(|(k, _)| *k == key) {
-            Some(entry) => entry.1 = value,
-            None => self.0.push((key, value)),
-        }
+    pub fn iter(&self) -> impl Iterator<Item = (&Value, &Value)> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -98,7 +129,7 @@ impl Value {
             Value::Str(s) => !s.is_empty(),
             Value::Other { .. } => true,
             Value::Seq(s) => !s.is_empty(),
-            Value::Map(m) => !m.0.is_empty(),
+            Value::Map(m) => !m.is_empty(),
         }
     }
 }
@@ -121,6 +152,8 @@ pub struct Document {
     pub spans: Vec<KeySpan>,
     /// Whether the root is a block mapping at column 0 (or empty), i.e. keys can be edited line-wise.
     pub editable_layout: bool,
+    /// Whether a top-level key is given more than once (only its last entry is in `spans`).
+    pub repeated_keys: bool,
 }
 
 /// Limits that keep hostile input from costing unbounded memory or stack.
@@ -138,7 +171,7 @@ pub fn parse(text: &str) -> Result<Document> {
         Some(other) => bail!("the top level is a {}, not a mapping", kind_name(&other)),
     };
     let (spans, editable_layout) = loader.finish_spans(text);
-    Ok(Document { root, spans, editable_layout })
+    Ok(Document { root, spans, editable_layout, repeated_keys: loader.repeated_root_keys })
 }
 
 fn kind_name(v: &Value) -> &'static str {
@@ -158,10 +191,11 @@ struct Loader<'a> {
     parser: Parser<std::str::Chars<'a>>,
     anchors: HashMap<usize, Value>,
     nodes: usize,
-    /// (key, 1-based line, 1-based column) of each root-level key, in order.
+    /// (key, 1-based line, 1-based column) of each root-level key, in order, repeats included.
     root_keys: Vec<(String, usize, usize)>,
     /// 1-based line where the parser ended the root mapping.
     root_end_line: Option<usize>,
+    repeated_root_keys: bool,
 }
 
 impl<'a> Loader<'a> {
@@ -172,6 +206,7 @@ impl<'a> Loader<'a> {
             nodes: 0,
             root_keys: Vec::new(),
             root_end_line: None,
+            repeated_root_keys: false,
         }
     }
 
@@ -273,9 +308,9 @@ impl<'a> Loader<'a> {
             }
             if depth == 0 {
                 if let Value::Str(k) = &key {
-                    self.root_keys.retain(|(existing, _, _)| existing != k);
                     self.root_keys.push((k.clone(), marker.line(), marker.col()));
                 }
+                self.repeated_root_keys |= map.get_value(&key).is_some();
             }
             map.insert_value(key, value);
         }
@@ -294,9 +329,7 @@ impl<'a> Loader<'a> {
             };
             for source in sources {
                 for (k, v) in source.0 {
-                    if map.get_value(&k).is_none() {
-                        map.0.push((k, v));
-                    }
+                    map.0.entry(k).or_insert(v);
                 }
             }
         }
@@ -315,8 +348,15 @@ impl<'a> Loader<'a> {
         if !editable {
             return (Vec::new(), false);
         }
-        let mut starts: Vec<(String, usize)> =
-            self.root_keys.iter().map(|(k, line, _)| (k.clone(), line - 1)).collect();
+        // A repeated key's entry is its last one, which is the value PyYAML keeps.
+        let mut seen = HashSet::new();
+        let mut starts: Vec<(String, usize)> = self
+            .root_keys
+            .iter()
+            .rev()
+            .filter(|(k, _, _)| seen.insert(k.as_str()))
+            .map(|(k, line, _)| (k.clone(), line - 1))
+            .collect();
         starts.sort_by_key(|(_, line)| *line);
         let doc_end = document_end_line(&lines, self.root_end_line.map_or(lines.len(), |l| l.saturating_sub(1)));
         let spans = starts
@@ -348,7 +388,7 @@ fn is_separator_line(line: &str) -> bool {
 fn node_count(v: &Value) -> usize {
     match v {
         Value::Seq(items) => 1 + items.iter().map(node_count).sum::<usize>(),
-        Value::Map(m) => 1 + m.0.iter().map(|(k, v)| node_count(k) + node_count(v)).sum::<usize>(),
+        Value::Map(m) => 1 + m.iter().map(|(k, v)| node_count(k) + node_count(v)).sum::<usize>(),
         _ => 1,
     }
 }
@@ -517,12 +557,21 @@ pub fn render_entry(key: &str, value: &Value, indent: usize) -> String {
     out
 }
 
+/// Renders a whole mapping as block entries at column 0.
+pub fn render_mapping(map: &Mapping) -> String {
+    let mut out = String::new();
+    for (key, value) in map.iter() {
+        write_entry(&mut out, &render_scalar(key), value, 0);
+    }
+    out
+}
+
 fn write_entry(out: &mut String, key: &str, value: &Value, indent: usize) {
     let pad = " ".repeat(indent);
     match value {
-        Value::Map(m) if !m.0.is_empty() => {
+        Value::Map(m) if !m.is_empty() => {
             out.push_str(&format!("{pad}{key}:\n"));
-            for (k, v) in &m.0 {
+            for (k, v) in m.iter() {
                 write_entry(out, &render_scalar(k), v, indent + 2);
             }
         }
@@ -538,9 +587,9 @@ fn write_items(out: &mut String, items: &[Value], indent: usize) {
     let pad = " ".repeat(indent);
     for item in items {
         match item {
-            Value::Map(m) if !m.0.is_empty() => {
+            Value::Map(m) if !m.is_empty() => {
                 let mut block = String::new();
-                for (k, v) in &m.0 {
+                for (k, v) in m.iter() {
                     write_entry(&mut block, &render_scalar(k), v, indent + 2);
                 }
                 // The first entry shares the line with the dash.
@@ -654,6 +703,32 @@ mod tests {
         let m = doc.root.get("m").unwrap().as_map().unwrap();
         assert_eq!(m.get("x"), Some(&Value::Int(1)));
         assert_eq!(m.get("y"), Some(&Value::Int(3)));
+    }
+
+    #[test]
+    fn a_hundred_thousand_keys_load_in_linear_time_with_pyyamls_rules_for_repeats() {
+        // With a linear search per insert this took minutes (a hostile cloud.cfg may be built so).
+        let mut text = String::new();
+        for i in 0..80_000 {
+            text.push_str(&format!("k{i}: {i}\n"));
+        }
+        for i in (0..80_000).step_by(8) {
+            text.push_str(&format!("k{i}: again\n"));
+        }
+        let doc = parse(&text).unwrap();
+        assert_eq!(doc.root.len(), 80_000);
+        assert_eq!(doc.root.get("k8"), Some(&Value::Str("again".into())), "a repeated key keeps its last value");
+        assert_eq!(doc.root.get("k9"), Some(&Value::Int(9)));
+        let first: Vec<_> = doc.root.iter().take(3).map(|(k, _)| k.as_str().unwrap()).collect();
+        assert_eq!(first, ["k0", "k1", "k2"], "and its first place");
+        assert_eq!(doc.spans.len(), 80_000);
+        let span = doc.spans.iter().find(|s| s.key == "k8").unwrap();
+        assert_eq!(span.first_line, 80_001, "its entry in the text is the last one, which PyYAML reads");
+        let merged = crate::cloud_config::merge::overlay(&doc.root, &doc.root);
+        assert_eq!(merged, doc.root);
+        let mut changed = doc.root.clone();
+        changed.insert("k79999", Value::Null);
+        assert_ne!(changed, doc.root);
     }
 
     #[test]

@@ -368,12 +368,13 @@ impl Glance<'_> {
         Ok(Member { project: project.to_string(), status })
     }
 
-    /// Deletes the image, retrying for `patience` while Glance does not answer (a server that just
-    /// dropped the connection is often restarting).
+    /// Deletes the image, retrying while Glance does not answer (a server that just dropped the
+    /// connection is often restarting), all within `patience`: a server that stalls cannot hold us longer.
     pub fn delete(&self, id: &str, patience: Duration) -> Result<()> {
         let start = Instant::now();
         loop {
-            let result = self.http.delete(&self.image_url(id), &self.session.token);
+            let left = patience.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+            let result = self.http.delete(&self.image_url(id), &self.session.token, left);
             match result {
                 Ok(a) if a.status == 204 || a.status == 404 => return Ok(()),
                 Ok(a) if a.status < 500 => {
@@ -390,6 +391,41 @@ impl Glance<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delete_gives_up_within_its_patience_when_glance_stalls() {
+        // A Glance that takes connections and never answers: the Ctrl-C handler's delete must not wait
+        // for the agent's 600 s answer timeout.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let held: Vec<_> = listener.incoming().collect();
+            drop(held);
+        });
+        let creds = crate::openstack::credentials::from_env(&|k| {
+            Some(
+                match k {
+                    "OS_AUTH_URL" => "http://127.0.0.1:1",
+                    "OS_USERNAME" => "u",
+                    "OS_PASSWORD" => "p",
+                    "OS_PROJECT_NAME" => "p",
+                    _ => return None,
+                }
+                .to_string(),
+            )
+        })
+        .unwrap();
+        let http = Http::new(&creds).unwrap();
+        let session =
+            Session { token: "t".into(), image_url: format!("http://127.0.0.1:{port}"), project_id: "p".into() };
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(Glance { http: &http, session: &session }.delete("x", Duration::from_secs(2)));
+        });
+        // Far longer than the patience, far shorter than the agent's timeouts: a hang, not a speed, check.
+        let outcome = result.recv_timeout(Duration::from_secs(120)).expect("the delete returned");
+        assert!(format!("{:#}", outcome.unwrap_err()).contains("deleting image x"));
+    }
 
     #[test]
     fn the_record_carries_formats_min_disk_tags_and_properties() {

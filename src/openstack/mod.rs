@@ -8,7 +8,7 @@ pub mod keystone;
 use std::io::Read;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 pub use ureq::http::Method;
 
 use credentials::Credentials;
@@ -48,6 +48,9 @@ impl Http {
         let tls = ureq::tls::TlsConfig::builder().root_certs(roots).disable_verification(creds.insecure).build();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // The token travels in X-Auth-Token and the password in the body, which ureq would carry
+            // along a redirect to any host (https to http included): redirects are errors instead.
+            .max_redirects(0)
             .tls_config(tls)
             .timeout_connect(Some(Duration::from_secs(30)))
             .timeout_recv_response(Some(Duration::from_secs(600)))
@@ -62,8 +65,10 @@ impl Http {
         answer(self.agent.get(url).header("X-Auth-Token", token).header("Accept", "application/json").call(), url)
     }
 
-    pub fn delete(&self, url: &str, token: &str) -> Result<Answer> {
-        answer(self.agent.delete(url).header("X-Auth-Token", token).call(), url)
+    /// DELETEs within `limit` (connection, answer and body together), even if the server stalls.
+    pub fn delete(&self, url: &str, token: &str, limit: Duration) -> Result<Answer> {
+        let request = self.agent.delete(url).config().timeout_global(Some(limit)).build();
+        answer(request.header("X-Auth-Token", token).call(), url)
     }
 
     /// Sends a JSON document (`content_type` names its kind) with POST, PUT or PATCH; `token` is
@@ -115,6 +120,14 @@ impl Http {
 fn answer(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>, url: &str) -> Result<Answer> {
     let mut response = result.with_context(|| format!("no answer from {url}"))?;
     let status = response.status().as_u16();
+    if response.status().is_redirection() {
+        let location = response.headers().get("Location").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        bail!(
+            "{url} answered HTTP {status}, a redirect to {}; cloudimg follows no redirect with credentials, which \
+             would go wherever it points: put the final address in the auth URL (or the cloud's service catalog)",
+            location.as_deref().unwrap_or("nowhere (no Location header)")
+        );
+    }
     let subject_token = response.headers().get("X-Subject-Token").and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = response.body_mut().with_config().limit(MAX_BODY).read_to_string().unwrap_or_default();
     Ok(Answer { status, subject_token, body })
@@ -154,6 +167,96 @@ pub fn error_text(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    /// One HTTP request as received: head and body.
+    fn read_request(stream: &mut TcpStream) -> String {
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            seen.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&seen).into_owned();
+        let length = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        let _ = stream.read_exact(&mut body);
+        head + &String::from_utf8_lossy(&body)
+    }
+
+    /// A server that records every request it gets (answering 200) until one asks for /stop.
+    fn recorder() -> (u16, std::thread::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let thread = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let request = read_request(&mut stream);
+                if request.starts_with("GET /stop ") {
+                    break;
+                }
+                got.push(request);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+            }
+            got
+        });
+        (port, thread)
+    }
+
+    /// A server that answers each of `count` requests with a redirect to `location`.
+    fn redirector(location: String, count: usize) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(count) {
+                let mut stream = stream.unwrap();
+                read_request(&mut stream);
+                let answer = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn credentials_never_follow_a_redirect_to_another_server() {
+        let (elsewhere, recorded) = recorder();
+        let location = format!("http://127.0.0.1:{elsewhere}/v3/auth/tokens");
+        let here = redirector(location.clone(), 3);
+        let creds = credentials::from_env(&|k| {
+            Some(match k {
+                "OS_AUTH_URL" => format!("http://127.0.0.1:{here}"),
+                "OS_USERNAME" => "u".into(),
+                "OS_PASSWORD" => "the-password".into(),
+                "OS_PROJECT_NAME" => "p".into(),
+                _ => return None,
+            })
+        })
+        .unwrap();
+        let http = Http::new(&creds).unwrap();
+        let url = format!("http://127.0.0.1:{here}/v2/images/x");
+        let errors = [
+            http.get(&url, "the-token").err(),
+            http.delete(&url, "the-token", Duration::from_secs(30)).err(),
+            keystone::authenticate(&http, &creds).err(),
+        ];
+        TcpStream::connect(("127.0.0.1", elsewhere)).unwrap().write_all(b"GET /stop HTTP/1.1\r\n\r\n").unwrap();
+        let recorded = recorded.join().unwrap();
+        assert!(
+            recorded.iter().all(|r| !r.contains("the-token") && !r.contains("the-password")),
+            "credentials reached the other server: {recorded:?}"
+        );
+        for error in errors {
+            let error = format!("{:#}", error.expect("a redirect is an error"));
+            assert!(error.contains("HTTP 307") && error.contains(&location), "{error}");
+        }
+    }
 
     #[test]
     fn error_text_takes_the_message_from_json_or_html() {

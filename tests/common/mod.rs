@@ -47,7 +47,7 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("ubuntu-btrfs-subvol", 512, build_ubuntu_btrfs),
     ("no-os", 64, build_no_os),
     ("two-roots", 256, build_two_roots),
-    ("hostile-guests", 320, build_hostile_guests),
+    ("hostile-guests", 420, build_hostile_guests),
     ("debian-no-cloud-init", 64, build_debian_no_cloud_init),
     ("debian-xfs", 320, build_debian_xfs),
     ("debian-deleted-data", 128, build_debian_deleted_data),
@@ -58,8 +58,10 @@ const LAYOUTS: &[(&str, i64, Build)] = &[
     ("gen-25.1.4", 64, |g, dev| build_generation(g, dev, "25.1.4")),
     ("gen-26.2-meson", 64, |g, dev| build_generation(g, dev, "26.2-meson")),
     ("gen-dpkg-only", 64, |g, dev| build_generation(g, dev, "dpkg-only")),
+    ("gen-rpm-only", 64, |g, dev| build_generation(g, dev, "rpm-only")),
     ("gen-disagreeing", 64, |g, dev| build_generation(g, dev, "disagreeing")),
     ("gen-unknown", 64, |g, dev| build_generation(g, dev, "unknown")),
+    ("debian-fstab-borrows-lvm", 64, build_debian_fstab_borrows_lvm),
 ];
 
 /// The cloud-init generations (`gen-*` fixtures) and what each must be read as:
@@ -71,6 +73,7 @@ pub const GENERATIONS: &[(&str, &str, &str, &str)] = &[
     ("gen-25.1.4", "25.1.4", "version-py", "chpasswd_users"),
     ("gen-26.2-meson", "26.2.0", "meson-versions", "chpasswd_users"),
     ("gen-dpkg-only", "25.1.4", "dpkg", "chpasswd_users"),
+    ("gen-rpm-only", "23.4.0", "rpm", "chpasswd_users"),
     ("gen-disagreeing", "24.1.0", "version-py", "chpasswd_users"),
 ];
 
@@ -91,6 +94,40 @@ fn dpkg_status(version: &str) -> String {
     format!("Package: cloud-guest-utils\nStatus: install ok installed\nVersion: 0.33-1\n\nPackage: cloud-init\nStatus: install ok installed\nPriority: optional\nSection: admin\nArchitecture: all\nVersion: {version}\nDepends: python3\nDescription: initialization and customization tool for cloud instances\n\n")
 }
 
+/// An rpm database (`rpmdb.sqlite`) holding one package, made by rpm itself (`rpmbuild` and
+/// `rpm --justdb`, from Debian's `rpm` package).
+fn rpm_database(name: &str, version: &str, release: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("package.spec");
+    std::fs::write(
+        &spec,
+        format!("Name: {name}\nVersion: {version}\nRelease: {release}\nSummary: phony\nLicense: none\nBuildArch: noarch\n%description\nphony\n%files\n"),
+    )
+    .unwrap();
+    let top = dir.path().join("top");
+    let built = Command::new("rpmbuild")
+        .arg("--define")
+        .arg(format!("_topdir {}", top.display()))
+        .arg("-bb")
+        .arg(&spec)
+        .output()
+        .expect("rpmbuild (Debian's rpm package, which scripts/install-deps installs)");
+    assert!(built.status.success(), "rpmbuild: {}", text(&built.stderr));
+    let package = top.join(format!("RPMS/noarch/{name}-{version}-{release}.noarch.rpm"));
+    let root = dir.path().join("root");
+    for args in [vec!["--initdb"], vec!["-i", "--justdb", "--nodeps", "--noscripts", package.to_str().unwrap()]] {
+        let out = Command::new("rpm")
+            .arg("--root")
+            .arg(&root)
+            .args(["--dbpath", "/var/lib/rpm"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rpm {args:?}: {}", text(&out.stderr));
+    }
+    std::fs::read(root.join("var/lib/rpm/rpmdb.sqlite")).unwrap()
+}
+
 /// One guest per cloud-init generation, with the files that generation's packages leave.
 fn build_generation(g: &Handle, dev: &str, which: &str) {
     g.part_disk(dev, "mbr").unwrap();
@@ -103,6 +140,7 @@ fn build_generation(g: &Handle, dev: &str, which: &str) {
         "22.4.2-ubuntu" => ("PRETTY_NAME=\"Ubuntu 22.04.5 LTS\"\nID=ubuntu\nVERSION_ID=\"22.04\"\n", UBUNTU_CFG),
         "25.1.4" => ("PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nID=debian\nVERSION_ID=\"13\"\n", DEBIAN_CFG),
         "26.2-meson" => ("PRETTY_NAME=\"Debian GNU/Linux forky/sid\"\nID=debian\n", DEBIAN_CFG),
+        "rpm-only" => (ROCKY_RELEASE, ROCKY_CFG),
         _ => (DEBIAN_RELEASE, DEBIAN_CFG),
     };
     os_root(g, release, Some(cfg), None, "LABEL=root / ext4 defaults 0 1\n");
@@ -125,12 +163,20 @@ fn build_generation(g: &Handle, dev: &str, which: &str) {
         "26.2-meson" => {
             put(g, &format!("{py3}/cloudinit/version.py"), VERSION_PY_MESON);
             put(g, &format!("{py3}/cloudinit/meson_versions.py"), MESON_VERSIONS_26_2);
+            // A form cloud-init 26 reports as deprecated (so `status` ends degraded), not cloudimg's.
+            put(g, "/etc/cloud/cloud.cfg.d/50-legacy.cfg", "users: default\n");
             put(g, "/var/lib/dpkg/status", &dpkg_status("26.2-1"));
         }
         "dpkg-only" => {
             // A layout cloudimg does not know (a future release): the package database still answers.
             put(g, &format!("{py3}/cloudinit/version.py"), "from cloudinit._build import VERSION as __VERSION__\n");
             put(g, "/var/lib/dpkg/status", &dpkg_status("25.1.4-1+deb13u1"));
+        }
+        "rpm-only" => {
+            // A version.py cloudimg cannot read; rpm's own database (sqlite, as on RHEL 9) answers.
+            put(g, "/usr/lib/python3.9/site-packages/cloudinit/version.py", "from cloudinit._build import VERSION as __VERSION__\n");
+            g.mkdir_p("/var/lib/rpm").unwrap();
+            g.write("/var/lib/rpm/rpmdb.sqlite", &rpm_database("cloud-init", "23.4", "7.el9_4.1")).unwrap();
         }
         "disagreeing" => {
             // cloud-init replaced by hand after the package: the file and the database disagree.
@@ -342,6 +388,22 @@ fn build_debian_deleted_data(g: &Handle, dev: &str) {
     g.rm("/var/tmp/deleted").unwrap();
 }
 
+/// A Debian whose fstab mounts /var from an LVM volume it does not have: `rl/root`, the root of the
+/// rocky-lvm-xfs fixture, when both are customized in one run.
+fn build_debian_fstab_borrows_lvm(g: &Handle, dev: &str) {
+    g.part_disk(dev, "mbr").unwrap();
+    let root = format!("{dev}1");
+    mkfs(g, "ext4", &root, None);
+    g.mount(&root, "/").unwrap();
+    os_root(
+        g,
+        DEBIAN_RELEASE,
+        Some(DEBIAN_CFG),
+        Some((DEBIAN_VERSION_PY, "22.4.2")),
+        "PARTUUID=1 / ext4 rw 0 1\n/dev/mapper/rl-root /var xfs defaults 0 0\n",
+    );
+}
+
 /// The start of an ELF executable for `machine` (62: x86_64, 183: aarch64), 64-bit little endian.
 fn put_elf(g: &Handle, path: &str, machine: u16) {
     let mut header = vec![0u8; 64];
@@ -441,7 +503,19 @@ pub const HOSTILE_GUESTS: &[&str] = &[
     "cloud.cfg.d holds a symlink to /etc/shadow",
     "cloud.cfg.d holds a mode-000 file",
     "cloud.cfg.d holds a directory named .cfg",
+    "cloud.cfg.d holds 100 000 hard links to 1 MiB files",
+    "sshd_config.d drop-ins each include the directory",
+    "os-release and a drop-in name carry terminal escape sequences",
+    "cloud.cfg holds the hash of the password being set",
+    "cloud.cfg holds the password being set in clear text",
 ];
+
+/// The password some hostile guests already hold, and its SHA-512 hash there.
+pub const MATCHING_SECRET: &str = "matching secret";
+pub const MATCHING_HASH: &str =
+    "$6$cloudimgknownsa$VkUz3S42Gb4LUozoYvMnMDw8nDxxSzwovgvt.oAfcSTHvSMY0EPkC67MmcHDn/q7FbmKKbjYbZn5IednUNfCn1";
+/// The PRETTY_NAME of the escape-sequence guest: sets the terminal's title and clears the screen.
+pub const ESCAPING_PRETTY_NAME: &str = "Debian \x1b]0;pwned\x07\x1b[2J12";
 
 pub const GUEST_SHADOW: &str = "root:*:19000:0:99999:7:::\ndebian:!:19000:0:99999:7:::\n";
 
@@ -507,10 +581,61 @@ fn build_hostile_guests(g: &Handle, dev: &str) {
                 g.chmod(0, "/etc/cloud/cloud.cfg.d/50-locked.cfg").unwrap();
             }
             "cloud.cfg.d holds a directory named .cfg" => g.mkdir("/etc/cloud/cloud.cfg.d/50-dir.cfg").unwrap(),
+            "cloud.cfg.d holds 100 000 hard links to 1 MiB files" => {
+                let tarball = hard_link_tarball();
+                let options = guestfs::TarInOptArgs { compress: Some("gzip"), xattrs: None, selinux: None, acls: None };
+                g.tar_in(tarball.path().join("links.tar.gz").to_str().unwrap(), "/etc/cloud/cloud.cfg.d", options)
+                    .unwrap();
+            }
+            "sshd_config.d drop-ins each include the directory" => {
+                for i in 0..20 {
+                    put(g, &format!("/etc/ssh/sshd_config.d/{i:02}.conf"), "Include /etc/ssh/sshd_config.d/*.conf\n");
+                }
+            }
+            "os-release and a drop-in name carry terminal escape sequences" => {
+                put(g, "/etc/os-release", &format!("PRETTY_NAME=\"{ESCAPING_PRETTY_NAME}\"\nID=debian\n"));
+                g.ln_s("/etc/shadow", "/etc/cloud/cloud.cfg.d/50-\x1b[31mred.cfg").unwrap();
+            }
+            "cloud.cfg holds the hash of the password being set" => put(
+                g,
+                cfg,
+                &format!("{DEBIAN_CFG}chpasswd:\n  expire: true\n  users:\n  - {{name: debian, password: {MATCHING_HASH}, type: hash}}\n"),
+            ),
+            "cloud.cfg holds the password being set in clear text" => put(
+                g,
+                cfg,
+                &format!("{DEBIAN_CFG}chpasswd:\n  expire: true\n  users:\n  - {{name: debian, password: {MATCHING_SECRET}, type: text}}\n"),
+            ),
             other => panic!("no recipe for {other}"),
         }
         g.umount_all().unwrap();
     }
+}
+
+/// A gzipped tar of 100 000 `.cfg` names: hard links to two 1 MiB files (ext4 allows 65 000 links
+/// to one file). Made on the host, where linking is fast; unpacked in the appliance in one call.
+fn hard_link_tarball() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    std::fs::create_dir(&dir).unwrap();
+    let megabyte: String = "# a comment line to fill one MiB of YAML\n".repeat((1 << 20) / 41);
+    for file in ["a", "b"] {
+        let first = dir.join(format!("{file}00000.cfg"));
+        std::fs::write(&first, &megabyte).unwrap();
+        for i in 1..50_000 {
+            std::fs::hard_link(&first, dir.join(format!("{file}{i:05}.cfg"))).unwrap();
+        }
+    }
+    let status = Command::new("tar")
+        .arg("-czf")
+        .arg(tmp.path().join("links.tar.gz"))
+        .arg("-C")
+        .arg(&dir)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar failed");
+    tmp
 }
 
 /// Reads files back from several images through one read-only appliance.
