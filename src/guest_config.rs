@@ -130,8 +130,9 @@ const MAX_RPM_DATABASE: i64 = 1 << 30;
 
 /// The cloud-init version for the mounted root: `given` (`--cloud-init-version`) first, then every
 /// source in the image that can be read from its files (version.py or meson's module, the Python
-/// package metadata, dpkg), and, only when none of them answers, the rpm database through libguestfs's
-/// inspection, which unmounts the guest and calls `remount`.
+/// package metadata, dpkg), and, only when none of them answers, rpm's database: `rpmdb.sqlite` read by
+/// cloudimg, else older formats through libguestfs's inspection, which unmounts the guest and calls
+/// `remount`.
 pub fn cloud_init_version(
     guest: &Guest,
     given: Option<CloudInitVersion>,
