@@ -541,21 +541,57 @@ mod tests {
         Cli::try_parse_from(std::iter::once("cloudimg").chain(args.iter().copied()))
     }
 
+    use clap::error::ErrorKind;
+
+    /// The kind of error clap gives for `args`, or None when they parse.
+    fn refusal(args: &[&str]) -> Option<ErrorKind> {
+        parse(args).err().map(|e| e.kind())
+    }
+
     #[test]
-    fn exactly_one_password_source_and_an_output_are_required() {
-        assert!(parse(&["customize", "in.img", "-o", "out.img", "--password-file", "pw"]).is_ok());
-        assert!(parse(&["customize", "in.img", "-o", "out.img"]).is_err());
-        assert!(parse(&["customize", "in.img", "-o", "out.img", "--password-file", "pw", "--password-stdin"]).is_err());
-        assert!(parse(&["customize", "in.img", "--password-file", "pw"]).is_err());
-        assert!(parse(&["customize", "in.img", "--dry-run", "--password-file", "pw"]).is_ok());
-        assert!(parse(&["customize", "in.img", "--in-place", "-o", "x", "--password-stdin"]).is_err());
-        assert!(parse(&["customize", "in.img", "-o", "o", "--password-stdin", "--timeout", "0"]).is_err());
-        assert!(parse(&["customize", "in.img", "-o", "o", "--ssh-key", "k.pub"]).is_ok());
-        assert!(parse(&["customize", "in.img", "-o", "o", "--ssh-key", "k.pub", "--password-stdin"]).is_ok());
-        assert!(parse(&["customize", "in.img", "-o", "o", "--lock"]).is_ok());
-        assert!(parse(&["customize", "in.img", "-o", "o", "--no-password"]).is_ok());
-        assert!(parse(&["customize", "in.img", "-o", "o", "--lock", "--password-stdin"]).is_err());
-        assert!(parse(&["inspect"]).is_err());
-        assert!(parse(&["inspect", "a.img", "b.img", "--require", "password-login", "--json"]).is_ok());
+    fn a_password_source_or_keys_or_lock_is_what_customize_writes() {
+        assert_eq!(refusal(&["customize", "in.img", "-o", "out.img", "--password-file", "pw"]), None);
+        assert_eq!(refusal(&["customize", "in.img", "-o", "o", "--ssh-key", "k.pub"]), None);
+        assert_eq!(refusal(&["customize", "in.img", "-o", "o", "--ssh-key", "k.pub", "--password-stdin"]), None);
+        assert_eq!(refusal(&["customize", "in.img", "-o", "o", "--lock"]), None);
+        assert_eq!(refusal(&["customize", "in.img", "-o", "o", "--no-password"]), None);
+        assert_eq!(refusal(&["customize", "in.img", "-o", "out.img"]), Some(ErrorKind::MissingRequiredArgument));
+    }
+
+    #[test]
+    fn two_password_sources_or_a_password_with_lock_conflict() {
+        let two = ["customize", "in.img", "-o", "out.img", "--password-file", "pw", "--password-stdin"];
+        assert_eq!(refusal(&two), Some(ErrorKind::ArgumentConflict));
+        assert_eq!(
+            refusal(&["customize", "in.img", "-o", "o", "--lock", "--password-stdin"]),
+            Some(ErrorKind::ArgumentConflict)
+        );
+    }
+
+    #[test]
+    fn exactly_one_destination_unless_dry_run() {
+        assert_eq!(refusal(&["customize", "in.img", "--dry-run", "--password-file", "pw"]), None);
+        assert_eq!(
+            refusal(&["customize", "in.img", "--password-file", "pw"]),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        assert_eq!(
+            refusal(&["customize", "in.img", "--in-place", "-o", "x", "--password-stdin"]),
+            Some(ErrorKind::ArgumentConflict)
+        );
+    }
+
+    #[test]
+    fn a_zero_timeout_is_refused() {
+        assert_eq!(
+            refusal(&["customize", "in.img", "-o", "o", "--password-stdin", "--timeout", "0"]),
+            Some(ErrorKind::ValueValidation)
+        );
+    }
+
+    #[test]
+    fn inspect_needs_an_image() {
+        assert_eq!(refusal(&["inspect"]), Some(ErrorKind::MissingRequiredArgument));
+        assert_eq!(refusal(&["inspect", "a.img", "b.img", "--require", "password-login", "--json"]), None);
     }
 }

@@ -4,20 +4,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{cloudimg, fixtures, pyyaml, sha256, system_crypt_verifies, text, ReadBack};
+use common::{cloudimg, file_text, fixtures, p, pyyaml, sha256, system_crypt_verifies, text, ReadBack};
 use serde_json::Value;
 
 const PASSWORD: &str = "batch: one password, many images";
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// The password hash cloud-init will set for `user`, read from the image's cloud.cfg.
 fn configured_hash(files: &std::collections::BTreeMap<String, Option<Vec<u8>>>, user: &str) -> String {
-    let cfg = &pyyaml(&[text(files["/etc/cloud/cloud.cfg"].as_ref().expect("cloud.cfg"))])[0];
+    let cfg = &pyyaml(&[file_text(files, "/etc/cloud/cloud.cfg")])[0];
     let users = cfg["chpasswd"]["users"].as_array().expect("chpasswd.users");
     let entry = users.iter().find(|u| u["name"] == user).expect("an entry for the user");
     entry["password"].as_str().unwrap().to_string()

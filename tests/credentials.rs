@@ -5,16 +5,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{cloudimg, fixtures, pyyaml, sha256, system_crypt_verifies, text, ReadBack};
+use common::{cloudimg, file_text, fixtures, p, pyyaml, sha256, system_crypt_verifies, text, ReadBack};
 use serde_json::Value;
 
 const PASSWORD: &str = "Tr0ub4dor &3: 'x'";
 const KEY1: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcBP2Hlv715+49uDDvU+ZdmzRat/4M9S78A5XhQM7FV alice@laptop";
 const KEY2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMbfnvdnQIN2a637fGdm4Bqj5r2dtoJsjAWxYyxmm6t1 bob";
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn run(args: &[&str]) -> std::process::Output {
     cloudimg(args, None, &[])
@@ -27,10 +23,6 @@ fn ok(out: std::process::Output, what: &str) -> std::process::Output {
 
 fn json(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
-}
-
-fn file(files: &std::collections::BTreeMap<String, Option<Vec<u8>>>, path: &str) -> String {
-    text(files[path].as_ref().unwrap_or_else(|| panic!("{path} missing")))
 }
 
 #[test]
@@ -134,12 +126,12 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     let keyed = back.read("/dev/sdb1", "", &paths);
     let locked = back.read("/dev/sdc1", "", &paths);
     assert_eq!(back.owner_mode("/dev/sdb1", "", "/etc/cloud/cloudimg/undo.json"), (0o600, 0, 0));
-    let cfg = &pyyaml(&[file(&keyed, "/etc/cloud/cloud.cfg")])[0];
+    let cfg = &pyyaml(&[file_text(&keyed, "/etc/cloud/cloud.cfg")])[0];
     assert_eq!(cfg["ssh_authorized_keys"], serde_json::json!([KEY1, KEY2]), "each key once");
-    let journal: Value = serde_json::from_str(&file(&keyed, "/etc/cloud/cloudimg/undo.json")).unwrap();
+    let journal: Value = serde_json::from_str(&file_text(&keyed, "/etc/cloud/cloudimg/undo.json")).unwrap();
     assert_eq!(
         journal["files"]["/etc/cloud/cloud.cfg"]["original"].as_str(),
-        Some(file(&original, "/etc/cloud/cloud.cfg").as_str())
+        Some(file_text(&original, "/etc/cloud/cloud.cfg").as_str())
     );
     assert_eq!(locked["/etc/cloud/cloud.cfg"], original["/etc/cloud/cloud.cfg"], "byte-identical after --lock");
     assert_eq!(locked["/etc/cloud/cloudimg"], None, "the journal and its directory are gone");
@@ -186,7 +178,7 @@ fn shadow_route_on_a_booted_image_and_on_an_image_without_cloud_init() {
     let bare_files = back.read("/dev/sdb1", "", &paths);
     let today = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
     for (files, prefix, lastchg) in [(&rocky_files, "$6$", today), (&bare_files, "$y$", 0)] {
-        let shadow = file(files, "/etc/shadow");
+        let shadow = file_text(files, "/etc/shadow");
         let fields: Vec<&str> = shadow.lines().find(|l| l.starts_with("ops:")).unwrap().split(':').collect();
         assert!(fields[1].starts_with(prefix), "{shadow}");
         assert!(system_crypt_verifies(PASSWORD, fields[1]), "the system's crypt accepts {}", fields[1]);
@@ -198,11 +190,11 @@ fn shadow_route_on_a_booted_image_and_on_an_image_without_cloud_init() {
     assert_eq!(back.owner_mode("/dev/rl/root", "", "/etc/shadow"), (0o640, 0, 42));
     assert_eq!(back.selinux_label("/dev/rl/root", "/etc/shadow").as_deref(), Some(common::SHADOW_LABEL));
     assert_eq!(
-        file(&bare_files, "/etc/ssh/sshd_config"),
+        file_text(&bare_files, "/etc/ssh/sshd_config"),
         format!("PasswordAuthentication yes\n{}", common::SSHD_WITH_INCLUDE)
     );
     assert_eq!(
-        file(&rocky_files, "/etc/ssh/sshd_config"),
+        file_text(&rocky_files, "/etc/ssh/sshd_config"),
         format!("{}PasswordAuthentication yes\n", common::SSHD_WITH_INCLUDE),
         "the line sshd reads first (no drop-in sets it) is switched"
     );
@@ -256,7 +248,7 @@ fn root_with_keys_warns_and_plaintext_is_a_finding_that_never_shows_the_secret()
     assert!(unmet[0].contains("/etc/cloud/cloud.cfg `chpasswd.users` for root"), "{unmet:?}");
     assert!(unmet[1].contains("PermitRootLogin prohibit-password"), "{unmet:?}");
     let cfg = ReadBack::open(&[&t("root.qcow2")]).read("/dev/sda3", "", &["/etc/cloud/cloud.cfg"]);
-    let parsed = &pyyaml(&[file(&cfg, "/etc/cloud/cloud.cfg")])[0];
+    let parsed = &pyyaml(&[file_text(&cfg, "/etc/cloud/cloud.cfg")])[0];
     let users = parsed["users"].as_array().unwrap();
     assert_eq!(users[0], "default");
     assert_eq!(users[1]["name"], "root");

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixtures, sha256, text};
+use common::{fixtures, p, sha256, text};
 
 /// The steps a run can be stopped at, in order.
 const NEW_OUTPUT_STEPS: &[&str] =
@@ -310,10 +310,6 @@ fn interrupted_between_two_outputs_of_a_batch_the_last_word_names_the_written_on
     assert!(qemu_img_check(&written), "the output it names is complete");
     let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec!["a.qcow2"], "the second output was not written");
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 #[test]

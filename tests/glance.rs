@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{fixtures, text};
+use common::{fixtures, p, text};
 use serde_json::Value;
 
 const PASSWORD: &str = "glance-bound password";
@@ -175,10 +175,6 @@ fn cloudimg_with(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Output {
 fn coreutils_hash(tool: &str, path: &Path) -> String {
     let out = Command::new(tool).arg(path).output().unwrap();
     text(&out.stdout).split_whitespace().next().unwrap().to_string()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 fn json_of(out: &Output) -> Value {

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Mutex;
 
-use common::{cloudimg, fixtures, text, ESCAPING_PRETTY_NAME, HOSTILE_GUESTS, MATCHING_HASH, MATCHING_SECRET};
+use common::{cloudimg, fixtures, p, text, ESCAPING_PRETTY_NAME, HOSTILE_GUESTS, MATCHING_HASH, MATCHING_SECRET};
 
 /// (case, exit status, text the message must contain)
 const OUTCOMES: &[(&str, i32, &str)] = &[
@@ -83,10 +82,6 @@ fn every_hostile_guest_gets_its_documented_outcome() {
     });
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// `--root` for one of the hostile guests.

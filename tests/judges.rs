@@ -194,6 +194,8 @@ fn hashes_verify_with_the_system_crypt() {
         .args(["-W", "ignore", "-c", "import crypt; print(crypt.crypt('openstack', '$6$abcdefghijklmnop$'))"])
         .output()
         .unwrap();
+    assert!(glibc.status.success(), "Python's crypt failed: {}", common::text(&glibc.stderr));
     let glibc = common::text(&glibc.stdout).trim().to_string();
+    assert!(glibc.starts_with("$6$abcdefghijklmnop$"), "{glibc}");
     assert!(password::matches(&Secret::new("openstack".into()).unwrap(), &glibc).unwrap(), "{glibc}");
 }

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{fixtures, text, ReadBack};
+use common::{file_text, fixtures, text, ReadBack};
 
 const USER: &str = "cloudimg-nonroot";
 
@@ -125,7 +125,7 @@ fn an_ordinary_user_customizes_an_image_and_writes_only_where_told() {
 
     let rb = ReadBack::open(&[&output]);
     let files = rb.read("/dev/sda1", "", &["/etc/cloud/cloud.cfg"]);
-    let cfg = text(files["/etc/cloud/cloud.cfg"].as_ref().unwrap());
+    let cfg = file_text(&files, "/etc/cloud/cloud.cfg");
     let doc = &common::pyyaml(&[cfg])[0];
     let entry = &doc["chpasswd"]["users"][0];
     assert_eq!(entry["name"], "debian", "{doc:#}");

@@ -81,7 +81,7 @@ fn unsafe_or_broken_files_are_refused_before_launch() {
     std::fs::create_dir(t("dir.img")).unwrap();
 
     refused(&t("text.img"), &out, &[], 3, "not a disk image");
-    refused(&t("empty.img"), &out, &[], 3, "empty");
+    refused(&t("empty.img"), &out, &[], 3, "the file is empty");
     refused(&t("child.qcow2"), &out, &[], 3, "names a backing file");
     refused(&t("datafile.qcow2"), &out, &[], 3, "external data file");
     refused(&t("relative.qcow2"), &out, &[], 3, "names a backing file `base.qcow2`");

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::sync::OnceLock;
 
-use common::{cloudimg, fixtures, pyyaml, text, ReadBack, GENERATIONS};
+use common::{cloudimg, file_text, fixtures, pyyaml, text, ReadBack, GENERATIONS};
 use serde_json::Value;
 
 const PASSWORD: &str = "generations: every cloud-init";
@@ -113,7 +113,7 @@ fn each_generation_gets_the_form_its_cloud_init_reads() {
         .map(|i| {
             let device = format!("/dev/sd{}1", (b'a' + i as u8) as char);
             let files = back.read(&device, "", &["/etc/cloud/cloud.cfg"]);
-            text(files["/etc/cloud/cloud.cfg"].as_ref().expect("cloud.cfg"))
+            file_text(&files, "/etc/cloud/cloud.cfg")
         })
         .collect();
     for ((name, form, _), cfg) in written.iter().zip(pyyaml(&texts)) {
@@ -166,7 +166,7 @@ fn cloud_init_0_7_takes_a_plaintext_password_at_the_top_level() {
     assert_eq!(report["cloud_init_version_source"]["path"], "/usr/lib/python2.7/dist-packages/cloudinit/version.py");
     assert_eq!(report["form"], "top_level_password");
     let files = ReadBack::open(&[&out]).read("/dev/sda1", "", &["/etc/cloud/cloud.cfg"]);
-    let cfg = &pyyaml(&[text(files["/etc/cloud/cloud.cfg"].as_ref().unwrap())])[0];
+    let cfg = &pyyaml(&[file_text(&files, "/etc/cloud/cloud.cfg")])[0];
     assert_eq!(cfg["password"], "plain-0.7");
     assert_eq!(cfg["ssh_pwauth"], true);
 }

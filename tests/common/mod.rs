@@ -732,16 +732,35 @@ pub fn pyyaml(documents: &[String]) -> Vec<serde_json::Value> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Checks `password` against `hash` with the system's crypt(3) (glibc/libxcrypt through Python).
+/// Whether the system's crypt(3) (glibc/libxcrypt through Python) accepts `password` for `hash`. The
+/// judge must answer: a Python that fails or prints anything but True/False fails the test, so that
+/// "does not verify" can only mean the judge said no.
 pub fn system_crypt_verifies(password: &str, hash: &str) -> bool {
     let script = "import crypt, sys, warnings\nwarnings.simplefilter('ignore')\np, h = sys.stdin.read().split('\\0')\nprint(crypt.crypt(p, h) == h)";
     let mut child = Command::new(PYTHON)
         .args(["-W", "ignore", "-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(format!("{password}\0{hash}").as_bytes()).unwrap();
-    text(&child.wait_with_output().unwrap().stdout).trim() == "True"
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the crypt judge failed: {}", text(&out.stderr));
+    match text(&out.stdout).trim() {
+        "True" => true,
+        "False" => false,
+        other => panic!("the crypt judge answered {other:?}"),
+    }
+}
+
+/// A path as a command-line argument (test paths are UTF-8).
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The text of a file read back from a guest, failing the test with its name when it is missing.
+pub fn file_text(files: &BTreeMap<String, Option<Vec<u8>>>, path: &str) -> String {
+    text(files.get(path).and_then(Option::as_ref).unwrap_or_else(|| panic!("{path} is missing in the image")))
 }
