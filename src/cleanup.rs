@@ -238,7 +238,7 @@ fn claim(parent: &File, name: &OsStr) -> Option<(OwnedFd, bool)> {
         opened => opened.ok()?,
     };
     let meta = File::from(fd.try_clone().ok()?).metadata().ok()?;
-    if meta.uid() != crate::doctor::effective_uid() {
+    if meta.uid() != crate::trusted_dir::effective_uid() {
         return None;
     }
     rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive).ok()?;
@@ -436,7 +436,7 @@ mod tests {
 
     #[test]
     fn a_leftover_someone_else_owns_is_not_ours_to_remove() {
-        if crate::doctor::effective_uid() != 0 {
+        if crate::trusted_dir::effective_uid() != 0 {
             return; // only root can give a file away
         }
         let dir = tempfile::tempdir().unwrap();

@@ -235,9 +235,8 @@ never probed), and qcow2 files with backing or external data files are refused.
 ";
 
 /// How the image data reaches Glance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ImportMethod {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImportMethodArg {
     /// `PUT /v2/images/{id}/file`, the classic upload
     Put,
     /// Interoperable import: stage the data, then ask Glance to import it (its import plugins run)
@@ -258,7 +257,7 @@ pub struct GlanceArgs {
     pub name: Option<String>,
 
     /// An image property (repeatable); overrides one derived from the image
-    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = crate::upload::parse_property, help_heading = "Glance")]
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = crate::openstack::glance::parse_property, help_heading = "Glance")]
     pub properties: Vec<(String, String)>,
 
     /// Leave out a property derived from the image (repeatable), e.g. os_require_quiesce
@@ -301,8 +300,8 @@ pub struct GlanceArgs {
     pub if_changed: bool,
 
     /// How the data reaches Glance
-    #[arg(long, value_enum, default_value_t = ImportMethod::Auto, help_heading = "Glance")]
-    pub import_method: ImportMethod,
+    #[arg(long, value_enum, default_value_t = ImportMethodArg::Auto, help_heading = "Glance")]
+    pub import_method: ImportMethodArg,
 
     /// Store the image in these stores of a multi-store cloud (comma-separated; GET /v2/info/stores
     /// lists them) [default: the cloud's default store]

@@ -29,8 +29,8 @@ use crate::method;
 use crate::output::{self, Created, Pending};
 use crate::password::{self, Secret, Source};
 use crate::plan::{self, Facts, Request};
-use crate::report::Reporter;
-use crate::settings::{Customize, ManifestRequest, Output, Verbosity};
+use crate::report::{Reporter, Verbosity};
+use crate::settings::{Customize, ManifestRequest, Output};
 use crate::shadow;
 use crate::sshd;
 use crate::upload::{self, Connection, Uploaded};
@@ -879,7 +879,7 @@ fn finish_output(
         let options = upload::Options {
             file: Some(file),
             name: name.to_string(),
-            ..upload::Options::new(dest, summary.manifest.clone(), &summary.properties, args)?
+            ..upload::Options::new(dest, summary.manifest.clone(), &summary.properties, args)
         };
         let uploaded = upload::run(&options, conn, report)
             .with_context(|| format!("the image {} was written, but not uploaded", dest.display()))

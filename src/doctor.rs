@@ -79,7 +79,7 @@ pub fn run(opts: &Options, mut show: impl FnMut(&Check)) -> Report {
         show(&check);
         checks.push(check);
     };
-    record(user_check(effective_uid(), container_hint()), &mut checks);
+    record(user_check(crate::trusted_dir::effective_uid(), container_hint()), &mut checks);
     let setup = guest::setup();
     record(libguestfs_check(&setup), &mut checks);
     let setup = setup.ok();
@@ -135,11 +135,6 @@ fn verdict(failures: usize, accel: Option<Accel>, launch_seconds: Option<f64>, q
         }
         (true, None) => "cloudimg should work on this host".into(),
     }
-}
-
-pub(crate) fn effective_uid() -> u32 {
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 /// Why we think this is a container, if we do.

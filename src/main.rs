@@ -9,8 +9,9 @@ use cloudimg::customize;
 use cloudimg::doctor;
 use cloudimg::exit_codes;
 use cloudimg::inspect;
+use cloudimg::report::Verbosity;
 use cloudimg::report::{for_terminal, Reporter};
-use cloudimg::settings::{Customize, Verbosity};
+use cloudimg::settings::Customize;
 use cloudimg::upload;
 
 fn main() {
@@ -138,12 +139,16 @@ fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {
 
 fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
     let report = Reporter::new(if args.quiet { Verbosity::Quiet } else { Verbosity::Normal }, args.json);
-    let options = match upload::options(&args.image, args.manifest.as_deref(), args.disk_format, &args.glance) {
+    let destination = match cloudimg::settings::glance_destination(args.glance) {
+        Ok(destination) => destination,
+        Err(e) => return fail(&e),
+    };
+    let options = match upload::options(&args.image, args.manifest.as_deref(), args.disk_format, &destination) {
         Ok(options) => options,
         Err(e) => return fail(&e),
     };
     let conn =
-        upload::resolve_credentials(args.glance.os_cloud.as_deref()).and_then(|creds| upload::connect(&creds, &report));
+        upload::resolve_credentials(destination.os_cloud.as_deref()).and_then(|creds| upload::connect(&creds, &report));
     // What to print, as JSON and as text.
     let result = conn.and_then(|conn| -> anyhow::Result<(serde_json::Value, String)> {
         if args.dry_run {

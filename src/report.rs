@@ -7,7 +7,15 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::settings::Verbosity;
+/// How much is said on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    Quiet,
+    Normal,
+    Verbose,
+    /// Also libguestfs's appliance messages.
+    Debug,
+}
 
 pub struct Reporter {
     start: Instant,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 
 use crate::accel;
-use crate::cli::{CustomizeArgs, GlanceArgs, Method, SshPwauth};
+use crate::cli::{CustomizeArgs, GlanceArgs, ImportMethodArg, Method, SshPwauth};
 use crate::cloud_config::keys;
 use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::{CLOUD_CFG, DROP_IN};
@@ -15,6 +15,8 @@ use crate::exit_codes::{with_code, BAD_INPUT, OUTPUT, USAGE};
 use crate::image_file::Format;
 use crate::output;
 use crate::password::{Secret, Source};
+use crate::report::Verbosity;
+use crate::upload::{Destination, ImportMethod, Request};
 
 /// Where the result goes.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,15 +41,6 @@ pub enum Output {
         compress: bool,
     },
     DryRun,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Verbosity {
-    Quiet,
-    Normal,
-    Verbose,
-    /// Also libguestfs's appliance messages.
-    Debug,
 }
 
 #[derive(Debug)]
@@ -78,7 +71,7 @@ pub struct Customize {
     pub trim: bool,
     pub manifest: ManifestRequest,
     /// `--upload`, with where to.
-    pub upload: Option<GlanceArgs>,
+    pub upload: Option<Destination>,
 }
 
 /// Whether and where `customize` writes a Glance manifest.
@@ -182,16 +175,15 @@ impl Customize {
         if glance.name.is_some() {
             one_input("--name")?;
         }
-        if args.upload {
-            // Checked now, before any image work.
-            crate::upload::Request::from_args(&glance).map_err(with_code(USAGE))?;
-        } else if glance_given(&glance) {
+        if !args.upload && glance_given(&glance) {
             return Err(with_code(USAGE)(anyhow::anyhow!(
                 "--name, --property, --no-property, --visibility, --tag, --min-ram, --member, --protected, \
                  --hide-previous, --keep, --if-changed, --import-method, --stores, --os-cloud, --keep-failed and \
                  --wait go with --upload"
             )));
         }
+        // Checked now, before any image work.
+        let upload = args.upload.then(|| glance_destination(glance)).transpose()?;
         let cloud_init_version = args.cloud_init_version.map(|v| v.parse()).transpose().map_err(with_code(USAGE))?;
         let verbosity = match (args.quiet, args.verbose) {
             (true, _) => Verbosity::Quiet,
@@ -227,7 +219,7 @@ impl Customize {
             json: args.json,
             trim: !args.no_trim,
             manifest,
-            upload: args.upload.then_some(glance),
+            upload,
         })
     }
 }
@@ -245,11 +237,50 @@ fn glance_given(g: &GlanceArgs) -> bool {
         || g.hide_previous
         || g.keep.is_some()
         || g.if_changed
-        || g.import_method != crate::cli::ImportMethod::Auto
+        || g.import_method != ImportMethodArg::Auto
         || !g.stores.is_empty()
         || g.os_cloud.is_some()
         || g.keep_failed
         || g.wait != crate::cli::DEFAULT_WAIT
+}
+
+/// The Glance arguments, checked, as what `upload` takes.
+pub fn glance_destination(args: GlanceArgs) -> Result<Destination> {
+    let usage = |message: String| with_code(USAGE)(anyhow::anyhow!(message));
+    if !args.members.is_empty() && args.visibility.as_deref().is_some_and(|v| v != "shared") {
+        return Err(usage(format!(
+            "--member shares the image, which needs --visibility shared (Glance's default), not {}",
+            args.visibility.as_deref().unwrap_or_default()
+        )));
+    }
+    if let Some((key, _)) = args.properties.iter().find(|(k, _)| args.no_properties.contains(k)) {
+        return Err(usage(format!("--property {key}=... and --no-property {key} contradict each other")));
+    }
+    let request = Request {
+        visibility: args.visibility,
+        tags: args.tags,
+        min_ram: args.min_ram,
+        members: args.members,
+        protected: args.protected,
+        hide_previous: args.hide_previous,
+        keep: args.keep.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        if_changed: args.if_changed,
+        method: match args.import_method {
+            ImportMethodArg::Put => ImportMethod::Put,
+            ImportMethodArg::GlanceDirect => ImportMethod::GlanceDirect,
+            ImportMethodArg::Auto => ImportMethod::Auto,
+        },
+        stores: args.stores.into_iter().filter(|s| !s.is_empty()).collect(),
+        keep_failed: args.keep_failed,
+        wait: Duration::from_secs(args.wait),
+    };
+    Ok(Destination {
+        name: args.name,
+        properties: args.properties,
+        no_properties: args.no_properties,
+        os_cloud: args.os_cloud,
+        request,
+    })
 }
 
 pub fn check_output_path(input: &std::path::Path, path: &std::path::Path, force: bool) -> Result<()> {

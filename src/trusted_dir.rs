@@ -173,8 +173,14 @@ impl Dir {
     }
 }
 
+/// The user whose files cloudimg trusts and creates (root when run through sudo).
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 fn whoami() -> String {
-    format!("uid {}", crate::doctor::effective_uid())
+    format!("uid {}", effective_uid())
 }
 
 fn symlink(path: &Path, target: Option<PathBuf>) -> Distrust {
@@ -210,7 +216,7 @@ fn kind_name(kind: &std::fs::FileType) -> &'static str {
 
 /// A directory or file inside the cache: this user's, writable by nobody else.
 fn check_private(path: &Path, meta: &Metadata) -> Result<(), Distrust> {
-    let uid = crate::doctor::effective_uid();
+    let uid = effective_uid();
     let remove = format!(
         "rm -rf {} (as its owner or root; it is rebuilt), or export LIBGUESTFS_CACHEDIR=/a/directory/of/your/own",
         path.display()
@@ -242,7 +248,7 @@ fn check_private(path: &Path, meta: &Metadata) -> Result<(), Distrust> {
 /// A directory on the way to the cache: owned by this user or root, and writable by others only
 /// with the sticky bit (which stops them renaming this user's entries).
 fn check_holder(path: &Path, meta: &Metadata) -> Result<(), Distrust> {
-    let uid = crate::doctor::effective_uid();
+    let uid = effective_uid();
     let fix = "export LIBGUESTFS_CACHEDIR=/a/directory/only/you/can/write/to".to_string();
     if meta.uid() != uid && meta.uid() != 0 {
         return Err(Distrust {
@@ -340,7 +346,7 @@ mod tests {
 
     #[test]
     fn someone_elses_directory_is_distrusted() {
-        if crate::doctor::effective_uid() != 0 {
+        if effective_uid() != 0 {
             return; // only root can give a directory away
         }
         let tmp = tempfile::tempdir().unwrap();

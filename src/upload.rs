@@ -14,13 +14,12 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::cleanup;
-use crate::cli::{GlanceArgs, ImportMethod};
 use crate::exit_codes::{with_code, BAD_INPUT, UPLOAD, USAGE};
 use crate::hashing::{self, Digests, HashingReader};
 use crate::image_file;
 use crate::manifest::{self, Manifest};
 use crate::openstack::credentials::{self, Credentials};
-use crate::openstack::glance::{self, Glance, Member, NewImage, Offer};
+use crate::openstack::glance::{Glance, Member, NewImage, Offer};
 use crate::openstack::keystone::{self, Session};
 use crate::openstack::{error_text, Http};
 use crate::report::Reporter;
@@ -47,32 +46,28 @@ pub struct Request {
     pub wait: Duration,
 }
 
-impl Request {
-    pub fn from_args(args: &GlanceArgs) -> Result<Self> {
-        if !args.members.is_empty() && args.visibility.as_deref().is_some_and(|v| v != "shared") {
-            bail!(
-                "--member shares the image, which needs --visibility shared (Glance's default), not {}",
-                args.visibility.as_deref().unwrap_or_default()
-            );
-        }
-        if let Some((key, _)) = args.properties.iter().find(|(k, _)| args.no_properties.contains(k)) {
-            bail!("--property {key}=... and --no-property {key} contradict each other");
-        }
-        Ok(Request {
-            visibility: args.visibility.clone(),
-            tags: args.tags.clone(),
-            min_ram: args.min_ram,
-            members: args.members.clone(),
-            protected: args.protected,
-            hide_previous: args.hide_previous,
-            keep: args.keep.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-            if_changed: args.if_changed,
-            method: args.import_method,
-            stores: args.stores.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            keep_failed: args.keep_failed,
-            wait: Duration::from_secs(args.wait),
-        })
-    }
+/// How the image data reaches Glance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImportMethod {
+    Put,
+    GlanceDirect,
+    /// glance-direct where the cloud offers it, PUT otherwise or when staging is refused.
+    Auto,
+}
+
+/// Where an image goes in Glance and what is asked there, as the command line said it.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    /// `None`: the file name without its extension.
+    pub name: Option<String>,
+    /// `--property`: set over those derived from the image.
+    pub properties: Vec<(String, String)>,
+    /// `--no-property`: derived properties left out.
+    pub no_properties: Vec<String>,
+    /// The cloud in clouds.yaml (`None`: $OS_CLOUD, else the OS_* variables).
+    pub os_cloud: Option<String>,
+    pub request: Request,
 }
 
 pub struct Options {
@@ -96,20 +91,20 @@ impl Options {
         image: &Path,
         manifest: Option<Manifest>,
         derived: &BTreeMap<String, String>,
-        args: &GlanceArgs,
-    ) -> Result<Self> {
+        destination: &Destination,
+    ) -> Self {
         let mut properties = derived.clone();
-        properties.retain(|k, _| !args.no_properties.contains(k));
-        properties.extend(args.properties.iter().cloned());
-        Ok(Options {
+        properties.retain(|k, _| !destination.no_properties.contains(k));
+        properties.extend(destination.properties.iter().cloned());
+        Options {
             image: image.to_path_buf(),
             file: None,
             manifest,
-            name: args.name.clone().unwrap_or_else(|| default_name(image)),
+            name: destination.name.clone().unwrap_or_else(|| default_name(image)),
             properties,
             disk_format: None,
-            request: Request::from_args(args).map_err(with_code(USAGE))?,
-        })
+            request: destination.request.clone(),
+        }
     }
 }
 
@@ -119,11 +114,11 @@ pub fn options(
     image: &Path,
     manifest: Option<&Path>,
     disk_format: Option<String>,
-    args: &GlanceArgs,
+    destination: &Destination,
 ) -> Result<Options> {
     let manifest = manifest.map(Manifest::read).transpose().map_err(with_code(USAGE))?;
     let derived = manifest.as_ref().map(|m| m.properties.clone()).unwrap_or_default();
-    Ok(Options { disk_format, ..Options::new(image, manifest, &derived, args)? })
+    Ok(Options { disk_format, ..Options::new(image, manifest, &derived, destination) })
 }
 
 /// A step taken on another image of the same name.
@@ -196,18 +191,6 @@ pub struct Plan {
     pub properties: BTreeMap<String, String>,
     pub previous: Vec<Step>,
     pub kept_protected: Vec<String>,
-}
-
-/// Parses `K=V`.
-pub fn parse_property(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text.split_once('=').ok_or_else(|| format!("`{text}` is not KEY=VALUE"))?;
-    if key.is_empty() {
-        return Err(format!("`{text}` has an empty key"));
-    }
-    if glance::RESERVED.contains(&key) || key.starts_with(glance::RESERVED_PREFIX) {
-        return Err(format!("`{key}` is set by cloudimg or Glance itself, not as a property"));
-    }
-    Ok((key.to_string(), value.to_string()))
 }
 
 /// Finds the credentials as the `openstack` CLI does: a named cloud (--os-cloud, else OS_CLOUD) in
@@ -787,16 +770,6 @@ pub fn render_plan(p: &Plan) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn properties_are_key_value_and_not_reserved() {
-        assert_eq!(parse_property("os_distro=debian").unwrap(), ("os_distro".into(), "debian".into()));
-        assert_eq!(parse_property("note=a=b").unwrap(), ("note".into(), "a=b".into()));
-        assert!(parse_property("novalue").is_err());
-        assert!(parse_property("=x").is_err());
-        assert!(parse_property("checksum=abc").unwrap_err().contains("set by cloudimg or Glance"));
-        assert!(parse_property("os_glance_failed_import=x").unwrap_err().contains("set by cloudimg or Glance"));
-    }
 
     #[test]
     fn glance_record_must_match_the_file() {

@@ -45,6 +45,18 @@ pub const RESERVED: &[&str] = &[
 /// Glance keeps properties with this prefix for its import machinery and refuses them from users.
 pub const RESERVED_PREFIX: &str = "os_glance_";
 
+/// Parses `K=V`.
+pub fn parse_property(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("`{text}` is not KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("`{text}` has an empty key"));
+    }
+    if RESERVED.contains(&key) || key.starts_with(RESERVED_PREFIX) {
+        return Err(format!("`{key}` is set by cloudimg or Glance itself, not as a property"));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
 /// The images of one name are read this many at a time, for at most this many pages.
 const PAGE: usize = 200;
 const MAX_PAGES: usize = 50;
@@ -391,6 +403,16 @@ impl Glance<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_are_key_value_and_not_reserved() {
+        assert_eq!(parse_property("os_distro=debian").unwrap(), ("os_distro".into(), "debian".into()));
+        assert_eq!(parse_property("note=a=b").unwrap(), ("note".into(), "a=b".into()));
+        assert!(parse_property("novalue").is_err());
+        assert!(parse_property("=x").is_err());
+        assert!(parse_property("checksum=abc").unwrap_err().contains("set by cloudimg or Glance"));
+        assert!(parse_property("os_glance_failed_import=x").unwrap_err().contains("set by cloudimg or Glance"));
+    }
 
     #[test]
     fn a_delete_gives_up_within_its_patience_when_glance_stalls() {
