@@ -24,6 +24,16 @@ use crate::openstack::keystone::{self, Session};
 use crate::openstack::{error_text, Http};
 use crate::report::Reporter;
 
+mod previous;
+mod render;
+mod route;
+
+use previous::{describe_steps, same_bytes};
+pub use previous::{plan_previous, Action, Step};
+pub use render::{render, render_plan, Plan, Uploaded};
+use route::staging_refused;
+pub use route::{choose_route, Route};
+
 /// How long a failed upload keeps trying to delete its image while Glance does not answer.
 const DELETE_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -121,78 +131,6 @@ pub fn options(
     Ok(Options { disk_format, ..Options::new(image, manifest, &derived, destination) })
 }
 
-/// A step taken on another image of the same name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Action {
-    /// Set `os_hidden` (--hide-previous).
-    Hide,
-    /// Delete (--keep N).
-    Delete,
-}
-
-/// One destructive step on an older image: planned (`done` false, in a dry run) or taken.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Step {
-    pub action: Action,
-    pub image_id: String,
-    pub created_at: String,
-    pub done: bool,
-}
-
-/// What Glance holds, for the report.
-#[derive(Debug, serde::Serialize)]
-pub struct Uploaded {
-    pub image_id: String,
-    pub name: String,
-    pub glance_url: String,
-    /// `true` with --if-changed when Glance already had these bytes under this name: `image_id` is
-    /// that image and nothing was uploaded.
-    pub unchanged: bool,
-    /// `put` or `glance-direct` (`null` when unchanged).
-    pub import_method: Option<&'static str>,
-    /// The stores holding the image (multi-store clouds).
-    pub stores: Vec<String>,
-    pub status: String,
-    pub disk_format: String,
-    pub size: u64,
-    pub checksum: String,
-    pub os_hash_algo: String,
-    pub os_hash_value: String,
-    pub min_disk: u64,
-    pub min_ram: u64,
-    pub visibility: String,
-    pub protected: bool,
-    pub tags: Vec<String>,
-    pub properties: BTreeMap<String, String>,
-    pub members: Vec<Member>,
-    /// What was done to the older images of the name.
-    pub previous: Vec<Step>,
-    /// Older images --keep left because they are protected.
-    pub kept_protected: Vec<String>,
-    /// Glance's size and hashes equal the file's (always true in a report: a difference is an error).
-    pub verified: bool,
-    pub elapsed_seconds: f64,
-}
-
-/// What `upload --dry-run` found and would do.
-#[derive(Debug, serde::Serialize)]
-pub struct Plan {
-    pub image: PathBuf,
-    pub name: String,
-    pub glance_url: String,
-    pub dry_run: bool,
-    /// With --if-changed: the image that already holds these bytes (nothing would be uploaded).
-    pub unchanged_image_id: Option<String>,
-    pub import_method: &'static str,
-    pub stores: Vec<String>,
-    pub disk_format: String,
-    pub size: u64,
-    pub properties: BTreeMap<String, String>,
-    pub previous: Vec<Step>,
-    pub kept_protected: Vec<String>,
-}
-
 /// Finds the credentials as the `openstack` CLI does: a named cloud (--os-cloud, else OS_CLOUD) in
 /// clouds.yaml with secure.yaml merged over it and the `OS_*` variables over both, else the `OS_*`
 /// variables alone.
@@ -276,99 +214,6 @@ pub fn connect(creds: &Credentials, report: &Reporter) -> Result<Connection> {
     let session = keystone::authenticate(&http, creds).map_err(with_code(UPLOAD))?;
     report.detail(&format!("image service {}", session.image_url));
     Ok(Connection { http, session })
-}
-
-/// How the data will travel.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Route {
-    /// PUT, into `store` or the default one.
-    Put { store: Option<String> },
-    /// Stage, then import into `stores` (the default one when empty); `fallback`: PUT instead when
-    /// Glance refuses the staging.
-    GlanceDirect { stores: Vec<String>, fallback: bool },
-}
-
-impl Route {
-    fn method(&self) -> &'static str {
-        match self {
-            Route::Put { .. } => "put",
-            Route::GlanceDirect { .. } => "glance-direct",
-        }
-    }
-
-    fn stores(&self) -> Vec<String> {
-        match self {
-            Route::Put { store } => store.iter().cloned().collect(),
-            Route::GlanceDirect { stores, .. } => stores.clone(),
-        }
-    }
-}
-
-/// Chooses how the data travels from what was asked and what the cloud offers.
-pub fn choose_route(method: ImportMethod, stores: &[String], offer: &Offer) -> Result<Route> {
-    if !stores.is_empty() && offer.stores.is_empty() {
-        bail!("--stores: this cloud has a single store (GET /v2/info/stores lists none); leave --stores out");
-    }
-    if let Some(unknown) = stores.iter().find(|s| !offer.stores.contains(s)) {
-        bail!("--stores: the cloud has no store `{unknown}` (its stores: {})", offer.stores.join(", "));
-    }
-    let direct = offer.import_methods.iter().any(|m| m == "glance-direct");
-    let one_store = || match stores {
-        [] => Ok(None),
-        [one] => Ok(Some(one.clone())),
-        _ => bail!("PUT stores the data in one store; several (--stores) need the glance-direct import"),
-    };
-    Ok(match method {
-        ImportMethod::Put => Route::Put { store: one_store()? },
-        ImportMethod::GlanceDirect if !direct => bail!(
-            "the cloud does not offer the glance-direct import (GET /v2/info/import offers: {}); use --import-method put",
-            if offer.import_methods.is_empty() { "nothing".to_string() } else { offer.import_methods.join(", ") }
-        ),
-        ImportMethod::GlanceDirect => Route::GlanceDirect { stores: stores.to_vec(), fallback: false },
-        ImportMethod::Auto if direct => Route::GlanceDirect { stores: stores.to_vec(), fallback: stores.len() < 2 },
-        ImportMethod::Auto => Route::Put { store: one_store()? },
-    })
-}
-
-/// Whether a staging answer is Glance refusing the glance-direct route (by policy, configuration or
-/// staging quota) rather than the data: PUT may still be allowed.
-fn staging_refused(status: u16) -> bool {
-    matches!(status, 403 | 404 | 405 | 413 | 501)
-}
-
-/// What to do to the older images of the name (`previous`: the project's active ones, newest first,
-/// the new image not among them): hide them, and delete those beyond the `keep` newest (the new one
-/// counts) unless protected. Returns the steps and the protected images kept.
-pub fn plan_previous(previous: &[Value], hide: bool, keep: Option<usize>) -> (Vec<Step>, Vec<String>) {
-    let mut steps = Vec::new();
-    let mut kept_protected = Vec::new();
-    for (index, image) in previous.iter().enumerate() {
-        let id = image["id"].as_str().unwrap_or_default().to_string();
-        let created_at = image["created_at"].as_str().unwrap_or_default().to_string();
-        let step = |action| Step { action, image_id: id.clone(), created_at: created_at.clone(), done: false };
-        let beyond = keep.is_some_and(|n| index + 1 >= n);
-        if beyond && image["protected"] == true {
-            kept_protected.push(id.clone());
-        } else if beyond {
-            steps.push(step(Action::Delete));
-            continue;
-        }
-        if hide && image["os_hidden"] != true {
-            steps.push(step(Action::Hide));
-        }
-    }
-    (steps, kept_protected)
-}
-
-/// The visible image among `previous` holding exactly the file's bytes (--if-changed).
-fn same_bytes<'a>(previous: &'a [Value], size: u64, local: &Digests) -> Option<&'a Value> {
-    previous.iter().find(|i| {
-        i["os_hidden"] != true
-            && i["os_hash_algo"] == "sha512"
-            && i["os_hash_value"].as_str() == Some(local.sha512.as_str())
-            && i["checksum"].as_str() == Some(local.md5.as_str())
-            && i["size"].as_u64() == Some(size)
-    })
 }
 
 /// What the cloud offers and holds, read before anything is changed.
@@ -459,42 +304,13 @@ pub fn run(opts: &Options, conn: &Connection, report: &Reporter) -> Result<Uploa
     let s = survey(opts, file, &glance, report)?;
     let min_disk = opts.manifest.as_ref().map_or_else(|| manifest::min_disk(s.info.virtual_size), |m| m.min_disk);
     let r = &opts.request;
-    let report_of = |record: &Value, method: Option<&'static str>, members: Vec<Member>| Uploaded {
-        image_id: record["id"].as_str().unwrap_or_default().to_string(),
-        name: opts.name.clone(),
-        glance_url: session.image_url.clone(),
-        unchanged: method.is_none(),
-        import_method: method,
-        stores: record["stores"]
-            .as_str()
-            .unwrap_or_default()
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
-        status: text(record, "status"),
-        disk_format: text(record, "disk_format"),
-        size: record["size"].as_u64().unwrap_or_default(),
-        checksum: text(record, "checksum"),
-        os_hash_algo: text(record, "os_hash_algo"),
-        os_hash_value: text(record, "os_hash_value"),
-        min_disk: record["min_disk"].as_u64().unwrap_or(min_disk),
-        min_ram: record["min_ram"].as_u64().unwrap_or_default(),
-        visibility: text(record, "visibility"),
-        protected: record["protected"] == true,
-        tags: record["tags"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect(),
-        properties: opts.properties.keys().map(|k| (k.clone(), text(record, k))).collect(),
-        members,
-        previous: Vec::new(),
-        kept_protected: Vec::new(),
-        verified: true,
-        elapsed_seconds: report.elapsed_secs(),
-    };
+    let report_of =
+        |record: &Value, method, members| uploaded(record, opts, &session.image_url, min_disk, method, members);
     if let (Some(existing), Some(local)) = (&s.unchanged, &s.local) {
         // Glance's record of these very bytes: checked as an upload's would be.
         compare(existing, s.info.file_size, local).map_err(with_code(UPLOAD))?;
         report.phase(&format!("Glance already holds these bytes as image {} (--if-changed)", text(existing, "id")));
-        return Ok(report_of(existing, None, Vec::new()));
+        return Ok(Uploaded { elapsed_seconds: report.elapsed_secs(), ..report_of(existing, None, Vec::new()) });
     }
 
     report.phase(&format!("Creating image `{}` in Glance", opts.name));
@@ -526,39 +342,71 @@ pub fn run(opts: &Options, conn: &Connection, report: &Reporter) -> Result<Uploa
     uploaded.protected = r.protected;
     let (steps, kept_protected) = plan_previous(&s.previous, r.hide_previous, r.keep);
     uploaded.kept_protected = kept_protected;
-    for mut step in steps {
-        let done = match step.action {
-            Action::Hide => glance.set(&step.image_id, "os_hidden", Value::Bool(true)),
-            Action::Delete => glance.delete(&step.image_id, DELETE_PATIENCE),
-        };
-        if let Err(e) = done {
-            return Err(with_code(UPLOAD)(e.context(format!(
-                "image {id} is uploaded and verified, but the older images of `{}` were not all hidden or deleted \
-                 (done: {})",
-                opts.name,
-                describe_steps(&uploaded.previous)
-            ))));
-        }
-        step.done = true;
-        uploaded.previous.push(step);
-    }
+    tidy_previous(&glance, steps, &mut uploaded.previous).map_err(|e| {
+        with_code(UPLOAD)(e.context(format!(
+            "image {id} is uploaded and verified, but the older images of `{}` were not all hidden or deleted \
+             (done: {})",
+            opts.name,
+            describe_steps(&uploaded.previous)
+        )))
+    })?;
     uploaded.elapsed_seconds = report.elapsed_secs();
     Ok(uploaded)
 }
 
-fn text(record: &Value, key: &str) -> String {
-    record[key].as_str().unwrap_or_default().to_string()
+/// The report of an image Glance holds (`method`: `None` when it already held these bytes).
+fn uploaded(
+    record: &Value,
+    opts: &Options,
+    glance_url: &str,
+    min_disk: u64,
+    method: Option<&'static str>,
+    members: Vec<Member>,
+) -> Uploaded {
+    let strings =
+        |v: &Value| v.as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect();
+    Uploaded {
+        image_id: text(record, "id"),
+        name: opts.name.clone(),
+        glance_url: glance_url.to_string(),
+        unchanged: method.is_none(),
+        import_method: method,
+        stores: text(record, "stores").split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+        status: text(record, "status"),
+        disk_format: text(record, "disk_format"),
+        size: record["size"].as_u64().unwrap_or_default(),
+        checksum: text(record, "checksum"),
+        os_hash_algo: text(record, "os_hash_algo"),
+        os_hash_value: text(record, "os_hash_value"),
+        min_disk: record["min_disk"].as_u64().unwrap_or(min_disk),
+        min_ram: record["min_ram"].as_u64().unwrap_or_default(),
+        visibility: text(record, "visibility"),
+        protected: record["protected"] == true,
+        tags: strings(&record["tags"]),
+        properties: opts.properties.keys().map(|k| (k.clone(), text(record, k))).collect(),
+        members,
+        previous: Vec::new(),
+        kept_protected: Vec::new(),
+        verified: true,
+        elapsed_seconds: 0.0,
+    }
 }
 
-fn describe_steps(steps: &[Step]) -> String {
-    if steps.is_empty() {
-        return "nothing".to_string();
+/// Hides and deletes the older images as planned, recording each step once it is done.
+fn tidy_previous(glance: &Glance, steps: Vec<Step>, done: &mut Vec<Step>) -> Result<()> {
+    for mut step in steps {
+        match step.action {
+            Action::Hide => glance.set(&step.image_id, "os_hidden", Value::Bool(true))?,
+            Action::Delete => glance.delete(&step.image_id, DELETE_PATIENCE)?,
+        }
+        step.done = true;
+        done.push(step);
     }
-    steps
-        .iter()
-        .map(|s| format!("{} {}", if s.action == Action::Hide { "hid" } else { "deleted" }, s.image_id))
-        .collect::<Vec<_>>()
-        .join(", ")
+    Ok(())
+}
+
+fn text(record: &Value, key: &str) -> String {
+    record[key].as_str().unwrap_or_default().to_string()
 }
 
 /// Sends the file along the route, waits for `active` and compares; returns Glance's record and the
@@ -708,64 +556,6 @@ pub fn default_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".to_string())
 }
 
-fn render_previous(out: &mut String, steps: &[Step], kept_protected: &[String], would: bool) {
-    for step in steps {
-        let verb = match (step.action, would) {
-            (Action::Hide, true) => "Would hide",
-            (Action::Hide, false) => "Hid",
-            (Action::Delete, true) => "Would delete",
-            (Action::Delete, false) => "Deleted",
-        };
-        out.push_str(&format!("{verb} the older image {} (created {})\n", step.image_id, step.created_at));
-    }
-    for id in kept_protected {
-        out.push_str(&format!("Kept the older image {id}: it is protected\n"));
-    }
-}
-
-/// The report of an upload, for people.
-pub fn render(u: &Uploaded) -> String {
-    if u.unchanged {
-        return format!(
-            "Glance already holds {} as image {} ({}, {} bytes, the same {}); nothing was uploaded.\n",
-            u.name, u.image_id, u.disk_format, u.size, u.os_hash_algo
-        );
-    }
-    let stores = if u.stores.is_empty() { String::new() } else { format!(" into {}", u.stores.join(", ")) };
-    let mut out = format!(
-        "Uploaded {} as image {} ({}, {} bytes, {}{stores}); Glance's size, checksum and {} match the file.\n",
-        u.name,
-        u.image_id,
-        u.disk_format,
-        u.size,
-        u.import_method.unwrap_or_default(),
-        u.os_hash_algo
-    );
-    for m in &u.members {
-        out.push_str(&format!("Shared with project {} ({})\n", m.project, m.status));
-    }
-    render_previous(&mut out, &u.previous, &u.kept_protected, false);
-    out
-}
-
-/// The report of a dry run, for people.
-pub fn render_plan(p: &Plan) -> String {
-    if let Some(id) = &p.unchanged_image_id {
-        return format!("Glance already holds these bytes as {} (image {id}); nothing would be uploaded.\n", p.name);
-    }
-    let stores = if p.stores.is_empty() { "the default store".to_string() } else { p.stores.join(", ") };
-    let mut out = format!(
-        "Would upload {} as {} ({}, {} bytes) with {} into {stores}\n",
-        p.image.display(),
-        p.name,
-        p.disk_format,
-        p.size,
-        p.import_method
-    );
-    render_previous(&mut out, &p.previous, &p.kept_protected, true);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,93 +574,5 @@ mod tests {
         );
         let other_algo = json!({"size": 10, "checksum": "aa", "os_hash_algo": "sha256", "os_hash_value": "x"});
         assert!(format!("{:#}", compare(&other_algo, 10, &local).unwrap_err()).contains("sha256"));
-    }
-
-    fn offer(methods: &[&str], stores: &[&str]) -> Offer {
-        Offer {
-            import_methods: methods.iter().map(|s| s.to_string()).collect(),
-            stores: stores.iter().map(|s| s.to_string()).collect(),
-            default_store: stores.first().map(|s| s.to_string()),
-        }
-    }
-
-    #[test]
-    fn the_route_follows_the_method_and_what_the_cloud_offers() {
-        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let full = offer(&["glance-direct", "web-download"], &["fs", "fs2"]);
-        let put_only = offer(&[], &[]);
-        assert_eq!(
-            choose_route(ImportMethod::Auto, &[], &full).unwrap(),
-            Route::GlanceDirect { stores: vec![], fallback: true }
-        );
-        assert_eq!(choose_route(ImportMethod::Auto, &[], &put_only).unwrap(), Route::Put { store: None });
-        assert_eq!(choose_route(ImportMethod::Put, &[], &full).unwrap(), Route::Put { store: None });
-        assert_eq!(
-            choose_route(ImportMethod::Put, &strings(&["fs2"]), &full).unwrap(),
-            Route::Put { store: Some("fs2".into()) }
-        );
-        assert_eq!(
-            choose_route(ImportMethod::Auto, &strings(&["fs", "fs2"]), &full).unwrap(),
-            Route::GlanceDirect { stores: strings(&["fs", "fs2"]), fallback: false },
-            "PUT cannot reach two stores, so no fallback"
-        );
-        let err = |m, stores: &[&str], o: &Offer| format!("{:#}", choose_route(m, &strings(stores), o).unwrap_err());
-        assert!(err(ImportMethod::GlanceDirect, &[], &put_only).contains("offers: nothing"));
-        assert!(err(ImportMethod::Put, &["fs", "fs2"], &full).contains("one store"));
-        assert!(err(ImportMethod::Auto, &["nope"], &full).contains("no store `nope` (its stores: fs, fs2)"));
-        assert!(err(ImportMethod::Auto, &["fs"], &put_only).contains("single store"));
-        assert!(staging_refused(403) && staging_refused(404) && !staging_refused(500) && !staging_refused(409));
-    }
-
-    fn image(id: &str, created: &str, hidden: bool, protected: bool) -> Value {
-        json!({"id": id, "created_at": created, "os_hidden": hidden, "protected": protected})
-    }
-
-    #[test]
-    fn older_images_are_hidden_and_those_beyond_keep_deleted_unless_protected() {
-        // Newest first, as Glance::images_named returns them; the new image is not among them.
-        let previous = [
-            image("c", "2026-11-24T00:00:00Z", false, false),
-            image("b", "2026-11-17T00:00:00Z", true, false),
-            image("p", "2026-11-10T00:00:00Z", false, true),
-            image("a", "2026-11-03T00:00:00Z", false, false),
-        ];
-        let actions = |hide, keep| {
-            let (steps, kept) = plan_previous(&previous, hide, keep);
-            (steps.iter().map(|s| (s.action, s.image_id.clone())).collect::<Vec<_>>(), kept)
-        };
-        assert_eq!(
-            actions(true, None),
-            (vec![(Action::Hide, "c".into()), (Action::Hide, "p".into()), (Action::Hide, "a".into())], vec![])
-        );
-        assert_eq!(
-            actions(false, Some(2)),
-            (vec![(Action::Delete, "b".into()), (Action::Delete, "a".into())], vec!["p".into()]),
-            "the new image and c are the two kept"
-        );
-        assert_eq!(
-            actions(true, Some(2)),
-            (
-                vec![
-                    (Action::Hide, "c".into()),
-                    (Action::Delete, "b".into()),
-                    (Action::Hide, "p".into()),
-                    (Action::Delete, "a".into())
-                ],
-                vec!["p".into()]
-            )
-        );
-        assert_eq!(actions(false, Some(1)).0.len(), 3, "only the new image is kept");
-        assert_eq!(actions(false, None), (vec![], vec![]));
-    }
-
-    #[test]
-    fn if_changed_finds_a_visible_image_with_the_same_bytes() {
-        let local = Digests { md5: "m".into(), sha512: "s".into() };
-        let with = |id: &str, hidden: bool, sha: &str| json!({"id": id, "os_hidden": hidden, "os_hash_algo": "sha512", "os_hash_value": sha, "checksum": "m", "size": 5});
-        let previous = [with("other", false, "x"), with("hidden", true, "s"), with("same", false, "s")];
-        assert_eq!(same_bytes(&previous, 5, &local).map(|i| i["id"].clone()), Some(json!("same")));
-        assert!(same_bytes(&previous, 6, &local).is_none(), "a different size is different bytes");
-        assert!(same_bytes(&previous[..2], 5, &local).is_none(), "a hidden image does not count");
     }
 }
