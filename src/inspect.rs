@@ -338,99 +338,28 @@ fn unmet(r: &ImageReport, required: &[Requirement]) -> Vec<String> {
         .collect()
 }
 
-/// The human report for one image.
+/// The human report for one image: a labelled line per fact, then the findings.
 pub fn render(r: &ImageReport) -> String {
-    let mut out = format!("== {}\n", r.path.display());
-    let mut line = |label: &str, text: String| out.push_str(&format!("{label:<10} {text}\n"));
-    let f = &r.file;
-    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
-    line(
-        "file",
-        format!(
-            "{}{}, virtual {}, allocated {}{}",
-            f.format.map_or("unknown", |x| x.as_str()),
-            f.compat.as_ref().map(|c| format!(" (compat {c})")).unwrap_or_default(),
-            f.virtual_size.map_or("unknown".into(), mib),
-            mib(f.allocated_bytes),
-            if f.refused.is_some() { ", NOT OPENED" } else { ", standalone" }
-        ),
-    );
+    let mut lines = vec![("file", file_summary(&r.file))];
     if let Some(s) = &r.system {
-        let table =
-            s.partition_table.as_ref().map_or("no partition table".to_string(), |t| format!("{t} partition table"));
-        line(
-            "system",
-            format!(
-                "{} on {} ({}{}), {table}",
-                s.root.os.as_deref().unwrap_or("unknown OS"),
-                s.root.device,
-                s.root.fs_type,
-                if s.lvm_root { ", LVM" } else { "" },
-            ),
-        );
+        lines.push(("system", system_summary(s)));
     }
     if let Some(a) = &r.analysis {
-        match &a.cloud_init {
-            Some(ci) => {
-                line(
-                    "cloud-init",
-                    format!(
-                        "{} (from {} {}), default user {}, set_passwords {}",
-                        ci.version.version,
-                        ci.version.source.describe(),
-                        ci.version.path,
-                        ci.default_user.as_deref().unwrap_or("none"),
-                        if ci.set_passwords_runs { "runs" } else { "NEVER RUNS" }
-                    ),
-                );
-                if ci.passwords.is_empty() {
-                    line("passwords", "none".into());
-                }
-                for p in &ci.passwords {
-                    line("passwords", format!("{}: {} in `{}` of {}", p.user, p.kind, p.key, p.file));
-                }
-                line(
-                    "settings",
-                    format!(
-                        "chpasswd.expire {}, ssh_pwauth {}, disable_root {}",
-                        ci.expire,
-                        ci.ssh_pwauth.map_or("unset (sshd decides)".into(), |b| b.to_string()),
-                        ci.disable_root
-                    ),
-                );
-            }
-            None => line("cloud-init", "not installed".into()),
-        }
-        match &a.sshd {
-            Some(s) => line(
-                "sshd",
-                format!(
-                    "once cloud-init has run: PasswordAuthentication {} ({}), PermitRootLogin {} ({})",
-                    if s.password_authentication.password_authentication { "yes" } else { "no" },
-                    s.password_authentication.set_by.as_deref().unwrap_or("default"),
-                    s.permit_root_login.value,
-                    s.permit_root_login.set_by.as_deref().unwrap_or("default")
-                ),
-            ),
-            None => line("sshd", "not installed".into()),
-        }
-        let states: Vec<String> = a.shadow.iter().map(|(u, s)| format!("{u}: {}", shadow_state(s))).collect();
-        line("shadow", if states.is_empty() { "no /etc/shadow".into() } else { states.join(", ") });
-        line("booted", if a.booted_before { "yes (instance state in /var/lib/cloud)".into() } else { "no".into() });
+        analysis_lines(a, &mut lines);
     }
     if let Some(login) = &r.password_login {
         let who = login.user.as_deref().unwrap_or("?");
-        line(
+        lines.push((
             "login",
             if login.works {
                 format!("{who}: a new instance accepts an SSH password login")
             } else {
                 format!("{who}: no SSH password login: {}", login.reasons.join("; "))
             },
-        );
+        ));
     }
     if let Some(e) = &r.error {
-        line("error", e.clone());
+        lines.push(("error", e.clone()));
     }
     for finding in &r.findings {
         let label = match finding.severity {
@@ -439,12 +368,88 @@ pub fn render(r: &ImageReport) -> String {
             Severity::Warning => "warning",
             Severity::Info => "note",
         };
-        line(label, format!("{} (fix: {})", finding.message, finding.fix));
+        lines.push((label, format!("{} (fix: {})", finding.message, finding.fix)));
     }
-    for u in &r.unmet {
-        line("UNMET", u.clone());
+    lines.extend(r.unmet.iter().map(|u| ("UNMET", u.clone())));
+    let mut out = format!("== {}\n", r.path.display());
+    for (label, text) in lines {
+        out.push_str(&format!("{label:<10} {text}\n"));
     }
     out
+}
+
+fn file_summary(f: &FileFacts) -> String {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+    format!(
+        "{}{}, virtual {}, allocated {}{}",
+        f.format.map_or("unknown", |x| x.as_str()),
+        f.compat.as_ref().map(|c| format!(" (compat {c})")).unwrap_or_default(),
+        f.virtual_size.map_or("unknown".into(), mib),
+        mib(f.allocated_bytes),
+        if f.refused.is_some() { ", NOT OPENED" } else { ", standalone" }
+    )
+}
+
+fn system_summary(s: &System) -> String {
+    let table = s.partition_table.as_ref().map_or("no partition table".to_string(), |t| format!("{t} partition table"));
+    format!(
+        "{} on {} ({}{}), {table}",
+        s.root.os.as_deref().unwrap_or("unknown OS"),
+        s.root.device,
+        s.root.fs_type,
+        if s.lvm_root { ", LVM" } else { "" },
+    )
+}
+
+/// What cloud-init, sshd and the shadow file will do, a line per subject.
+fn analysis_lines(a: &Analysis, lines: &mut Vec<(&'static str, String)>) {
+    match &a.cloud_init {
+        Some(ci) => {
+            lines.push((
+                "cloud-init",
+                format!(
+                    "{} (from {} {}), default user {}, set_passwords {}",
+                    ci.version.version,
+                    ci.version.source.describe(),
+                    ci.version.path,
+                    ci.default_user.as_deref().unwrap_or("none"),
+                    if ci.set_passwords_runs { "runs" } else { "NEVER RUNS" }
+                ),
+            ));
+            if ci.passwords.is_empty() {
+                lines.push(("passwords", "none".into()));
+            }
+            for p in &ci.passwords {
+                lines.push(("passwords", format!("{}: {} in `{}` of {}", p.user, p.kind, p.key, p.file)));
+            }
+            lines.push((
+                "settings",
+                format!(
+                    "chpasswd.expire {}, ssh_pwauth {}, disable_root {}",
+                    ci.expire,
+                    ci.ssh_pwauth.map_or("unset (sshd decides)".into(), |b| b.to_string()),
+                    ci.disable_root
+                ),
+            ));
+        }
+        None => lines.push(("cloud-init", "not installed".into())),
+    }
+    lines.push((
+        "sshd",
+        match &a.sshd {
+            Some(s) => format!(
+                "once cloud-init has run: PasswordAuthentication {} ({}), PermitRootLogin {} ({})",
+                if s.password_authentication.password_authentication { "yes" } else { "no" },
+                s.password_authentication.set_by.as_deref().unwrap_or("default"),
+                s.permit_root_login.value,
+                s.permit_root_login.set_by.as_deref().unwrap_or("default")
+            ),
+            None => "not installed".into(),
+        },
+    ));
+    let states: Vec<String> = a.shadow.iter().map(|(u, s)| format!("{u}: {}", shadow_state(s))).collect();
+    lines.push(("shadow", if states.is_empty() { "no /etc/shadow".into() } else { states.join(", ") }));
+    lines.push(("booted", if a.booted_before { "yes (instance state in /var/lib/cloud)".into() } else { "no".into() }));
 }
 
 fn shadow_state(s: &shadow::State) -> String {
