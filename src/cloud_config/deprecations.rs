@@ -59,6 +59,35 @@ pub fn logged(files: &[ConfigFile], version: CloudInitVersion, account: &dyn Fn(
     let mut push = |path: &[&str], key: String, level, message: String, fix: &str| {
         out.push(Logged { file: file_of(path), key, level, message, fix: fix.to_string() })
     };
+    deprecated_forms(&cfg, version, &mut push);
+    if version >= UNLOCK_WARNINGS {
+        for (name, entry) in user_entries(&cfg) {
+            unlocking_warnings(&name, entry, account(&name), &mut push);
+        }
+    }
+    let uses_lists =
+        ["users", "list"].iter().any(|key| merge::lookup(&cfg, &["chpasswd", key]).is_some_and(Value::is_truthy));
+    if !uses_lists
+        && cfg.get("password").is_some_and(Value::is_truthy)
+        && super::credentials::default_user(&cfg).is_none()
+    {
+        push(
+            &["password"],
+            "password".into(),
+            "warning",
+            "top-level `password` with no default user: \"No default or defined user to change password for.\"".into(),
+            "name the user in `chpasswd.users` (`cloudimg customize --user NAME`)",
+        );
+    }
+    out
+}
+
+/// The key forms cloud-init `version` reports as deprecated.
+fn deprecated_forms(
+    cfg: &Mapping,
+    version: CloudInitVersion,
+    push: &mut impl FnMut(&[&str], String, &'static str, String, &str),
+) {
     if version >= STRING_FORMS && matches!(cfg.get("ssh_pwauth"), Some(Value::Str(_))) {
         push(
             &["ssh_pwauth"],
@@ -68,7 +97,7 @@ pub fn logged(files: &[ConfigFile], version: CloudInitVersion, account: &dyn Fn(
             "write `ssh_pwauth: true` or `false` (YAML booleans), or remove the key to leave sshd alone",
         );
     }
-    if let Some(list) = merge::lookup(&cfg, &["chpasswd", "list"]).filter(|v| v.is_truthy()) {
+    if let Some(list) = merge::lookup(cfg, &["chpasswd", "list"]).filter(|v| v.is_truthy()) {
         if version >= LIST_KEY {
             push(
                 &["chpasswd", "list"],
@@ -112,26 +141,6 @@ pub fn logged(files: &[ConfigFile], version: CloudInitVersion, account: &dyn Fn(
             );
         }
     }
-    if version >= UNLOCK_WARNINGS {
-        for (name, entry) in user_entries(&cfg) {
-            unlocking_warnings(&name, entry, account(&name), &mut push);
-        }
-    }
-    let uses_lists =
-        ["users", "list"].iter().any(|key| merge::lookup(&cfg, &["chpasswd", key]).is_some_and(Value::is_truthy));
-    if !uses_lists
-        && cfg.get("password").is_some_and(Value::is_truthy)
-        && super::credentials::default_user(&cfg).is_none()
-    {
-        push(
-            &["password"],
-            "password".into(),
-            "warning",
-            "top-level `password` with no default user: \"No default or defined user to change password for.\"".into(),
-            "name the user in `chpasswd.users` (`cloudimg customize --user NAME`)",
-        );
-    }
-    out
 }
 
 /// The `users` entries that are mappings with a name.
