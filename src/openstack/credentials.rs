@@ -129,63 +129,60 @@ impl Fields<'_> {
         }
     }
 
+    fn password_auth(&self, missing: &Missing<'_>) -> Result<Auth> {
+        let user = self.user().ok_or_else(|| {
+            let hint = if self.get("auth.application_credential_secret", "OS_APPLICATION_CREDENTIAL_SECRET").is_some() {
+                "; for the application credential set auth_type v3applicationcredential (OS_AUTH_TYPE)"
+            } else {
+                ""
+            };
+            missing("user name", "auth.username", "OS_USERNAME").context(format!("password authentication{hint}"))
+        })?;
+        Ok(Auth::Password {
+            user,
+            password: self
+                .secret("auth.password", "OS_PASSWORD")
+                .ok_or_else(|| missing("password", "auth.password (or in secure.yaml)", "OS_PASSWORD"))?,
+            project: self.project().ok_or_else(|| missing("project", "auth.project_name", "OS_PROJECT_NAME"))?,
+        })
+    }
+
+    fn application_credential_auth(&self, missing: &Missing<'_>) -> Result<Auth> {
+        let secret =
+            self.secret("auth.application_credential_secret", "OS_APPLICATION_CREDENTIAL_SECRET").ok_or_else(|| {
+                missing(
+                    "application credential secret",
+                    "auth.application_credential_secret (or in secure.yaml)",
+                    "OS_APPLICATION_CREDENTIAL_SECRET",
+                )
+            })?;
+        let credential = match self.get("auth.application_credential_id", "OS_APPLICATION_CREDENTIAL_ID") {
+            Some(id) => AppCredential::Id(id),
+            None => AppCredential::Name {
+                name: self.get("auth.application_credential_name", "OS_APPLICATION_CREDENTIAL_NAME").ok_or_else(
+                    || {
+                        missing(
+                            "application credential id or name",
+                            "auth.application_credential_id",
+                            "OS_APPLICATION_CREDENTIAL_ID",
+                        )
+                    },
+                )?,
+                user: self.user().ok_or_else(|| {
+                    missing("user for the application credential's name", "auth.username", "OS_USERNAME")
+                })?,
+            },
+        };
+        Ok(Auth::ApplicationCredential { credential, secret })
+    }
+
     fn build(&self, source: String) -> Result<Credentials> {
         let missing = |what: &str, yaml: &str, env: &str| {
             anyhow::anyhow!("{source} gives no {what} (`{yaml}` in clouds.yaml, or {env})")
         };
-        let auth_type = self.auth_type();
-        let auth = match auth_type.as_str() {
-            "password" | "v3password" => {
-                let user = self.user().ok_or_else(|| {
-                    let hint =
-                        if self.get("auth.application_credential_secret", "OS_APPLICATION_CREDENTIAL_SECRET").is_some()
-                        {
-                            "; for the application credential set auth_type v3applicationcredential (OS_AUTH_TYPE)"
-                        } else {
-                            ""
-                        };
-                    missing("user name", "auth.username", "OS_USERNAME")
-                        .context(format!("password authentication{hint}"))
-                })?;
-                Auth::Password {
-                    user,
-                    password: self
-                        .secret("auth.password", "OS_PASSWORD")
-                        .ok_or_else(|| missing("password", "auth.password (or in secure.yaml)", "OS_PASSWORD"))?,
-                    project: self
-                        .project()
-                        .ok_or_else(|| missing("project", "auth.project_name", "OS_PROJECT_NAME"))?,
-                }
-            }
-            "v3applicationcredential" => {
-                let secret = self
-                    .secret("auth.application_credential_secret", "OS_APPLICATION_CREDENTIAL_SECRET")
-                    .ok_or_else(|| {
-                        missing(
-                            "application credential secret",
-                            "auth.application_credential_secret (or in secure.yaml)",
-                            "OS_APPLICATION_CREDENTIAL_SECRET",
-                        )
-                    })?;
-                let credential = match self.get("auth.application_credential_id", "OS_APPLICATION_CREDENTIAL_ID") {
-                    Some(id) => AppCredential::Id(id),
-                    None => AppCredential::Name {
-                        name: self
-                            .get("auth.application_credential_name", "OS_APPLICATION_CREDENTIAL_NAME")
-                            .ok_or_else(|| {
-                                missing(
-                                    "application credential id or name",
-                                    "auth.application_credential_id",
-                                    "OS_APPLICATION_CREDENTIAL_ID",
-                                )
-                            })?,
-                        user: self.user().ok_or_else(|| {
-                            missing("user for the application credential's name", "auth.username", "OS_USERNAME")
-                        })?,
-                    },
-                };
-                Auth::ApplicationCredential { credential, secret }
-            }
+        let auth = match self.auth_type().as_str() {
+            "password" | "v3password" => self.password_auth(&missing)?,
+            "v3applicationcredential" => self.application_credential_auth(&missing)?,
             "token" | "v3token" => Auth::Token {
                 token: self
                     .secret("auth.token", "OS_TOKEN")
@@ -216,6 +213,9 @@ impl Fields<'_> {
         })
     }
 }
+
+/// Says which setting is missing: what, its clouds.yaml key, its variable.
+type Missing<'a> = dyn Fn(&str, &str, &str) -> anyhow::Error + 'a;
 
 fn is_false(v: &str) -> bool {
     matches!(v.to_ascii_lowercase().as_str(), "false" | "0" | "no" | "off" | "")
