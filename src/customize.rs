@@ -209,9 +209,10 @@ fn edit_all(
             edited.extend(in_appliance(s, &solo, secret, work, writer.as_mut(), report).0);
         }
         edited.sort_by_key(|(index, _)| *index);
+        let Some(writer) = writer else { return Ok((edited, BTreeMap::new())) };
         // What is left to wait for once the last appliance is gone: the serial tail of the run.
         let waiting = Instant::now();
-        let converted = writer.map(Queue::finish).unwrap_or_default().into_iter().collect();
+        let converted = writer.finish().into_iter().collect();
         report.took("waiting for the writer", waiting);
         Ok((edited, converted))
     })

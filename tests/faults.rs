@@ -106,13 +106,17 @@ fn wait_until_stopped(child: &mut Child, step: &str) {
             });
             panic!("the run ended ({status}) before reaching {step}: {stderr:?}");
         }
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
-        if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+        if stopped(child.id()) {
             return;
         }
         assert!(Instant::now() < deadline, "never reached {step}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
 }
 
 /// The pids whose parent is `pid` (qemu, libguestfs's recovery process, qemu-img).
@@ -453,8 +457,7 @@ fn continue_to(child: &mut Child, step: &str) -> bool {
     signal(child.id(), libc::SIGCONT);
     let deadline = Instant::now() + Duration::from_secs(600);
     while child.try_wait().unwrap().is_none() {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
-        if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+        if stopped(child.id()) {
             return true;
         }
         assert!(Instant::now() < deadline, "the run neither stopped at {step} nor ended");
