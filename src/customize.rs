@@ -117,6 +117,9 @@ pub type ImageResult = Result<(Summary, String)>;
 /// The output writer: edited images in, (index, written output) out.
 type Writer<'scope, 'a> = Queue<'scope, &'a Prepared, (usize, Result<outputs::Converted>)>;
 
+/// The writer's outputs by image index.
+type Written = BTreeMap<usize, Result<outputs::Converted>>;
+
 /// One input, checked and ready to be attached.
 struct Prepared {
     index: usize,
@@ -189,14 +192,13 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<Vec<ImageResult>> {
 
 /// The edits of every image, sorted by index, and the outputs of those that were edited (not for a
 /// dry run), written by the output writer while the appliance goes on with the next image.
-#[allow(clippy::type_complexity)]
 fn edit_all(
     s: &Customize,
     ready: &[Prepared],
     secret: Option<&Secret>,
     work: &Path,
     report: &Reporter,
-) -> Result<(Vec<(usize, ImageResult)>, BTreeMap<usize, Result<outputs::Converted>>)> {
+) -> Result<(Vec<(usize, ImageResult)>, Written)> {
     std::thread::scope(|scope| {
         let mut writer = match s.output {
             Output::DryRun => None,
