@@ -3,7 +3,7 @@
 //! on each image that can share it.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
@@ -45,14 +45,19 @@ pub fn launch(drives: &[Drive], names: &[&Path], opts: &Options, report: &Report
     ));
     let launch = LaunchOptions { accel, timeout: opts.timeout, debug: opts.debug, tmpdir: opts.tmpdir };
     let spinner = report.spinner("starting the appliance");
+    let started = Instant::now();
     let guest = Guest::launch(drives, &launch).map_err(with_code(APPLIANCE))?;
+    report.detail(&format!("launched in {:.1} s", report.took("launch", started)));
     drop(spinner);
     cleanup::fault_point("launched");
     report.detail(&format!("appliance: {}", guest.appliance));
     guest.warnings().iter().for_each(|w| report.warn(w));
     let split = if drives.len() > 1 {
         report.phase("Sorting out which filesystems belong to which image");
-        Some(batch::split(&guest).map_err(with_code(APPLIANCE))?)
+        let started = Instant::now();
+        let split = batch::split(&guest).map_err(with_code(APPLIANCE))?;
+        report.detail(&format!("sorted in {:.1} s", report.took("sorting", started)));
+        Some(split)
     } else {
         None
     };
@@ -69,12 +74,13 @@ impl Shared {
     }
 
     /// Runs `job` on each of the `count` images that share the appliance, in order, with its disk
-    /// when there are several; unmounts after each. Once the appliance is gone the remaining images
-    /// get its error.
+    /// when there are several; unmounts after each, and then calls `unmounted` with each image whose
+    /// job succeeded. Once the appliance is gone the remaining images get its error.
     pub fn each<T>(
         &self,
         count: usize,
         mut job: impl FnMut(usize, Option<&Disk>) -> Result<T>,
+        mut unmounted: impl FnMut(usize, &T),
     ) -> Vec<(usize, Result<T>)> {
         let alone = self.alone();
         let mut out = Vec::new();
@@ -84,7 +90,13 @@ impl Shared {
                 Some(e) => Err(copy_error(e)),
                 None => {
                     let result = job(pos, self.split.as_ref().map(|sp| &sp.disks[pos]));
-                    let _ = self.guest.umount_all();
+                    // Unmounting ends with a cache flush (ext2/3/4, xfs and btrfs mark their journal or
+                    // superblock clean with one), which makes qemu write out the overlay's tables: from
+                    // then on the overlay file holds the image's final state. A failure here is found
+                    // again by the shutdown, which then fails every image.
+                    if let (Ok(done), Ok(())) = (&result, self.guest.umount_all()) {
+                        unmounted(pos, done);
+                    }
                     result
                 }
             };

@@ -72,12 +72,15 @@ pub fn written(path: &Path) {
     WRITTEN.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
 }
 
-/// Called by the main thread after each call that a signal can cut short (appliance, qemu-img):
-/// once a signal is being handled, the call's failure is the signal's doing, so the main thread stops
-/// here and leaves the clean-up and the exit to the handler.
+/// Called after each call that a signal can cut short (appliance, qemu-img): once a signal is being
+/// handled, the call's failure is the signal's doing, so the thread stops here and leaves the clean-up
+/// and the exit to the handler. The handler waits for the main thread only: an output writer parked
+/// here must not tell it that the main thread has stopped starting qemu.
 pub fn checkpoint() {
     if INTERRUPTED.load(Ordering::SeqCst) {
-        MAIN_PARKED.store(true, Ordering::SeqCst);
+        if std::thread::current().name() == Some("main") {
+            MAIN_PARKED.store(true, Ordering::SeqCst);
+        }
         loop {
             std::thread::park();
         }
@@ -89,9 +92,19 @@ pub fn on_interrupt(undo: Option<Undo>) {
     *ON_INTERRUPT.lock().unwrap_or_else(|e| e.into_inner()) = undo;
 }
 
-/// Registers a path (file or directory) that must not survive the process.
+/// Registers a path (file or directory) that must not survive the process. A path made by another
+/// thread after the handler has removed the temporaries is removed here, and that thread stops.
 pub fn register(path: &Path) {
-    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
+    let mut temporaries = TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
+    // The handler sets the flag before it takes the list, under this lock: a path registered too
+    // late for its removal always sees the flag.
+    if !INTERRUPTED.load(Ordering::SeqCst) {
+        temporaries.push(path.to_path_buf());
+        return;
+    }
+    drop(temporaries);
+    let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+    checkpoint();
 }
 
 /// Forgets a path once it has been removed or renamed into place.

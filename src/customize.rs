@@ -4,9 +4,9 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 
@@ -18,22 +18,24 @@ use crate::cli::Method;
 use crate::cloud_config::credentials::{self, Form, Stored};
 use crate::cloud_config::lock;
 use crate::cloud_config::version::{self, CloudInitVersion};
-use crate::exit_codes::{with_code, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, UPLOAD, USAGE};
+use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, USAGE};
 use crate::guest::{Drive, Guest};
 use crate::guest_config;
-use crate::hashing;
 use crate::image_file::{self, Format, ImageInfo};
 use crate::locate::{self, Root};
 use crate::manifest::{self, GuestFacts, Manifest};
 use crate::method;
-use crate::output::{self, Created, Pending};
-use crate::password::{self, Secret, Source};
+use crate::output;
+use crate::output_queue::Queue;
+use crate::password::{self, Secret};
 use crate::plan::{self, Facts, Request};
 use crate::report::{Reporter, Verbosity};
-use crate::settings::{Customize, ManifestRequest, Output};
+use crate::settings::{Customize, Output};
 use crate::shadow;
 use crate::sshd;
-use crate::upload::{self, Connection, Uploaded};
+use crate::upload::{self, Uploaded};
+
+mod outputs;
 
 /// What happened, for the human summary and for `--json`.
 #[derive(Debug, serde::Serialize)]
@@ -112,6 +114,12 @@ struct Decision {
 /// One image's outcome: its summary and the masked diff of what changes, or why it failed.
 pub type ImageResult = Result<(Summary, String)>;
 
+/// The output writer: edited images in, (index, written output) out.
+type Writer<'scope, 'a> = Queue<'scope, &'a Prepared, (usize, Result<outputs::Converted>)>;
+
+/// The writer's outputs by image index.
+type Written = BTreeMap<usize, Result<outputs::Converted>>;
+
 /// One input, checked and ready to be attached.
 struct Prepared {
     index: usize,
@@ -154,34 +162,62 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<Vec<ImageResult>> {
             Err(e) => results[index] = Some(Err(named(s, input, e))),
         }
     }
-    let all: Vec<&Prepared> = ready.iter().collect();
-    let (mut done, alone) = in_appliance(s, &all, secret.as_ref(), work.path(), report);
-    for index in alone {
-        let solo = [&ready[ready.iter().position(|p| p.index == index).expect("a prepared image")]];
-        done.extend(in_appliance(s, &solo, secret.as_ref(), work.path(), report).0);
-    }
-    let mut edited = Vec::new();
-    for (index, result) in done {
+    let (edited, mut converted) = edit_all(s, &ready, secret.as_ref(), work.path(), report)?;
+    let by_index = |index: usize| ready.iter().find(|p| p.index == index).expect("a prepared image");
+    let mut done = Vec::new();
+    for (index, result) in edited {
         match result {
-            Ok(ok) => edited.push((index, ok)),
+            Ok((mut summary, diff)) if s.output == Output::DryRun => {
+                summary.elapsed_seconds = report.elapsed_secs();
+                results[index] = Some(Ok((summary, diff)));
+            }
+            Ok((summary, diff)) => {
+                // An image whose filesystems would not unmount was never handed to the writer.
+                let output = converted.remove(&index).unwrap_or_else(|| {
+                    Err(with_code(APPLIANCE)(anyhow::anyhow!(
+                        "unmounting the image's filesystems failed, so its output was not written"
+                    )))
+                });
+                done.push((by_index(index), summary, diff, output));
+            }
             Err(e) => results[index] = Some(Err(named(s, &s.inputs[index], e))),
         }
     }
-    edited.sort_by_key(|(index, _)| *index);
-    let by_index = |index: usize| ready.iter().find(|p| p.index == index).expect("a prepared image");
-    if s.output == Output::DryRun {
-        for (index, (mut summary, diff)) in edited {
-            summary.elapsed_seconds = report.elapsed_secs();
-            results[index] = Some(Ok((summary, diff)));
-        }
-    } else {
-        let edited: Vec<(&Prepared, Summary, String)> =
-            edited.into_iter().map(|(index, (summary, diff))| (by_index(index), summary, diff)).collect();
-        for (index, result) in produce_outputs(s, edited, secret.as_ref(), glance.as_ref(), report)? {
-            results[index] = Some(result.map_err(|e| named(s, &s.inputs[index], e)));
-        }
+    for (index, result) in outputs::produce_outputs(s, done, secret.as_ref(), glance.as_ref(), report)? {
+        results[index] = Some(result.map_err(|e| named(s, &s.inputs[index], e)));
     }
+    report.detail(&format!("time per phase: {}", report.phase_totals()));
     Ok(results.into_iter().map(|r| r.expect("every input has a result")).collect())
+}
+
+/// The edits of every image, sorted by index, and the outputs of those that were edited (not for a
+/// dry run), written by the output writer while the appliance goes on with the next image.
+fn edit_all(
+    s: &Customize,
+    ready: &[Prepared],
+    secret: Option<&Secret>,
+    work: &Path,
+    report: &Reporter,
+) -> Result<(Vec<(usize, ImageResult)>, Written)> {
+    std::thread::scope(|scope| {
+        let mut writer = match s.output {
+            Output::DryRun => None,
+            _ => Some(Queue::start(scope, |p: &Prepared| (p.index, outputs::convert(s, p, report)))?),
+        };
+        let all: Vec<&Prepared> = ready.iter().collect();
+        let (mut edited, alone) = in_appliance(s, &all, secret, work, writer.as_mut(), report);
+        for index in alone {
+            let solo = [&ready[ready.iter().position(|p| p.index == index).expect("a prepared image")]];
+            edited.extend(in_appliance(s, &solo, secret, work, writer.as_mut(), report).0);
+        }
+        edited.sort_by_key(|(index, _)| *index);
+        let Some(writer) = writer else { return Ok((edited, BTreeMap::new())) };
+        // What is left to wait for once the last appliance is gone: the serial tail of the run.
+        let waiting = Instant::now();
+        let converted = writer.finish().into_iter().collect();
+        report.took("waiting for the writer", waiting);
+        Ok((edited, converted))
+    })
 }
 
 /// With several inputs, errors say which image they are about.
@@ -244,13 +280,15 @@ fn prepare(s: &Customize, index: usize, input: &Path, work: &Path, report: &Repo
     Ok(Prepared { index, input: input.to_path_buf(), info, lock, overlay, target })
 }
 
-/// Edits the images of `group` in one appliance. Returns each edited image's result, and the images
-/// the appliance could not serve safely (copies of another), which need one of their own.
-fn in_appliance(
+/// Edits the images of `group` in one appliance, handing each one to `writer` as soon as its
+/// filesystems are unmounted. Returns each edited image's result, and the images the appliance could
+/// not serve safely (copies of another), which need one of their own.
+fn in_appliance<'scope, 'a: 'scope>(
     s: &Customize,
-    group: &[&Prepared],
+    group: &[&'a Prepared],
     secret: Option<&Secret>,
     tmpdir: &Path,
+    mut writer: Option<&mut Writer<'scope, 'a>>,
     report: &Reporter,
 ) -> (Vec<(usize, ImageResult)>, Vec<usize>) {
     if group.is_empty() {
@@ -270,17 +308,28 @@ fn in_appliance(
         Ok(shared) => shared,
         Err(e) => return (group.iter().map(|p| (p.index, Err(appliance::copy_error(&e)))).collect(), Vec::new()),
     };
-    let mut out: Vec<(usize, ImageResult)> = shared
-        .each(group.len(), |pos, disk| image_job(&shared.guest, s, group[pos], disk, secret, shared.accel, report))
-        .into_iter()
-        .map(|(pos, result)| (group[pos].index, result))
-        .collect();
+    let job = |pos: usize, disk: Option<&locate::Disk>| {
+        let editing = Instant::now();
+        let result = image_job(&shared.guest, s, group[pos], disk, secret, shared.accel, report);
+        let secs = report.took("editing", editing);
+        report.detail(&format!("edited {} in {secs:.1} s", group[pos].input.display()));
+        result
+    };
+    let unmounted = |pos: usize, _: &(Summary, String)| {
+        if let Some(writer) = writer.as_mut() {
+            writer.submit(group[pos]);
+        }
+    };
+    let mut out: Vec<(usize, ImageResult)> =
+        shared.each(group.len(), job, unmounted).into_iter().map(|(pos, result)| (group[pos].index, result)).collect();
     let alone = shared.alone().into_iter().map(|pos| group[pos].index).collect();
     if s.output == Output::DryRun {
         return (out, alone);
     }
     cleanup::fault_point("edited");
+    let shutting = Instant::now();
     let shut = shared.guest.shutdown();
+    report.took("shutdown", shutting);
     cleanup::fault_point("shut-down");
     if let Err(e) = shut {
         for (_, result) in out.iter_mut().filter(|(_, r)| r.is_ok()) {
@@ -759,141 +808,6 @@ fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report: &Reporter
     })
 }
 
-/// Converts each edited overlay into its output (or in-place replacement) beside the destination,
-/// checks it as Glance will, then renames them into place, writes manifests and uploads. Returns each
-/// image's result.
-fn produce_outputs(
-    s: &Customize,
-    edited: Vec<(&Prepared, Summary, String)>,
-    secret: Option<&Secret>,
-    glance: Option<&Connection>,
-    report: &Reporter,
-) -> Result<Vec<(usize, ImageResult)>> {
-    let mut results = Vec::new();
-    let mut converted = Vec::new();
-    for (p, summary, diff) in edited {
-        let target = p.target.clone().expect("a real run has targets");
-        let overlay = p.overlay.as_deref().expect("a real run has overlays");
-        report.phase(&format!("Writing the {} image {}", target.format.as_str(), target.dest.display()));
-        let pending = Pending::beside(&target.dest).map_err(with_code(OUTPUT)).and_then(|pending| {
-            sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
-            let mut progress = report.progress("writing");
-            let digests = output::write_image(
-                overlay,
-                &p.input,
-                target.format,
-                target.compress,
-                &pending,
-                s.hash_while_writing(),
-                &mut |percent| progress.set(percent),
-            )
-            .map_err(with_code(OUTPUT))?;
-            drop(progress);
-            let written = output::check_written(&pending, target.format, p.info.virtual_size)
-                .with_context(|| format!("checking the new image for {}", target.dest.display()))
-                .map_err(with_code(OUTPUT))?;
-            let manifest =
-                digests.map(|digests| Manifest::new(&target.dest, &written, digests, summary.properties.clone()));
-            Ok((pending, written, manifest))
-        });
-        cleanup::fault_point("converted");
-        match pending {
-            Ok((pending, written, manifest)) => converted.push((p, summary, diff, pending, target, written, manifest)),
-            Err(e) => results.push((p.index, Err(e))),
-        }
-    }
-    if converted.is_empty() {
-        return Ok(results);
-    }
-    let saved_password = match (&s.password, secret) {
-        (Some(source), Some(secret)) => reveal_random_password(source, secret)?,
-        _ => None,
-    };
-    // Past this point outputs appear; an interrupt that arrived during the conversion wins.
-    cleanup::checkpoint();
-    let mut committed = 0;
-    for (p, mut summary, diff, pending, target, written, manifest) in converted {
-        let index = p.index;
-        // In place, the new file takes the input's mode and owner, read from the input's descriptor.
-        let like_input = match (&p.lock, target.in_place) {
-            (Some(input), true) => input
-                .metadata()
-                .context("reading the input's mode and owner")
-                .map(|m| (m.permissions().mode() & 0o7777, Some((m.uid(), m.gid())))),
-            _ => Ok((output::default_file_mode(), None)),
-        };
-        let file = match like_input.and_then(|(mode, owner)| pending.commit(mode, owner, target.replace)) {
-            Ok(file) => file,
-            Err(e) => {
-                results.push((index, Err(with_code(OUTPUT)(e))));
-                continue;
-            }
-        };
-        committed += 1;
-        summary.output = Some(target.dest.clone());
-        summary.output_format = Some(target.format);
-        let name = s.upload.as_ref().and_then(|g| g.name.clone()).unwrap_or_else(|| upload::default_name(&target.dest));
-        summary.openstack_command = Some(manifest::openstack_command(
-            target.format.as_str(),
-            written.virtual_size,
-            &summary.properties,
-            &target.dest,
-            &name,
-        ));
-        summary.manifest = manifest;
-        let result = finish_output(s, &mut summary, (&target.dest, file, &written), &name, glance, report);
-        summary.elapsed_seconds = report.elapsed_secs();
-        results.push((index, result.map(|()| (summary, diff))));
-    }
-    if committed == 0 {
-        if let Some(saved) = saved_password {
-            if let Err(e) = saved.remove() {
-                report.warn(&format!("{e:#}"));
-            }
-        }
-    }
-    Ok(results)
-}
-
-/// After an output is in place: its manifest file, then the upload (read through `file`, the
-/// descriptor the output was written with).
-fn finish_output(
-    s: &Customize,
-    summary: &mut Summary,
-    (dest, file, written): (&Path, File, &ImageInfo),
-    name: &str,
-    glance: Option<&Connection>,
-    report: &Reporter,
-) -> Result<()> {
-    let manifest_path = match &s.manifest {
-        ManifestRequest::None => None,
-        ManifestRequest::Beside => Some(PathBuf::from(format!("{}.json", dest.display()))),
-        ManifestRequest::File(path) => Some(path.clone()),
-    };
-    if let (Some(path), Some(manifest)) = (manifest_path, &summary.manifest) {
-        output::write_small_file(&path, serde_json::to_string_pretty(manifest)?.as_bytes())
-            .with_context(|| format!("the image {} was written, but not its manifest", dest.display()))
-            .map_err(with_code(OUTPUT))?;
-    }
-    if let (Some(args), Some(conn)) = (&s.upload, glance) {
-        let options = upload::Options {
-            file: Some(file),
-            name: name.to_string(),
-            ..upload::Options::new(dest, summary.manifest.clone(), &summary.properties, args)
-        };
-        let uploaded = upload::run(&options, conn, report)
-            .with_context(|| format!("the image {} was written, but not uploaded", dest.display()))
-            .map_err(with_code(UPLOAD))?;
-        if summary.manifest.is_none() {
-            // The hashes the upload computed while sending, which Glance's matched.
-            let digests = hashing::Digests { md5: uploaded.checksum.clone(), sha512: uploaded.os_hash_value.clone() };
-            summary.manifest = Some(Manifest::new(dest, written, digests, summary.properties.clone()));
-        }
-        summary.upload = Some(uploaded);
-    }
-    Ok(())
-}
-
 /// Removes what killed runs left in `dir`, and says so.
 fn sweep(dir: &Path, marker: &str, report: &Reporter) {
     for path in cleanup::sweep_leftovers(dir, marker) {
@@ -963,20 +877,6 @@ fn refuse_if_ineffective(findings: &[Finding], allow: bool, report: &Reporter) -
         "the password login would not work, so nothing was written: {}; --allow-ineffective writes anyway",
         reasons.join("; ")
     )))
-}
-
-/// Shows a generated password once on stderr, or saves it; returns the file it was saved to.
-fn reveal_random_password(source: &Source, secret: &Secret) -> Result<Option<Created>> {
-    match source {
-        Source::Random { save_to: Some(path) } => {
-            password::save_random(secret, path).map(Some).map_err(with_code(OUTPUT))
-        }
-        Source::Random { save_to: None } => {
-            eprintln!("cloudimg: generated password (shown once): {}", secret.expose());
-            Ok(None)
-        }
-        _ => Ok(None),
-    }
 }
 
 /// The real file an in-place edit replaces (a symlink is followed, so the link stays a link).

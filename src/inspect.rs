@@ -175,11 +175,15 @@ fn read_guests(
         }
     };
     let results = shared
-        .each(group.len(), |pos, disk| {
-            report.phase(&format!("Reading the guest in {}", names[pos].display()));
-            let _deadline = crate::cleanup::Deadline::analysis(names[pos], opts.timeout);
-            read_guest(&shared.guest, disk, opts, report)
-        })
+        .each(
+            group.len(),
+            |pos, disk| {
+                report.phase(&format!("Reading the guest in {}", names[pos].display()));
+                let _deadline = crate::cleanup::Deadline::analysis(names[pos], opts.timeout);
+                read_guest(&shared.guest, disk, opts, report)
+            },
+            |_, _| {},
+        )
         .into_iter()
         .map(|(pos, result)| (group[pos].0, result))
         .collect();

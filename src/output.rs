@@ -62,7 +62,8 @@ pub fn write_image(
         return Ok(digests);
     }
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["convert", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1", "-c", "-p"]).arg(overlay);
+    // -U: the appliance may still hold the overlay's lock (see `overlay_reader`).
+    cmd.args(["convert", "-U", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1", "-c", "-p"]).arg(overlay);
     let target = inherit(&mut cmd, dest.file());
     cmd.arg(target);
     // With hashing to follow, compressing is the first half of the progress.
@@ -228,6 +229,11 @@ impl Pending {
     /// The file, open for reading and writing.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Flushes the file's data to disk, so that [`Pending::commit`] has only metadata left to flush.
+    pub fn flush(&self) -> Result<()> {
+        self.file.sync_data().with_context(|| format!("flushing {} to disk", self.path().display()))
     }
 
     /// Gives the file the owner `owner` (for in-place edits) and `mode`, flushes it, and renames it

@@ -2,6 +2,11 @@
 //! its data lies and in which file, from `qemu-img map`; plain clusters are then read straight from
 //! the overlay or the input at the offsets qemu gave, and data only qemu can decode (compressed
 //! clusters) through a read-only `qemu-nbd` on a private Unix socket.
+//!
+//! The overlay is read while the appliance that edited it may still run (editing the next image of a
+//! batch) and hold qemu's lock on it, so it is opened with force-share. That is safe because the
+//! overlay is cloudimg's own file, complete once the image's filesystems are unmounted (see
+//! `appliance::Shared::each`), and the appliance writes nothing more to it.
 
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
@@ -46,7 +51,7 @@ const MAX_EXTENTS: usize = 1 << 22;
 /// is parsed as it arrives, so its text (about 120 bytes an extent) is never held whole.
 pub fn extents(overlay: &Path) -> Result<(u64, Vec<Extent>)> {
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["map", "--output=json", "-f", "qcow2"])
+    cmd.args(["map", "--output=json", "-U", "-f", "qcow2"])
         .arg(overlay)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -153,10 +158,16 @@ impl Export {
             tempfile::Builder::new().prefix("cloudimg-nbd-").tempdir().context("creating a socket directory")?;
         let socket = socket_dir.path().join("s");
         let mut cmd = Command::new("qemu-nbd");
-        // The overlay names its backing file and that file's format, so nothing is probed.
-        cmd.args(["--read-only", "--format=qcow2", "--shared=1", "--cache=writeback"])
+        // The overlay names its backing file and that file's format, so nothing is probed. This
+        // qemu-nbd has no --force-share: the option is given in the image's options, where a comma in
+        // the file name is written twice.
+        let options = format!(
+            "driver=qcow2,force-share=on,file.driver=file,file.filename={}",
+            overlay.to_str().context("the overlay's path is not UTF-8")?.replace(',', ",,")
+        );
+        cmd.args(["--read-only", "--image-opts", "--shared=1", "--cache=writeback"])
             .arg(format!("--socket={}", socket.display()))
-            .arg(overlay)
+            .arg(options)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -106,13 +106,17 @@ fn wait_until_stopped(child: &mut Child, step: &str) {
             });
             panic!("the run ended ({status}) before reaching {step}: {stderr:?}");
         }
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
-        if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+        if stopped(child.id()) {
             return;
         }
         assert!(Instant::now() < deadline, "never reached {step}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
 }
 
 /// The pids whose parent is `pid` (qemu, libguestfs's recovery process, qemu-img).
@@ -442,4 +446,94 @@ fn killed_at_random_moments_the_input_survives() {
         }
         eprintln!("{what}: ok");
     }
+}
+
+/// Lets a run stopped at `step` go on to its next stop there, or to its end; `true` when it stopped.
+fn continue_to(child: &mut Child, step: &str) -> bool {
+    signal(child.id(), libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while child.try_wait().unwrap().is_none() {
+        if stopped(child.id()) {
+            return true;
+        }
+        assert!(Instant::now() < deadline, "the run neither stopped at {step} nor ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Fills the filesystem holding `dir` (a tmpfs) with a file, until the disk is full.
+fn fill(dir: &Path) -> PathBuf {
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0x5a; 1 << 16];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    filler
+}
+
+/// A batch whose second output meets a full disk while it is written, as the appliance edits the
+/// third image: the second image fails alone; the first and third outputs are written whole.
+#[test]
+fn a_full_disk_while_one_output_is_written_fails_that_image_alone() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let bench = Bench::new();
+    let inputs = [bench.image("a.qcow2"), bench.image("b.qcow2"), bench.image("c.qcow2")];
+    let sums: Vec<String> = inputs.iter().map(|i| sha256(i)).collect();
+    // Room for two outputs (each smaller than its input) and the third one's start.
+    let room = 3 * std::fs::metadata(&inputs[0]).unwrap().len() + (64 << 20);
+    let disk = SmallDisk::mount(bench.dir.join("out"), &room.to_string());
+    let mut args = vec!["customize"];
+    args.extend(inputs.iter().map(|i| p(i)));
+    args.extend(["--out-dir", p(&disk.0), "--password-file", p(&bench.pw), "--json", "-v"]);
+    // The writer stops as it starts each output (a, b, c in turn): the disk fills up as b's begins
+    // and is freed as c's begins, so only b's write meets it.
+    let mut child = bench.command(&args, Some("converting")).spawn().unwrap();
+    wait_until_stopped(&mut child, "converting");
+    let children = children_of(child.id());
+    assert!(continue_to(&mut child, "converting"), "stopped for b");
+    let filler = fill(&disk.0);
+    assert!(continue_to(&mut child, "converting"), "stopped for c");
+    std::fs::remove_file(&filler).unwrap();
+    assert!(!continue_to(&mut child, "converting"), "no fourth output");
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert_no_survivors(&children, "full disk in a batch");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let oks: Vec<bool> = report.as_array().unwrap().iter().map(|e| e["ok"] == true).collect();
+    assert_eq!(oks, [true, false, true], "{report}");
+    let error = report[1]["error"].as_str().unwrap();
+    assert!(error.contains("No space left on device") && error.contains("b.qcow2"), "{error}");
+    for name in ["a.qcow2", "c.qcow2"] {
+        assert!(qemu_img_check(&disk.0.join(name)), "{name} is whole");
+    }
+    let mut names: Vec<_> = std::fs::read_dir(&disk.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["a.qcow2", "c.qcow2"], "nothing of b, no temporaries");
+    assert_eq!(inputs.iter().map(|i| sha256(i)).collect::<Vec<_>>(), sums, "inputs unchanged");
+    let known: Vec<&Path> = inputs.iter().map(PathBuf::as_path).chain([disk.0.as_path()]).collect();
+    assert_eq!(bench.extra_files(&known), Vec::<String>::new(), "{stderr}");
+}
+
+/// Ctrl-C as the first output of a batch is written while the appliance goes on with the second.
+#[test]
+fn ctrl_c_while_an_output_is_written_in_the_background_leaves_nothing() {
+    let bench = Bench::new();
+    let (a, b) = (bench.image("a.qcow2"), bench.image("b.qcow2"));
+    let out = bench.dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let args = ["customize", p(&a), p(&b), "--out-dir", p(&out), "--password-file", p(&bench.pw)];
+    let (status, children, stderr) = fault_at(&mut bench.command(&args, Some("converting")), "converting", |pid| {
+        signal(pid, libc::SIGINT);
+        signal(pid, libc::SIGCONT);
+    });
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted; temporary files removed, no output was written"), "{stderr}");
+    assert_no_survivors(&children, "Ctrl-C during a background write");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "no output and no temporary in the output directory");
+    assert_eq!(bench.extra_files(&[a.as_path(), b.as_path(), out.as_path()]), Vec::<String>::new(), "{stderr}");
 }

@@ -1,0 +1,202 @@
+//! The last steps of `customize`: each edited overlay written as a standalone image beside its
+//! destination (on the output writer thread, while the appliance edits the next image), checked as
+//! Glance will and flushed; then, once every edit is known to have reached the disk, the outputs
+//! renamed into place in order, their manifests written and uploads made.
+
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use super::{sweep, ImageResult, Prepared, Summary};
+use crate::cleanup;
+use crate::exit_codes::{with_code, OUTPUT, UPLOAD};
+use crate::hashing::{self, Digests};
+use crate::image_file::ImageInfo;
+use crate::manifest::{self, Manifest};
+use crate::output::{self, Created, Pending};
+use crate::password::{self, Secret, Source};
+use crate::report::Reporter;
+use crate::settings::{Customize, ManifestRequest};
+use crate::upload::{self, Connection};
+
+/// One output written, checked and flushed under its temporary name.
+pub(super) struct Converted {
+    pending: Pending,
+    written: ImageInfo,
+    digests: Option<Digests>,
+}
+
+/// Writes the overlay of `p` (whose edits are complete and flushed) as a standalone image beside its
+/// destination, checks it and flushes it; runs on the output writer thread.
+pub(super) fn convert(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Converted> {
+    let converted = write_checked(s, p, report);
+    cleanup::fault_point("converted");
+    converted
+}
+
+fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Converted> {
+    let target = p.target.as_ref().expect("a real run has targets");
+    let overlay = p.overlay.as_deref().expect("a real run has overlays");
+    report.phase(&format!("Writing the {} image {}", target.format.as_str(), target.dest.display()));
+    let started = Instant::now();
+    let pending = Pending::beside(&target.dest).map_err(with_code(OUTPUT))?;
+    sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
+    // In a batch the bar or line names its image: the appliance's lines come in between.
+    let label = match s.inputs.len() {
+        1 => "writing".to_string(),
+        _ => format!("writing {}", target.dest.display()),
+    };
+    let mut progress = report.progress(&label);
+    let digests = output::write_image(
+        overlay,
+        &p.input,
+        target.format,
+        target.compress,
+        &pending,
+        s.hash_while_writing(),
+        &mut |percent| progress.set(percent),
+    )
+    .map_err(with_code(OUTPUT))?;
+    drop(progress);
+    let written = output::check_written(&pending, target.format, p.info.virtual_size)
+        .with_context(|| format!("checking the new image for {}", target.dest.display()))
+        .map_err(with_code(OUTPUT))?;
+    let wrote = report.took("writing", started);
+    // Flushed as soon as it is whole, while the appliance works on: only the last output's flush is
+    // left for the end of the run.
+    let flushing = Instant::now();
+    pending.flush().map_err(with_code(OUTPUT))?;
+    let flushed = report.took("flushing", flushing);
+    report.detail(&format!("wrote {} in {wrote:.1} s, flushed it in {flushed:.1} s", target.dest.display()));
+    Ok(Converted { pending, written, digests })
+}
+
+/// Renames each converted output into place (or over the input, in place), in order, then writes
+/// its manifest and uploads it. Returns each image's result.
+pub(super) fn produce_outputs(
+    s: &Customize,
+    edited: Vec<(&Prepared, Summary, String, Result<Converted>)>,
+    secret: Option<&Secret>,
+    glance: Option<&Connection>,
+    report: &Reporter,
+) -> Result<Vec<(usize, ImageResult)>> {
+    let mut results = Vec::new();
+    let mut converted = Vec::new();
+    for (p, summary, diff, result) in edited {
+        match result {
+            Ok(c) => converted.push((p, summary, diff, c)),
+            Err(e) => results.push((p.index, Err(e))),
+        }
+    }
+    if converted.is_empty() {
+        return Ok(results);
+    }
+    let saved_password = match (&s.password, secret) {
+        (Some(source), Some(secret)) => reveal_random_password(source, secret)?,
+        _ => None,
+    };
+    // Past this point outputs appear; an interrupt that arrived during the conversion wins.
+    cleanup::checkpoint();
+    let mut committed = 0;
+    for (p, mut summary, diff, Converted { pending, written, digests }) in converted {
+        let index = p.index;
+        let target = p.target.clone().expect("a real run has targets");
+        // In place, the new file takes the input's mode and owner, read from the input's descriptor.
+        let like_input = match (&p.lock, target.in_place) {
+            (Some(input), true) => input
+                .metadata()
+                .context("reading the input's mode and owner")
+                .map(|m| (m.permissions().mode() & 0o7777, Some((m.uid(), m.gid())))),
+            _ => Ok((output::default_file_mode(), None)),
+        };
+        let renaming = Instant::now();
+        let file = match like_input.and_then(|(mode, owner)| pending.commit(mode, owner, target.replace)) {
+            Ok(file) => file,
+            Err(e) => {
+                results.push((index, Err(with_code(OUTPUT)(e))));
+                continue;
+            }
+        };
+        report.took("renaming", renaming);
+        committed += 1;
+        summary.output = Some(target.dest.clone());
+        summary.output_format = Some(target.format);
+        let name = s.upload.as_ref().and_then(|g| g.name.clone()).unwrap_or_else(|| upload::default_name(&target.dest));
+        summary.openstack_command = Some(manifest::openstack_command(
+            target.format.as_str(),
+            written.virtual_size,
+            &summary.properties,
+            &target.dest,
+            &name,
+        ));
+        summary.manifest =
+            digests.map(|digests| Manifest::new(&target.dest, &written, digests, summary.properties.clone()));
+        let result = finish_output(s, &mut summary, (&target.dest, file, &written), &name, glance, report);
+        summary.elapsed_seconds = report.elapsed_secs();
+        results.push((index, result.map(|()| (summary, diff))));
+    }
+    if committed == 0 {
+        if let Some(saved) = saved_password {
+            if let Err(e) = saved.remove() {
+                report.warn(&format!("{e:#}"));
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// After an output is in place: its manifest file, then the upload (read through `file`, the
+/// descriptor the output was written with).
+fn finish_output(
+    s: &Customize,
+    summary: &mut Summary,
+    (dest, file, written): (&Path, File, &ImageInfo),
+    name: &str,
+    glance: Option<&Connection>,
+    report: &Reporter,
+) -> Result<()> {
+    let manifest_path = match &s.manifest {
+        ManifestRequest::None => None,
+        ManifestRequest::Beside => Some(PathBuf::from(format!("{}.json", dest.display()))),
+        ManifestRequest::File(path) => Some(path.clone()),
+    };
+    if let (Some(path), Some(manifest)) = (manifest_path, &summary.manifest) {
+        output::write_small_file(&path, serde_json::to_string_pretty(manifest)?.as_bytes())
+            .with_context(|| format!("the image {} was written, but not its manifest", dest.display()))
+            .map_err(with_code(OUTPUT))?;
+    }
+    if let (Some(args), Some(conn)) = (&s.upload, glance) {
+        let options = upload::Options {
+            file: Some(file),
+            name: name.to_string(),
+            ..upload::Options::new(dest, summary.manifest.clone(), &summary.properties, args)
+        };
+        let uploaded = upload::run(&options, conn, report)
+            .with_context(|| format!("the image {} was written, but not uploaded", dest.display()))
+            .map_err(with_code(UPLOAD))?;
+        if summary.manifest.is_none() {
+            // The hashes the upload computed while sending, which Glance's matched.
+            let digests = hashing::Digests { md5: uploaded.checksum.clone(), sha512: uploaded.os_hash_value.clone() };
+            summary.manifest = Some(Manifest::new(dest, written, digests, summary.properties.clone()));
+        }
+        summary.upload = Some(uploaded);
+    }
+    Ok(())
+}
+
+/// Shows a generated password once on stderr, or saves it; returns the file it was saved to.
+fn reveal_random_password(source: &Source, secret: &Secret) -> Result<Option<Created>> {
+    match source {
+        Source::Random { save_to: Some(path) } => {
+            password::save_random(secret, path).map(Some).map_err(with_code(OUTPUT))
+        }
+        Source::Random { save_to: None } => {
+            eprintln!("cloudimg: generated password (shown once): {}", secret.expose());
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
