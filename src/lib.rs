@@ -35,3 +35,4 @@ pub mod shadow;
 pub mod sshd;
 pub mod trusted_dir;
 pub mod upload;
+pub mod verify;

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 
 use crate::accel;
-use crate::cli::{CustomizeArgs, GlanceArgs, Method, SshPwauth};
+use crate::cli::{CustomizeArgs, GlanceArgs, Method, SshPwauth, VerifyArgs};
 use crate::cloud_config::keys;
 use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::{CLOUD_CFG, DROP_IN};
@@ -39,6 +39,48 @@ pub enum Output {
         compress: bool,
     },
     DryRun,
+}
+
+/// How `verify` logs in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Credential {
+    Password(Source),
+    /// A private key file.
+    Key(PathBuf),
+}
+
+/// `cloudimg verify`, decided from what was typed.
+#[derive(Debug)]
+pub struct Verify {
+    pub image: PathBuf,
+    /// `None`: the image's cloud-init default user.
+    pub user: Option<String>,
+    pub credential: Credential,
+    /// `None`: the default for the accelerator chosen.
+    pub timeout: Option<Duration>,
+    pub accel: accel::Requested,
+    pub json: bool,
+    pub verbosity: Verbosity,
+}
+
+impl Verify {
+    pub fn from_args(args: VerifyArgs) -> Self {
+        let credential = match (args.password_file, args.ssh_key_file) {
+            (Some(path), _) => Credential::Password(Source::File(path)),
+            (None, Some(key)) => Credential::Key(key),
+            // clap requires one of the three.
+            (None, None) => Credential::Password(Source::Stdin),
+        };
+        Verify {
+            image: args.image,
+            user: args.user,
+            credential,
+            timeout: args.timeout.map(Duration::from_secs),
+            accel: args.accel,
+            json: args.json,
+            verbosity: if args.quiet { Verbosity::Quiet } else { Verbosity::Normal },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

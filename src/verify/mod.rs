@@ -1,0 +1,231 @@
+//! `cloudimg verify`: boot a throw-away overlay of the image and prove the login. Read what the boot
+//! needs through the appliance → write the overlay and the NoCloud seed into a private directory →
+//! boot under qemu → wait for cloud-init → log in over SSH → judge → on failure, read the logs back.
+
+pub mod boot;
+pub mod image;
+pub mod seed;
+pub mod ssh;
+pub mod verdict;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::accel::{self, Accel, HostKvm};
+use crate::appliance;
+use crate::cleanup::{self, WorkDir};
+use crate::exit_codes::{with_code, BAD_GUEST, BAD_INPUT, NO_BOOT, USAGE};
+use crate::guest::Drive;
+use crate::image_file::{self, Format};
+use crate::output;
+use crate::password::Secret;
+use crate::report::Reporter;
+use crate::settings::{Credential, Verify};
+use boot::{Plan, Vm};
+use ssh::{Attempt, Auth};
+use verdict::{BootPath, Login, Verdict};
+
+/// --timeout's defaults: a boot under TCG takes minutes, with KVM well under one.
+const TCG_TIMEOUT: Duration = Duration::from_secs(600);
+const KVM_TIMEOUT: Duration = Duration::from_secs(240);
+/// Console lines shown with a failure.
+const CONSOLE_LINES: usize = 40;
+
+/// Boots `s.image` and judges its login. A refused login is a verdict (`Ok`); errors are for what
+/// stopped the verification itself.
+pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
+    let started = Instant::now();
+    let secret = match &s.credential {
+        Credential::Password(source) => Some(source.read().map_err(with_code(USAGE))?),
+        Credential::Key(_) => None,
+    };
+    let info = image_file::inspect(&s.image).map_err(with_code(BAD_INPUT))?;
+    let (accel, _) = accel::choose(s.accel, &HostKvm::probe()).map_err(with_code(USAGE))?;
+    let limit = s.timeout.unwrap_or(if accel == Accel::Kvm { KVM_TIMEOUT } else { TCG_TIMEOUT });
+    let work = cleanup::work_dir()?;
+    let before = read_image(s, &work, info.format, limit, report)?;
+    let user = match s.user.clone().or_else(|| before.default_user.clone()) {
+        Some(user) => user,
+        None => {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "{} has no cloud-init default user; say whom to log in as with --user",
+                s.image.display()
+            )))
+        }
+    };
+    let overlay = work.path().join("overlay.qcow2");
+    output::create_overlay(&s.image, info.format, &overlay)?;
+    cleanup::checkpoint();
+    let auth = match (&s.credential, &secret) {
+        (Credential::Key(key), _) => Auth::Key(key),
+        (_, Some(secret)) => Auth::Password(secret),
+        (Credential::Password(_), None) => unreachable!("a password credential was read above"),
+    };
+    let mut v = Verdict {
+        image: s.image.display().to_string(),
+        user,
+        auth: if matches!(auth, Auth::Key(_)) { "key" } else { "password" },
+        boot_path: before.path,
+        accel,
+        login: Login::NotReached(String::new()),
+        logged_in_as: None,
+        cloud_init: None,
+        cloud_init_logged: Vec::new(),
+        wrong_password_refused: None,
+        boot_seconds: None,
+        total_seconds: 0.0,
+        failure: None,
+        console_tail: Vec::new(),
+        cloud_init_log_tail: Vec::new(),
+        sshd_log_tail: Vec::new(),
+    };
+    let vm = boot_and_log_in(&mut v, &before, &work, &overlay, &auth, started + limit, report)?;
+    v.failure = v.judge();
+    if v.failure.is_some() {
+        v.console_tail = verdict::tail(&vm.console(boot::CONSOLE_WINDOW), CONSOLE_LINES);
+        drop(vm);
+        read_logs(&mut v, &overlay, &work, s, limit, report);
+    }
+    v.total_seconds = started.elapsed().as_secs_f64();
+    Ok(v)
+}
+
+/// The boot path, default user and (for direct boot) kernel, read through the appliance.
+fn read_image(s: &Verify, work: &WorkDir, format: Format, limit: Duration, report: &Reporter) -> Result<image::Before> {
+    report.phase("Reading the boot path from the image");
+    let drives = [Drive { path: &s.image, format, readonly: true }];
+    let opts = appliance::Options { accel: s.accel, timeout: limit, debug: false, tmpdir: work.path() };
+    let shared = appliance::launch(&drives, &[&s.image], &opts, report)?;
+    cleanup::checkpoint();
+    let decompress = shared.accel == Accel::Tcg;
+    let before = image::read_before(&shared.guest, work.path(), decompress)
+        .with_context(|| format!("reading how to boot {}", s.image.display()))
+        .map_err(with_code(BAD_GUEST));
+    cleanup::checkpoint();
+    let _ = shared.guest.shutdown();
+    let before = before?;
+    if before.path == BootPath::DirectKernel {
+        report.warn(&format!(
+            "{} has no bootloader: booting its kernel and initrd directly, with root={} from its fstab",
+            s.image.display(),
+            before.direct.as_ref().map_or("?", |d| d.root.as_str())
+        ));
+    }
+    Ok(before)
+}
+
+/// Boots the overlay and fills in the login, cloud-init and timing parts of `v`; returns the
+/// instance, still running, for its console.
+fn boot_and_log_in(
+    v: &mut Verdict,
+    before: &image::Before,
+    work: &WorkDir,
+    overlay: &Path,
+    auth: &Auth,
+    deadline: Instant,
+    report: &Reporter,
+) -> Result<Vm> {
+    let seed_path = work.path().join("seed.img");
+    seed::write(&seed_path, &seed::files(&seed::instance_id(), "cloudimg-verify"))?;
+    let vars = work.path().join("ovmf-vars.fd");
+    let firmware = match before.path {
+        BootPath::Uefi => {
+            let (code, template) = boot::ovmf().ok_or_else(|| {
+                with_code(NO_BOOT)(anyhow::anyhow!(
+                    "the image boots only with UEFI and no OVMF firmware is installed (Debian: apt-get install ovmf)"
+                ))
+            })?;
+            std::fs::copy(&template, &vars).context("copying OVMF's variable store")?;
+            Some(code)
+        }
+        _ => None,
+    };
+    let serial = work.path().join("serial.log");
+    let plan = Plan {
+        accel: v.accel,
+        overlay,
+        seed: &seed_path,
+        port: boot::free_port()?,
+        serial: &serial,
+        direct: before.direct.as_ref(),
+        uefi: firmware.as_deref().map(|code| (code, vars.as_path())),
+    };
+    report.phase(&format!("Booting {} ({})", v.image, if v.accel == Accel::Kvm { "KVM" } else { "TCG" }));
+    let mut vm = Vm::start(&plan, &work.path().join("qemu.stderr"))?;
+    cleanup::fault_point("booting");
+    match vm.wait_for_cloud_init(deadline) {
+        Ok(took) => v.boot_seconds = Some(took.as_secs_f64()),
+        Err(why) => {
+            v.login = Login::NotReached(why);
+            return Ok(vm);
+        }
+    }
+    report.phase(&format!("Logging in as {} with the {}", v.user, v.auth));
+    log_in(v, &vm, auth, deadline);
+    Ok(vm)
+}
+
+/// Logs in, runs the check and, after a password login, tries a wrong password.
+fn log_in(v: &mut Verdict, vm: &Vm, auth: &Auth, deadline: Instant) {
+    let mut refusals = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(30));
+        match ssh::attempt(vm.addr, &v.user, auth, verdict::REMOTE_COMMAND, left) {
+            Attempt::Ran(out) => {
+                let (user, cloud_init, logged) = verdict::parse_answer(&out);
+                (v.login, v.logged_in_as, v.cloud_init, v.cloud_init_logged) =
+                    (Login::Accepted, user, Some(cloud_init), logged);
+                break;
+            }
+            // cloud-init may restart sshd as it finishes: one more try before the verdict.
+            Attempt::Refused(why) if refusals > 0 => {
+                v.login = Login::Refused(why);
+                return;
+            }
+            Attempt::Refused(_) => refusals += 1,
+            Attempt::Unreachable(why) if Instant::now() + Duration::from_secs(5) >= deadline => {
+                v.login = Login::NotReached(format!("sshd did not answer within --timeout: {why}"));
+                return;
+            }
+            Attempt::Unreachable(_) => {}
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    if let Auth::Password(_) = auth {
+        let wrong = wrong_password();
+        v.wrong_password_refused = match ssh::attempt(vm.addr, &v.user, &Auth::Password(&wrong), "id -un", STEP) {
+            Attempt::Ran(_) => Some(false),
+            Attempt::Refused(_) => Some(true),
+            Attempt::Unreachable(_) => None,
+        };
+    }
+}
+
+const STEP: Duration = Duration::from_secs(30);
+
+fn wrong_password() -> Secret {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).expect("the system's random source works");
+    Secret::new(format!("not-the-password-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+        .expect("not empty")
+}
+
+/// Reads the ends of cloud-init's and sshd's logs from the stopped instance's overlay; a failure to
+/// read them is told in their place, not instead of the verdict.
+fn read_logs(v: &mut Verdict, overlay: &Path, work: &WorkDir, s: &Verify, limit: Duration, report: &Reporter) {
+    report.phase("Reading cloud-init's and sshd's logs from the instance's disk");
+    let drives = [Drive { path: overlay, format: Format::Qcow2, readonly: true }];
+    let opts = appliance::Options { accel: s.accel, timeout: limit, debug: false, tmpdir: work.path() };
+    let read = appliance::launch(&drives, &[overlay], &opts, report).and_then(|shared| {
+        let logs = image::read_logs(&shared.guest);
+        let _ = shared.guest.shutdown();
+        logs
+    });
+    cleanup::checkpoint();
+    match read {
+        Ok((cloud_init, sshd)) => (v.cloud_init_log_tail, v.sshd_log_tail) = (cloud_init, sshd),
+        Err(e) => v.cloud_init_log_tail = vec![format!("(the logs could not be read from the overlay: {e:#})")],
+    }
+}
