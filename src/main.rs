@@ -170,7 +170,10 @@ fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
 }
 
 fn run_verify(args: cloudimg::cli::VerifyArgs) -> i32 {
-    let settings = cloudimg::settings::Verify::from_args(args);
+    let settings = match cloudimg::settings::Verify::from_args(args) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
     let report = Reporter::new(settings.verbosity, settings.json);
     let verdict = match cloudimg::verify::run(&settings, &report) {
         Ok(verdict) => verdict,

@@ -41,12 +41,12 @@ pub enum Output {
     DryRun,
 }
 
-/// How `verify` logs in.
+/// How `verify` logs in: with the password, the key, or each in turn (at least one is given).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Credential {
-    Password(Source),
+pub struct Credential {
+    pub password: Option<Source>,
     /// A private key file.
-    Key(PathBuf),
+    pub key: Option<PathBuf>,
 }
 
 /// `cloudimg verify`, decided from what was typed.
@@ -59,27 +59,34 @@ pub struct Verify {
     /// `None`: the default for the accelerator chosen.
     pub timeout: Option<Duration>,
     pub accel: accel::Requested,
+    pub same_instance: bool,
+    pub keep_disk: Option<PathBuf>,
     pub json: bool,
     pub verbosity: Verbosity,
 }
 
 impl Verify {
-    pub fn from_args(args: VerifyArgs) -> Self {
-        let credential = match (args.password_file, args.ssh_key_file) {
-            (Some(path), _) => Credential::Password(Source::File(path)),
-            (None, Some(key)) => Credential::Key(key),
-            // clap requires one of the three.
-            (None, None) => Credential::Password(Source::Stdin),
+    pub fn from_args(args: VerifyArgs) -> Result<Self> {
+        if let Some(keep) = &args.keep_disk {
+            check_output_path(&args.image, keep, false)?;
+        }
+        let password = match (args.password_file, args.password_stdin) {
+            (Some(path), _) => Some(Source::File(path)),
+            (None, true) => Some(Source::Stdin),
+            (None, false) => None,
         };
-        Verify {
+        let credential = Credential { password, key: args.ssh_key_file };
+        Ok(Verify {
             image: args.image,
             user: args.user,
             credential,
             timeout: args.timeout.map(Duration::from_secs),
             accel: args.accel,
+            same_instance: args.same_instance,
+            keep_disk: args.keep_disk,
             json: args.json,
             verbosity: if args.quiet { Verbosity::Quiet } else { Verbosity::Normal },
-        }
+        })
     }
 }
 

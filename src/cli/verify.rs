@@ -19,10 +19,13 @@ serial console's last lines and the tails of cloud-init's and sshd's logs read f
 Examples:
   cloudimg verify out.qcow2 --password-file pw.txt
   printf '%s\\n' \"$PW\" | cloudimg verify out.qcow2 --user debian --password-stdin --json
-  cloudimg verify out.qcow2 --ssh-key-file ~/.ssh/id_ed25519 --accel kvm --timeout 180";
+  cloudimg verify out.qcow2 --ssh-key-file ~/.ssh/id_ed25519 --accel kvm --timeout 180
+  # A disk booted before and reset through /etc/shadow, booted again as the same instance
+  cloudimg verify reset.qcow2 --password-file pw.txt --same-instance";
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("credential").required(true).args(["password_file", "password_stdin", "ssh_key_file"])))]
+#[command(group(ArgGroup::new("password").args(["password_file", "password_stdin"])))]
+#[command(group(ArgGroup::new("credential").required(true).multiple(true).args(["password_file", "password_stdin", "ssh_key_file"])))]
 pub struct VerifyArgs {
     /// The image to boot (qcow2 or raw); it is never changed
     #[arg(value_name = "IMAGE")]
@@ -40,7 +43,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub password_stdin: bool,
 
-    /// Log in with this private key (without a passphrase) instead of a password
+    /// Log in with this private key (without a passphrase); with a password too, both must work
     #[arg(long, value_name = "KEY")]
     pub ssh_key_file: Option<PathBuf>,
 
@@ -52,6 +55,17 @@ pub struct VerifyArgs {
     /// Accelerator for the instance and the libguestfs appliance
     #[arg(long, value_enum, default_value_t = accel::Requested::Auto)]
     pub accel: accel::Requested,
+
+    /// Boot as the instance the image was last booted as (its /var/lib/cloud/data/instance-id), not
+    /// as a new one: for a disk reset with `customize --method shadow`, where cloud-init must not
+    /// run its per-instance modules again
+    #[arg(long)]
+    pub same_instance: bool,
+
+    /// Keep the instance's disk, shut down through ACPI after the verdict, as a standalone qcow2 at
+    /// FILE (which must not exist)
+    #[arg(long, value_name = "FILE")]
+    pub keep_disk: Option<PathBuf>,
 
     /// Print the verdict as JSON on stdout
     #[arg(long)]

@@ -54,6 +54,8 @@ pub struct Plan<'a> {
     pub seed: &'a Path,
     pub port: u16,
     pub serial: &'a Path,
+    /// qemu's QMP socket, through which the instance is shut down (ACPI power button).
+    pub qmp: &'a Path,
     pub direct: Option<&'a DirectKernel>,
     /// UEFI: OVMF's code and this instance's own copy of its variable store.
     pub uefi: Option<(&'a Path, &'a Path)>,
@@ -87,6 +89,7 @@ pub fn qemu_args(plan: &Plan) -> Vec<OsString> {
     push(&["-drive", &format!("file={},if=virtio,format=raw,readonly=on", drive_path(plan.seed))]);
     push(&["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:22", plan.port)]);
     push(&["-device", "virtio-net-pci,netdev=n0", "-serial", &format!("file:{}", plan.serial.display())]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", plan.qmp.display())]);
     args
 }
 
@@ -107,6 +110,7 @@ pub struct Vm {
     pub started: Instant,
     serial: PathBuf,
     stderr: PathBuf,
+    qmp: PathBuf,
     pub addr: SocketAddr,
 }
 
@@ -124,6 +128,7 @@ impl Vm {
             started: Instant::now(),
             serial: plan.serial.to_path_buf(),
             stderr: stderr.to_path_buf(),
+            qmp: plan.qmp.to_path_buf(),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, plan.port)),
         })
     }
@@ -159,6 +164,38 @@ impl Vm {
         let mut bytes = Vec::new();
         let _ = file.take(window).read_to_end(&mut bytes);
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Presses the ACPI power button and waits up to `limit` for the guest to power off (its
+    /// filesystems then are clean); kills it after that. Whether it powered off by itself.
+    pub fn power_off(&mut self, limit: Duration) -> bool {
+        let pressed = self.qmp_command("system_powerdown").is_ok();
+        let end = Instant::now() + limit;
+        while pressed && Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.stop();
+        false
+    }
+
+    /// One QMP command, after the capabilities handshake; every read and write bounded.
+    fn qmp_command(&self, command: &str) -> std::io::Result<()> {
+        use std::io::{BufRead, BufReader, Write};
+        let stream = std::os::unix::net::UnixStream::connect(&self.qmp)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = BufReader::new(stream.try_clone()?.take(1 << 16));
+        let mut line = String::new();
+        reader.read_line(&mut line)?; // the greeting
+        for execute in ["qmp_capabilities", command] {
+            writeln!(&stream, "{{\"execute\": \"{execute}\"}}")?;
+            line.clear();
+            reader.read_line(&mut line)?;
+        }
+        Ok(())
     }
 
     pub fn stop(&mut self) {
@@ -213,6 +250,7 @@ mod tests {
             seed: Path::new("/w/seed.img"),
             port: 2222,
             serial: Path::new("/w/serial.log"),
+            qmp: Path::new("/w/qmp.sock"),
             direct: Some(&direct),
             uefi: None,
         };

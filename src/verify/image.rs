@@ -23,6 +23,8 @@ pub struct Before {
     pub path: BootPath,
     pub default_user: Option<String>,
     pub direct: Option<DirectKernel>,
+    /// The instance the image was last booted as, when it was booted and the id is a plain one.
+    pub instance_id: Option<String>,
 }
 
 /// Reads the boot path and the default user, and copies the kernel and initrd into `dir` when the
@@ -43,7 +45,18 @@ pub fn read_before(guest: &Guest, dir: &Path, decompress: bool) -> Result<Before
         BootPath::DirectKernel => Some(direct_kernel(guest, dir, decompress)?),
         _ => None,
     };
-    Ok(Before { path, default_user, direct })
+    let instance_id = guest_config::read_text(guest, INSTANCE_ID)?.and_then(|t| plain_instance_id(&t));
+    Ok(Before { path, default_user, direct, instance_id })
+}
+
+const INSTANCE_ID: &str = "/var/lib/cloud/data/instance-id";
+
+/// The id in cloud-init's instance-id file, when it is one that can go into the seed's YAML as it is
+/// (the guest wrote it; a newline or a colon in it must not become another key).
+fn plain_instance_id(text: &str) -> Option<String> {
+    let id = text.trim();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+    (!id.is_empty() && id.len() <= 128 && id.chars().all(plain)).then(|| id.to_string())
 }
 
 fn direct_kernel(guest: &Guest, dir: &Path, decompress: bool) -> Result<DirectKernel> {
@@ -167,5 +180,14 @@ mod tests {
             assert_eq!(newest_kernel(&paths), Some(format!("/boot/vmlinuz-{newest}")), "{paths:?}");
         }
         assert_eq!(newest_kernel(&[]), None);
+    }
+
+    #[test]
+    fn only_plain_instance_ids_are_reused() {
+        assert_eq!(plain_instance_id("iid-cloudimg-bookworm-42\n").as_deref(), Some("iid-cloudimg-bookworm-42"));
+        assert_eq!(plain_instance_id("i-0abc.def_1").as_deref(), Some("i-0abc.def_1"));
+        for hostile in ["", "a\nlocal-hostname: x", "a: b", "a b", &"x".repeat(200)] {
+            assert_eq!(plain_instance_id(hostile), None, "{hostile:?}");
+        }
     }
 }

@@ -22,7 +22,7 @@ use crate::image_file::{self, Format};
 use crate::output;
 use crate::password::Secret;
 use crate::report::Reporter;
-use crate::settings::{Credential, Verify};
+use crate::settings::Verify;
 use boot::{Plan, Vm};
 use ssh::{Attempt, Auth};
 use verdict::{BootPath, Login, Verdict};
@@ -30,6 +30,8 @@ use verdict::{BootPath, Login, Verdict};
 /// --timeout's defaults: a boot under TCG takes minutes, with KVM well under one.
 const TCG_TIMEOUT: Duration = Duration::from_secs(600);
 const KVM_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long a guest may take to shut down when its disk is kept or its logs are read.
+const POWER_OFF: Duration = Duration::from_secs(60);
 /// Console lines shown with a failure.
 const CONSOLE_LINES: usize = 40;
 
@@ -37,9 +39,9 @@ const CONSOLE_LINES: usize = 40;
 /// stopped the verification itself.
 pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
     let started = Instant::now();
-    let secret = match &s.credential {
-        Credential::Password(source) => Some(source.read().map_err(with_code(USAGE))?),
-        Credential::Key(_) => None,
+    let secret = match &s.credential.password {
+        Some(source) => Some(source.read().map_err(with_code(USAGE))?),
+        None => None,
     };
     let info = image_file::inspect(&s.image).map_err(with_code(BAD_INPUT))?;
     let (accel, _) = accel::choose(s.accel, &HostKvm::probe()).map_err(with_code(USAGE))?;
@@ -58,15 +60,13 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
     let overlay = work.path().join("overlay.qcow2");
     output::create_overlay(&s.image, info.format, &overlay)?;
     cleanup::checkpoint();
-    let auth = match (&s.credential, &secret) {
-        (Credential::Key(key), _) => Auth::Key(key),
-        (_, Some(secret)) => Auth::Password(secret),
-        (Credential::Password(_), None) => unreachable!("a password credential was read above"),
-    };
+    // The password first; the key, when both are given, after it.
+    let auths: Vec<Auth> =
+        secret.iter().map(Auth::Password).chain(s.credential.key.as_deref().map(Auth::Key)).collect();
     let mut v = Verdict {
         image: s.image.display().to_string(),
         user,
-        auth: if matches!(auth, Auth::Key(_)) { "key" } else { "password" },
+        auth: if secret.is_some() { "password" } else { "key" },
         boot_path: before.path,
         accel,
         login: Login::NotReached(String::new()),
@@ -74,6 +74,7 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
         cloud_init: None,
         cloud_init_logged: Vec::new(),
         wrong_password_refused: None,
+        key_accepted: None,
         boot_seconds: None,
         total_seconds: 0.0,
         failure: None,
@@ -81,11 +82,33 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
         cloud_init_log_tail: Vec::new(),
         sshd_log_tail: Vec::new(),
     };
-    let vm = boot_and_log_in(&mut v, &before, &work, &overlay, &auth, started + limit, report)?;
+    let instance = match (s.same_instance, &before.instance_id) {
+        (false, _) => seed::instance_id(),
+        (true, Some(id)) => id.clone(),
+        (true, None) => {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "--same-instance: {} holds no plain instance-id in /var/lib/cloud/data/instance-id (never booted?)",
+                s.image.display()
+            )))
+        }
+    };
+    let mut vm = boot_and_log_in(&mut v, &before, &work, (&overlay, &instance), &auths, started + limit, report)?;
     v.failure = v.judge();
     if v.failure.is_some() {
         v.console_tail = verdict::tail(&vm.console(boot::CONSOLE_WINDOW), CONSOLE_LINES);
-        drop(vm);
+    }
+    // A clean shutdown writes the logs' last lines to the disk, which is then read or kept.
+    if s.keep_disk.is_some() || v.failure.is_some() {
+        report.phase("Shutting the instance down (ACPI power button)");
+        if !vm.power_off(POWER_OFF) {
+            report.warn(&format!("the instance did not power off within {} s: stopped", POWER_OFF.as_secs()));
+        }
+    }
+    drop(vm);
+    if let Some(dest) = &s.keep_disk {
+        keep_disk(&overlay, &s.image, dest)?;
+    }
+    if v.failure.is_some() {
         read_logs(&mut v, &overlay, &work, s, limit, report);
     }
     v.total_seconds = started.elapsed().as_secs_f64();
@@ -122,13 +145,13 @@ fn boot_and_log_in(
     v: &mut Verdict,
     before: &image::Before,
     work: &WorkDir,
-    overlay: &Path,
-    auth: &Auth,
+    (overlay, instance): (&Path, &str),
+    auths: &[Auth],
     deadline: Instant,
     report: &Reporter,
 ) -> Result<Vm> {
     let seed_path = work.path().join("seed.img");
-    seed::write(&seed_path, &seed::files(&seed::instance_id(), "cloudimg-verify"))?;
+    seed::write(&seed_path, &seed::files(instance, "cloudimg-verify"))?;
     let vars = work.path().join("ovmf-vars.fd");
     let firmware = match before.path {
         BootPath::Uefi => {
@@ -143,12 +166,14 @@ fn boot_and_log_in(
         _ => None,
     };
     let serial = work.path().join("serial.log");
+    let qmp = work.path().join("qmp.sock");
     let plan = Plan {
         accel: v.accel,
         overlay,
         seed: &seed_path,
         port: boot::free_port()?,
         serial: &serial,
+        qmp: &qmp,
         direct: before.direct.as_ref(),
         uefi: firmware.as_deref().map(|code| (code, vars.as_path())),
     };
@@ -163,7 +188,14 @@ fn boot_and_log_in(
         }
     }
     report.phase(&format!("Logging in as {} with the {}", v.user, v.auth));
-    log_in(v, &vm, auth, deadline);
+    log_in(v, &vm, &auths[0], deadline);
+    if let (Login::Accepted, Some(key)) = (&v.login, auths.get(1)) {
+        v.key_accepted = match ssh::attempt(vm.addr, &v.user, key, "id -un", STEP) {
+            Attempt::Ran(out) => Some(out.lines().next() == Some(v.user.as_str())),
+            Attempt::Refused(_) => Some(false),
+            Attempt::Unreachable(_) => None,
+        };
+    }
     Ok(vm)
 }
 
@@ -210,6 +242,17 @@ fn wrong_password() -> Secret {
     getrandom::fill(&mut bytes).expect("the system's random source works");
     Secret::new(format!("not-the-password-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
         .expect("not empty")
+}
+
+/// Writes the instance's disk (the overlay over the image) as a standalone qcow2 at `dest`.
+fn keep_disk(overlay: &Path, image: &Path, dest: &Path) -> Result<()> {
+    let pending = output::Pending::beside(dest).map_err(with_code(crate::exit_codes::OUTPUT))?;
+    output::write_image(overlay, image, Format::Qcow2, false, &pending, false, &mut |_| {})
+        .map_err(with_code(crate::exit_codes::OUTPUT))?;
+    cleanup::checkpoint();
+    pending.commit(output::default_file_mode(), None, false).map_err(with_code(crate::exit_codes::OUTPUT))?;
+    cleanup::written(dest);
+    Ok(())
 }
 
 /// Reads the ends of cloud-init's and sshd's logs from the stopped instance's overlay; a failure to

@@ -144,6 +144,8 @@ pub struct Verdict {
     pub cloud_init_logged: Vec<String>,
     /// Whether a wrong password was refused (password logins only).
     pub wrong_password_refused: Option<bool>,
+    /// With a password and a key: whether the key was accepted too.
+    pub key_accepted: Option<bool>,
     /// From qemu's start until cloud-init reported that it had finished.
     pub boot_seconds: Option<f64>,
     pub total_seconds: f64,
@@ -169,6 +171,9 @@ impl Verdict {
                 self.user
             ));
         }
+        if self.key_accepted == Some(false) {
+            return Some(format!("the login as {} with the key was refused (the password worked)", self.user));
+        }
         if self.wrong_password_refused == Some(false) {
             return Some(format!("a wrong password was accepted for {} too", self.user));
         }
@@ -188,6 +193,7 @@ impl Verdict {
         match (&self.login, &self.failure) {
             (_, None) => exit_codes::SUCCESS,
             (Login::Refused(_), _) => exit_codes::REFUSED,
+            (Login::Accepted, _) if self.key_accepted == Some(false) => exit_codes::REFUSED,
             (Login::NotReached(_), _) => exit_codes::NO_BOOT,
             (Login::Accepted, Some(_)) => exit_codes::UNHEALTHY,
         }
@@ -207,6 +213,9 @@ pub fn render(v: &Verdict) -> String {
         Login::Refused(why) => format!("login as {} with the {}: REFUSED ({why})\n", v.user, v.auth),
         Login::NotReached(why) => format!("login as {}: not attempted ({why})\n", v.user),
     };
+    if let Some(accepted) = v.key_accepted {
+        out += if accepted { "login with the key: accepted\n" } else { "login with the key: REFUSED\n" };
+    }
     if let Some(refused) = v.wrong_password_refused {
         out += if refused { "a wrong password: refused\n" } else { "a wrong password: ACCEPTED\n" };
     }
@@ -306,6 +315,7 @@ mod tests {
             cloud_init: Some(parse_status(status)),
             cloud_init_logged: vec![],
             wrong_password_refused: wrong,
+            key_accepted: None,
             boot_seconds: Some(61.0),
             total_seconds: 90.0,
             failure: None,
