@@ -323,3 +323,72 @@ fn sid_cloud_init_26_accepts_passwords_and_a_key_for_the_default_user_and_anothe
     ]);
     eprintln!("boot: sid: all verdicts after {:.0} s", started.elapsed().as_secs_f64());
 }
+
+/// The pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let parent = |child: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+    };
+    let entries = std::fs::read_dir("/proc").unwrap().flatten();
+    entries.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).filter(|c| parent(*c) == Some(pid)).collect()
+}
+
+/// The process's state letter (`T` stopped, `Z` zombie), `None` when it is gone.
+fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+#[test]
+#[ignore = "builds a Debian image and boots a VM; run with --ignored"]
+fn ctrl_c_during_a_boot_kills_qemu_leaves_nothing_and_exits_130() {
+    let image = Image::get("bookworm");
+    let _slot = Slot::take();
+    let tmp = tempfile::tempdir().unwrap();
+    let tmpdir = tmp.path().join("tmp");
+    std::fs::create_dir(&tmpdir).unwrap();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    // The run stops itself (SIGSTOP) right after starting qemu, which goes on booting.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudimg"))
+        .args(["verify", image.qcow2().to_str().unwrap(), "--password-file", pw.to_str().unwrap()])
+        .env("TMPDIR", &tmpdir)
+        .env("LIBGUESTFS_CACHEDIR", "/var/tmp")
+        .env("CLOUDIMG_STOP_AT", "booting")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(600);
+    while state(child.id()) != Some('T') {
+        assert!(child.try_wait().unwrap().is_none(), "verify ended before booting: {:?}", child.wait_with_output());
+        assert!(Instant::now() < deadline, "verify never reached the boot");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let qemu: Vec<u32> = children_of(child.id())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().starts_with("qemu-system")
+        })
+        .collect();
+    assert_eq!(qemu.len(), 1, "one qemu is booting the instance");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert!(matches!(state(qemu[0]), Some(s) if s != 'Z'), "qemu is running when the signal comes");
+    // SAFETY: kill(2) on the process this test started: Ctrl-C, then let it go on.
+    unsafe {
+        assert_eq!(libc::kill(child.id() as i32, libc::SIGINT), 0);
+        assert_eq!(libc::kill(child.id() as i32, libc::SIGCONT), 0);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    let gone = Instant::now() + std::time::Duration::from_secs(15);
+    while matches!(state(qemu[0]), Some(s) if s != 'Z') {
+        assert!(Instant::now() < gone, "qemu survived the Ctrl-C");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left: Vec<_> = std::fs::read_dir(&tmpdir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    eprintln!("boot: Ctrl-C during a boot: exit 130, qemu gone, nothing left ({})", text(&out.stderr).trim());
+}
