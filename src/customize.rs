@@ -775,6 +775,7 @@ fn produce_outputs(
         let target = p.target.clone().expect("a real run has targets");
         let overlay = p.overlay.as_deref().expect("a real run has overlays");
         report.phase(&format!("Writing the {} image {}", target.format.as_str(), target.dest.display()));
+        let mut verified = None;
         let pending = Pending::beside(&target.dest).map_err(with_code(OUTPUT)).and_then(|pending| {
             sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
             let mut progress = report.progress("writing");
@@ -792,11 +793,22 @@ fn produce_outputs(
             let written = output::check_written(&pending, target.format, p.info.virtual_size)
                 .with_context(|| format!("checking the new image for {}", target.dest.display()))
                 .map_err(with_code(OUTPUT))?;
+            if let (true, Some(secret)) = (s.verify, secret) {
+                let expected = crate::verify::Expected {
+                    user: s.user.clone(),
+                    secret,
+                    same_instance: summary.method == "shadow",
+                    accel: s.accel,
+                };
+                verified = Some(crate::verify::output(pending.file(), &target.dest, expected, report)?);
+            }
             let manifest =
                 digests.map(|digests| Manifest::new(&target.dest, &written, digests, summary.properties.clone()));
             Ok((pending, written, manifest))
         });
         cleanup::fault_point("converted");
+        let mut summary = summary;
+        summary.notes.extend(verified);
         match pending {
             Ok((pending, written, manifest)) => converted.push((p, summary, diff, pending, target, written, manifest)),
             Err(e) => results.push((p.index, Err(e))),

@@ -53,6 +53,8 @@ pub struct Credential {
 #[derive(Debug)]
 pub struct Verify {
     pub image: PathBuf,
+    /// What the image is called in messages (the output's name, for `customize --verify`).
+    pub name: String,
     /// `None`: the image's cloud-init default user.
     pub user: Option<String>,
     pub credential: Credential,
@@ -77,6 +79,7 @@ impl Verify {
         };
         let credential = Credential { password, key: args.ssh_key_file };
         Ok(Verify {
+            name: args.image.display().to_string(),
             image: args.image,
             user: args.user,
             credential,
@@ -117,6 +120,8 @@ pub struct Customize {
     pub target: &'static str,
     pub clean_instance_state: bool,
     pub allow_ineffective: bool,
+    /// Boot each output and prove the login before it is renamed into place.
+    pub verify: bool,
     pub root: Option<String>,
     pub cloud_init_version: Option<CloudInitVersion>,
     pub accel: accel::Requested,
@@ -181,6 +186,11 @@ impl Customize {
             )));
         }
         let has_password = password.is_some();
+        if args.verify && !has_password {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "--verify logs in with the password: give one (a public key alone cannot be tried)"
+            )));
+        }
         let mut ssh_keys = Vec::new();
         for path in &args.ssh_key {
             let text = std::fs::read_to_string(path)
@@ -268,6 +278,7 @@ impl Customize {
             target: if args.drop_in { DROP_IN } else { CLOUD_CFG },
             clean_instance_state: args.clean_instance_state,
             allow_ineffective: args.allow_ineffective,
+            verify: args.verify,
             root: args.root,
             cloud_init_version,
             accel: args.accel,

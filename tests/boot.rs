@@ -8,7 +8,8 @@
 //! - bookworm: Debian 12, cloud-init 22.4, OpenSSH 9.2; also a booted disk reset through /etc/shadow;
 //! - trixie: Debian 13, cloud-init 25.1, OpenSSH 10, Ubuntu's `PasswordAuthentication no` drop-in;
 //! - sid: Debian unstable, cloud-init 26.x (meson build), the same drop-in, and a second account
-//!   given a password and a key.
+//!   given a password and a key; `customize --verify` keeps no output when the boot refuses.
+//! - trixie's `--drop-in` image gets extlinux installed, and boots through SeaBIOS and it.
 //!
 //! Slow (minutes), so ignored by plain `cargo test`; run with
 //! `cargo test --locked --test boot -- --ignored --nocapture`. The suites run side by side; at most
@@ -146,10 +147,9 @@ fn verify(image: &Image, name: &str, disk: &Path, args: &[&str]) -> Verified {
 }
 
 /// The login was accepted as `user` (with the key too, when `key`), a wrong password refused,
-/// cloud-init is `done` (not degraded where it can say so: verify's exit 0), through the direct
-/// kernel boot these images need, and no line cloud-init logged at WARNING or DEPRECATED level
+/// cloud-init is `done` (not degraded where it can say so: verify's exit 0), through `boot_path`, and no line cloud-init logged at WARNING or DEPRECATED level
 /// concerns what cloudimg wrote (every such line is printed).
-fn accepted(v: &Verified, user: &str, key: bool) -> Result<String, String> {
+fn accepted(v: &Verified, user: &str, key: bool, boot_path: &str) -> Result<String, String> {
     let logged: Vec<&str> =
         v.field(&["cloud_init_logged"]).as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
     let mut report = format!(
@@ -165,7 +165,7 @@ fn accepted(v: &Verified, user: &str, key: bool) -> Result<String, String> {
         (v.field(&["logged_in_as"]) == user, "`id -un` did not answer the user"),
         (v.field(&["wrong_password_refused"]) == true, "a wrong password was not refused"),
         (v.field(&["cloud_init", "status"]) == "done", "cloud-init is not done"),
-        (v.field(&["boot_path"]) == "direct-kernel", "the boot path is not the direct kernel"),
+        (v.field(&["boot_path"]) == boot_path, "the boot path is not the expected one"),
         (!key || v.field(&["key_accepted"]) == true, "the key was not accepted"),
     ];
     if let Some((_, why)) = checks.iter().find(|(ok, _)| !ok) {
@@ -201,6 +201,50 @@ fn judge(verdicts: &[(&Verified, Result<String, String>)]) {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// Makes `disk` boot through its own bootloader with SeaBIOS: extlinux in /boot (installed by
+/// libguestfs's `extlinux`), its MBR code in the first sector, the partition marked active.
+fn install_extlinux(disk: &Path) {
+    let _slot = Slot::take();
+    let g = guestfs::Handle::create().unwrap();
+    if common::force_tcg() {
+        g.set_backend_setting("force_tcg", "1").unwrap();
+    }
+    g.add_drive(disk.to_str().unwrap(), cloudimg::guest::drive_options("qcow2", false)).unwrap();
+    g.launch().unwrap();
+    g.mount("/dev/sda1", "/").unwrap();
+    let names = g.ls("/boot").unwrap();
+    let version = names.iter().find_map(|n| n.strip_prefix("vmlinuz-")).expect("a kernel in /boot").to_string();
+    let conf = format!(
+        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL /boot/vmlinuz-{version}\n  \
+         INITRD /boot/initrd.img-{version}\n  APPEND root=LABEL=root ro console=ttyS0 net.ifnames=0\n"
+    );
+    g.write("/boot/extlinux.conf", conf.as_bytes()).unwrap();
+    g.extlinux("/boot").expect("libguestfs's extlinux (Debian: extlinux, in scripts/install-deps)");
+    let mbr = std::fs::read("/usr/lib/EXTLINUX/mbr.bin").expect("extlinux's MBR code");
+    g.pwrite_device("/dev/sda", &mbr[..440.min(mbr.len())], 0).unwrap();
+    g.part_set_bootable("/dev/sda", 1, true).unwrap();
+    g.umount_all().unwrap();
+    g.shutdown().unwrap();
+}
+
+/// A copy of `image` with a cloud-init drop-in that turns SSH password logins off again, over
+/// whatever cloud.cfg says.
+fn with_overriding_drop_in(image: &Image, dest: &Path) {
+    let _slot = Slot::take();
+    let out = Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(image.qcow2()).arg(dest).output().unwrap();
+    assert!(out.status.success(), "qemu-img convert: {}", text(&out.stderr));
+    let g = guestfs::Handle::create().unwrap();
+    if common::force_tcg() {
+        g.set_backend_setting("force_tcg", "1").unwrap();
+    }
+    g.add_drive(dest.to_str().unwrap(), cloudimg::guest::drive_options("qcow2", false)).unwrap();
+    g.launch().unwrap();
+    g.mount("/dev/sda1", "/").unwrap();
+    g.write("/etc/cloud/cloud.cfg.d/99-site-policy.cfg", b"ssh_pwauth: false\n").unwrap();
+    g.umount_all().unwrap();
+    g.shutdown().unwrap();
+}
+
 /// Writes the password file and the default and `--drop-in` customizations of `image`.
 fn customized(image: &Image, tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let pw = tmp.join("pw");
@@ -225,12 +269,14 @@ fn trixie_cloud_init_25_accepts_the_password_despite_the_sshd_drop_in() {
     let tmp = tempfile::tempdir().unwrap();
     let (pw, default_out, drop_in_out) = customized(&image, tmp.path());
     let pw_args = ["--password-file", pw.to_str().unwrap()];
+    // The drop-in image gets a bootloader: it must boot through SeaBIOS and extlinux.
+    install_extlinux(&drop_in_out);
     let default = verify(&image, "default", &default_out, &pw_args);
-    let drop_in = verify(&image, "drop-in", &drop_in_out, &pw_args);
+    let drop_in = verify(&image, "drop-in-extlinux", &drop_in_out, &pw_args);
     let unmodified = verify(&image, "unmodified", &image.qcow2(), &pw_args);
     judge(&[
-        (&default, accepted(&default, "debian", false)),
-        (&drop_in, accepted(&drop_in, "debian", false)),
+        (&default, accepted(&default, "debian", false, "direct-kernel")),
+        (&drop_in, accepted(&drop_in, "debian", false, "bios")),
         (&unmodified, refused(&unmodified)),
     ]);
     eprintln!("boot: trixie: all verdicts after {:.0} s", started.elapsed().as_secs_f64());
@@ -253,8 +299,8 @@ fn bookworm_cloud_init_22_accepts_the_password_and_a_booted_disk_is_reset_throug
     let keep = [&pw_args[..], &["--keep-disk", booted_disk.to_str().unwrap()]].concat();
     let unmodified = verify(&image, "unmodified", &image.qcow2(), &keep);
     judge(&[
-        (&default, accepted(&default, "debian", false)),
-        (&drop_in, accepted(&drop_in, "debian", false)),
+        (&default, accepted(&default, "debian", false, "direct-kernel")),
+        (&drop_in, accepted(&drop_in, "debian", false, "direct-kernel")),
         (&unmodified, refused(&unmodified)),
     ]);
 
@@ -275,7 +321,7 @@ fn bookworm_cloud_init_22_accepts_the_password_and_a_booted_disk_is_reset_throug
     eprint!("{said}");
     assert!(said.contains("Method: /etc/shadow, because the disk was booted before"), "{said}");
     let again = verify(&image, "shadow-reset", &reset, &[&pw_args[..], &["--same-instance"]].concat());
-    judge(&[(&again, accepted(&again, "debian", false))]);
+    judge(&[(&again, accepted(&again, "debian", false, "direct-kernel"))]);
     eprintln!("boot: bookworm: shadow reset verified after {:.0} s", started.elapsed().as_secs_f64());
 }
 
@@ -317,10 +363,37 @@ fn sid_cloud_init_26_accepts_passwords_and_a_key_for_the_default_user_and_anothe
     let ops = verify(&image, "drop-in-and-ops", &drop_in_out, &ops_args);
     let unmodified = verify(&image, "unmodified", &image.qcow2(), &["--password-file", pw.to_str().unwrap()]);
     judge(&[
-        (&default, accepted(&default, "debian", false)),
-        (&ops, accepted(&ops, "ops", true)),
+        (&default, accepted(&default, "debian", false, "direct-kernel")),
+        (&ops, accepted(&ops, "ops", true, "direct-kernel")),
         (&unmodified, refused(&unmodified)),
     ]);
+
+    // `customize --verify`, told to write a configuration that a drop-in overrides
+    // (--allow-ineffective): the boot refuses the password, and nothing is left under the output name.
+    let overridden = tmp.path().join("overridden.qcow2");
+    with_overriding_drop_in(&image, &overridden);
+    let out_path = tmp.path().join("out.qcow2");
+    let args = [
+        "customize",
+        overridden.to_str().unwrap(),
+        "-o",
+        out_path.to_str().unwrap(),
+        "--password-file",
+        pw.to_str().unwrap(),
+        "--allow-ineffective",
+        "--verify",
+    ];
+    let result = {
+        let _slot = Slot::take();
+        cloudimg(&args, None, &[])
+    };
+    let stderr = text(&result.stderr);
+    eprintln!("boot: sid/customize --verify, overridden: exit {:?}", result.status.code());
+    assert_eq!(result.status.code(), Some(REFUSED), "{stderr}");
+    assert!(stderr.contains("nothing was written under that name"), "{stderr}");
+    assert!(!out_path.exists(), "out.qcow2 must not exist after a failed verification");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().contains("out.qcow2")), "{left:?}");
     eprintln!("boot: sid: all verdicts after {:.0} s", started.elapsed().as_secs_f64());
 }
 

@@ -497,6 +497,11 @@ pub struct CustomizeArgs {
     #[arg(long, help_heading = "Output")]
     pub no_trim: bool,
 
+    /// Boot each new image (as `cloudimg verify` does) before it is renamed into place or uploaded;
+    /// if the login does not work, nothing is kept under the output name and nothing is uploaded
+    #[arg(long, conflicts_with = "dry_run", help_heading = "Output")]
+    pub verify: bool,
+
     /// Upload each new image to Glance when it is written, and check Glance's copy
     #[arg(long, conflicts_with = "dry_run", help_heading = "Glance")]
     pub upload: bool,

@@ -38,11 +38,16 @@ const CONSOLE_LINES: usize = 40;
 /// Boots `s.image` and judges its login. A refused login is a verdict (`Ok`); errors are for what
 /// stopped the verification itself.
 pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
-    let started = Instant::now();
     let secret = match &s.credential.password {
         Some(source) => Some(source.read().map_err(with_code(USAGE))?),
         None => None,
     };
+    run_with(s, secret.as_ref(), report)
+}
+
+/// [`run`] with the password already read (`customize --verify` has it).
+pub fn run_with(s: &Verify, secret: Option<&Secret>, report: &Reporter) -> Result<Verdict> {
+    let started = Instant::now();
     let info = image_file::inspect(&s.image).map_err(with_code(BAD_INPUT))?;
     let (accel, _) = accel::choose(s.accel, &HostKvm::probe()).map_err(with_code(USAGE))?;
     let limit = s.timeout.unwrap_or(if accel == Accel::Kvm { KVM_TIMEOUT } else { TCG_TIMEOUT });
@@ -53,7 +58,7 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
         None => {
             return Err(with_code(USAGE)(anyhow::anyhow!(
                 "{} has no cloud-init default user; say whom to log in as with --user",
-                s.image.display()
+                s.name
             )))
         }
     };
@@ -62,9 +67,9 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
     cleanup::checkpoint();
     // The password first; the key, when both are given, after it.
     let auths: Vec<Auth> =
-        secret.iter().map(Auth::Password).chain(s.credential.key.as_deref().map(Auth::Key)).collect();
+        secret.into_iter().map(Auth::Password).chain(s.credential.key.as_deref().map(Auth::Key)).collect();
     let mut v = Verdict {
-        image: s.image.display().to_string(),
+        image: s.name.clone(),
         user,
         auth: if secret.is_some() { "password" } else { "key" },
         boot_path: before.path,
@@ -88,7 +93,7 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
         (true, None) => {
             return Err(with_code(USAGE)(anyhow::anyhow!(
                 "--same-instance: {} holds no plain instance-id in /var/lib/cloud/data/instance-id (never booted?)",
-                s.image.display()
+                s.name
             )))
         }
     };
@@ -115,6 +120,52 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
     Ok(v)
 }
 
+/// What `customize --verify` knows about the login to prove.
+pub struct Expected<'a> {
+    pub user: Option<String>,
+    pub secret: &'a Secret,
+    /// The password went into /etc/shadow of a disk booted before: boot as that instance again.
+    pub same_instance: bool,
+    pub accel: accel::Requested,
+}
+
+/// `customize --verify`: verifies the written output `file` (still under its temporary name) before
+/// it is renamed to `dest`. qemu and the appliance open it as `/proc/PID/fd/N`, which the kernel
+/// resolves to this very file whatever has become of its name. A failed verification is an error
+/// with the verdict's exit status; otherwise a note for the summary.
+pub fn output(file: &std::fs::File, dest: &Path, expected: Expected, report: &Reporter) -> Result<String> {
+    use std::os::fd::AsRawFd;
+    let s = Verify {
+        image: format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()).into(),
+        name: dest.display().to_string(),
+        user: expected.user,
+        credential: crate::settings::Credential { password: None, key: None },
+        timeout: None,
+        accel: expected.accel,
+        same_instance: expected.same_instance,
+        keep_disk: None,
+        json: false,
+        verbosity: crate::settings::Verbosity::Normal,
+    };
+    let v = run_with(&s, Some(expected.secret), report).with_context(|| format!("verifying {}", dest.display()))?;
+    match &v.failure {
+        None => Ok(format!(
+            "Verified by booting it ({:.0} s, {}): {} logs in with the password.",
+            v.total_seconds,
+            v.boot_path.describe(),
+            v.user
+        )),
+        Some(why) => {
+            // The console and the logs explain it; the error line says what happened.
+            eprint!("{}", crate::report::for_terminal(&verdict::render(&v)));
+            Err(with_code(v.exit_code())(anyhow::anyhow!(
+                "verifying {} by booting it: {why}; nothing was written under that name",
+                dest.display()
+            )))
+        }
+    }
+}
+
 /// The boot path, default user and (for direct boot) kernel, read through the appliance.
 fn read_image(s: &Verify, work: &WorkDir, format: Format, limit: Duration, report: &Reporter) -> Result<image::Before> {
     report.phase("Reading the boot path from the image");
@@ -132,7 +183,7 @@ fn read_image(s: &Verify, work: &WorkDir, format: Format, limit: Duration, repor
     if before.path == BootPath::DirectKernel {
         report.warn(&format!(
             "{} has no bootloader: booting its kernel and initrd directly, with root={} from its fstab",
-            s.image.display(),
+            s.name,
             before.direct.as_ref().map_or("?", |d| d.root.as_str())
         ));
     }
