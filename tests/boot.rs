@@ -130,7 +130,8 @@ impl Verified {
 fn verify(image: &Image, name: &str, disk: &Path, args: &[&str]) -> Verified {
     let _slot = Slot::take();
     let name = format!("{}/{name}", image.suite);
-    let mut all = vec!["verify", disk.to_str().unwrap(), "--json"];
+    // The old boot test's deadline: a loaded CI host boots slowly under TCG.
+    let mut all = vec!["verify", disk.to_str().unwrap(), "--json", "--timeout", "1200"];
     all.extend(args);
     let out = cloudimg(&all, None, &[]);
     let verdict = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
