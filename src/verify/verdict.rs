@@ -266,7 +266,9 @@ mod tests {
 
     #[test]
     fn statuses_of_three_generations_are_read() {
-        let table: [(&str, &str, &str, Option<i32>, usize, usize, bool); 3] = [
+        // (output, status, extended status, exit, errors, recoverable errors, healthy)
+        type Case<'a> = (&'a str, &'a str, &'a str, Option<i32>, usize, usize, bool);
+        let table: [Case; 3] = [
             (DEGRADED_25, "done", "degraded done", Some(2), 0, 3, false),
             (DONE_22, "done", "done", Some(0), 0, 0, true),
             (ERROR_23, "error", "error - done", Some(1), 1, 0, false),
