@@ -21,7 +21,8 @@ Examples:
   printf '%s\\n' \"$PW\" | cloudimg verify out.qcow2 --user debian --password-stdin --json
   cloudimg verify out.qcow2 --ssh-key-file ~/.ssh/id_ed25519 --accel kvm --timeout 180
   # A disk booted before and reset through /etc/shadow, booted again as the same instance
-  cloudimg verify reset.qcow2 --password-file pw.txt --same-instance";
+  cloudimg verify reset.qcow2 --password-file pw.txt --same-instance
+";
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("password").args(["password_file", "password_stdin"])))]
