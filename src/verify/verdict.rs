@@ -248,11 +248,14 @@ pub fn render(v: &Verdict) -> String {
     out
 }
 
-/// The last `n` lines of `text`.
+/// The last `n` lines of `text`, each cut at [`MAX_LINE`] characters (the guest wrote them).
 pub fn tail(text: &str, n: usize) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].iter().map(|l| l.to_string()).collect()
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| l.chars().take(MAX_LINE).collect()).collect()
 }
+
+/// The longest line of a log or console shown.
+pub const MAX_LINE: usize = 400;
 
 #[cfg(test)]
 mod tests {
@@ -352,5 +355,6 @@ mod tests {
     fn tails_keep_the_last_lines() {
         assert_eq!(tail("a\nb\nc\n", 2), ["b", "c"]);
         assert_eq!(tail("a", 5), ["a"]);
+        assert_eq!(tail(&"x".repeat(10_000), 1)[0].len(), MAX_LINE);
     }
 }
