@@ -1,6 +1,12 @@
 //! The SSH client (libssh2 through the `ssh2` crate): one way of authenticating per attempt, no
 //! agent, no other key, every operation bounded. The host key is not checked: the instance was made
 //! from the image a minute ago, on a loopback port of this host.
+//!
+//! Why `ssh2` rather than the pure-Rust `russh`: cloudimg is synchronous, and russh needs tokio and
+//! pulls aws-lc-rs (a C/assembly crypto build through cmake or a prebuilt step) — 178 crates in a
+//! minimal client's lock file against ssh2's 21 (libssh2 bundled, linked to the OpenSSL the system
+//! already has, so the .deb gains only libssl3). A minimal ssh2 client built in release mode in 50 s
+//! here and is 0.66 MiB; the same client with russh took over ten times as long (see the report).
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
