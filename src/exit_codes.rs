@@ -25,6 +25,15 @@ pub const UNMET: i32 = 8;
 /// Upload: Keystone or Glance refused, the upload failed, or Glance's copy differs from the file; the
 /// half-created image was deleted (unless --keep-failed).
 pub const UPLOAD: i32 = 9;
+/// `verify`: the instance booted and sshd answered, but the login was refused (a verdict on the image,
+/// not a failure of the tool).
+pub const REFUSED: i32 = 10;
+/// `verify`: the login worked, but cloud-init ended `degraded` or in `error`, or a wrong password was
+/// accepted too.
+pub const UNHEALTHY: i32 = 11;
+/// `verify`: no verdict: the instance did not boot, or cloud-init did not finish or sshd did not
+/// answer within --timeout.
+pub const NO_BOOT: i32 = 12;
 /// Interrupted by a signal; temporary files were removed (128 + SIGINT, as shells report it).
 pub const INTERRUPTED: i32 = 130;
 
@@ -43,6 +52,9 @@ Exit status:
        replaced or moved by someone else while cloudimg wrote it)
   9    --upload: Keystone or Glance refused, the upload failed, or Glance's copy differs (the output
        is kept; the half-created Glance image was deleted unless --keep-failed)
+  10   --verify: the booted output refused the login (nothing written under the output name)
+  11   --verify: cloud-init ended degraded or in error, or a wrong password worked too
+  12   --verify: the output did not boot or answer within the time limit
   130  interrupted; temporary files removed";
 
 /// Text for `upload --help`.
@@ -70,6 +82,22 @@ Exit status:
   6    the libguestfs appliance failed to start or timed out, or its cache cannot be trusted
   8    an image does not meet a --require condition (the reasons are printed)
   130  interrupted";
+
+/// Text for `verify --help`.
+pub const VERIFY_HELP: &str = "\
+Exit status:
+  0    the login was accepted, a wrong password refused, and cloud-init is done (not degraded)
+  1    unexpected failure
+  2    bad command line
+  3    the image file was refused before opening
+  4    the guest cannot be booted: no kernel or no root in its fstab (no bootloader either), or its
+       files cannot be read
+  6    the libguestfs appliance (which reads the kernel, the logs) failed to start or timed out
+  10   the instance booted and sshd answered, but the login was refused
+  11   the login worked, but cloud-init ended degraded or in error, or a wrong password worked too
+  12   no verdict: qemu failed, or the instance did not boot, finish cloud-init or answer on SSH
+       within --timeout
+  130  interrupted; qemu killed and temporary files removed";
 
 /// An error with the exit status it should end the program with.
 #[derive(Debug)]

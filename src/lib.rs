@@ -36,3 +36,4 @@ pub mod shadow;
 pub mod sshd;
 pub mod trusted_dir;
 pub mod upload;
+pub mod verify;

@@ -17,7 +17,7 @@ use cloudimg::upload;
 fn main() {
     let cli = Cli::parse();
     cloudimg::cleanup::install_signal_handler();
-    if matches!(cli.command, Command::Customize(_) | Command::Inspect(_) | Command::Upload(_)) {
+    if matches!(cli.command, Command::Customize(_) | Command::Inspect(_) | Command::Upload(_) | Command::Verify(_)) {
         // They hold the password, OS_PASSWORD and the token, or the guests' hashes.
         cloudimg::password::keep_out_of_core_dumps();
     }
@@ -25,6 +25,7 @@ fn main() {
         Command::Customize(args) => run_customize(*args),
         Command::Inspect(args) => run_inspect(&args),
         Command::Upload(args) => run_upload(args),
+        Command::Verify(args) => run_verify(args),
         Command::Doctor(args) => run_doctor(&args),
         Command::Completions { shell } => {
             cloudimg::assets::completions(shell, &mut std::io::stdout());
@@ -171,6 +172,26 @@ fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
         }
         Err(e) => fail(&e),
     }
+}
+
+fn run_verify(args: cloudimg::cli::VerifyArgs) -> i32 {
+    let settings = match cloudimg::settings::Verify::from_args(args) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let report = Reporter::new(settings.verbosity, settings.json);
+    let verdict = match cloudimg::verify::run(&settings, &report) {
+        Ok(verdict) => verdict,
+        Err(e) => return fail(&e),
+    };
+    cloudimg::cleanup::checkpoint();
+    if settings.json {
+        print_json(&verdict);
+    } else {
+        // The console and the logs are the guest's words.
+        print!("{}", for_terminal(&cloudimg::verify::verdict::render(&verdict)));
+    }
+    verdict.exit_code()
 }
 
 fn run_doctor(args: &cloudimg::cli::DoctorArgs) -> i32 {

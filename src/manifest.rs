@@ -170,7 +170,7 @@ fn libosinfo_distro(os_id: &str) -> Option<&'static str> {
 
 /// A GPT disk with an EFI system partition and no BIOS boot partition only boots with UEFI (GRUB's
 /// BIOS stage needs that partition on GPT); an MBR disk boots with BIOS.
-fn uefi_only(partition_table: Option<&str>, gpt_types: &[String]) -> bool {
+pub fn uefi_only(partition_table: Option<&str>, gpt_types: &[String]) -> bool {
     let has = |guid: &str| gpt_types.iter().any(|t| t.eq_ignore_ascii_case(guid));
     partition_table == Some("gpt") && has(EFI_SYSTEM) && !has(BIOS_BOOT)
 }

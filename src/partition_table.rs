@@ -13,6 +13,9 @@ pub struct Table {
     pub kind: &'static str,
     /// GPT partition type GUIDs (upper case), in entry order, unused entries left out.
     pub gpt_types: Vec<String>,
+    /// The MBR holds boot code (a BIOS bootloader's first stage: GRUB's boot.img, extlinux's mbr.bin),
+    /// not only zeros.
+    pub boot_code: bool,
 }
 
 /// Where the GPT entry array lies, when it is not within [`HEAD`]: (byte offset, byte length).
@@ -43,8 +46,10 @@ pub fn parse(head: &[u8], entries: Option<&[u8]>) -> Option<Table> {
         return None;
     }
     let protective = (0..4).any(|i| mbr[446 + 16 * i + 4] == 0xee);
+    // The first 440 bytes are code; a disk partitioned by a tool that installs none has zeros there.
+    let boot_code = mbr[..440].iter().any(|&b| b != 0);
     if !protective {
-        return Some(Table { kind: "msdos", gpt_types: Vec::new() });
+        return Some(Table { kind: "msdos", gpt_types: Vec::new(), boot_code });
     }
     let (start, count, size) = gpt_geometry(head)?;
     let array = match entries {
@@ -57,7 +62,7 @@ pub fn parse(head: &[u8], entries: Option<&[u8]>) -> Option<Table> {
         .map(|entry| guid(&entry[..16]))
         .filter(|g| g != "00000000-0000-0000-0000-000000000000")
         .collect();
-    Some(Table { kind: "gpt", gpt_types })
+    Some(Table { kind: "gpt", gpt_types, boot_code })
 }
 
 /// A GUID's mixed-endian bytes as text.
@@ -123,7 +128,10 @@ mod tests {
         mbr[510] = 0x55;
         mbr[511] = 0xaa;
         mbr[446 + 4] = 0x83;
-        assert_eq!(parse(&mbr, None), Some(Table { kind: "msdos", gpt_types: vec![] }));
+        assert_eq!(parse(&mbr, None), Some(Table { kind: "msdos", gpt_types: vec![], boot_code: false }));
+        let mut booting = mbr.clone();
+        booting[0] = 0xeb;
+        assert!(parse(&booting, None).unwrap().boot_code);
         assert_eq!(parse(&vec![0u8; HEAD], None), None);
         assert_eq!(parse(&[0u8; 10], None), None);
     }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 
 use crate::accel;
-use crate::cli::{CustomizeArgs, GlanceArgs, ImportMethodArg, Method, SshPwauth};
+use crate::cli::{CustomizeArgs, GlanceArgs, ImportMethodArg, Method, SshPwauth, VerifyArgs};
 use crate::cloud_config::keys;
 use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::{CLOUD_CFG, DROP_IN};
@@ -43,6 +43,58 @@ pub enum Output {
     DryRun,
 }
 
+/// How `verify` logs in: with the password, the key, or each in turn (at least one is given).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Credential {
+    pub password: Option<Source>,
+    /// A private key file.
+    pub key: Option<PathBuf>,
+}
+
+/// `cloudimg verify`, decided from what was typed.
+#[derive(Debug)]
+pub struct Verify {
+    pub image: PathBuf,
+    /// What the image is called in messages (the output's name, for `customize --verify`).
+    pub name: String,
+    /// `None`: the image's cloud-init default user.
+    pub user: Option<String>,
+    pub credential: Credential,
+    /// `None`: the default for the accelerator chosen.
+    pub timeout: Option<Duration>,
+    pub accel: accel::Requested,
+    pub same_instance: bool,
+    pub keep_disk: Option<PathBuf>,
+    pub json: bool,
+    pub verbosity: Verbosity,
+}
+
+impl Verify {
+    pub fn from_args(args: VerifyArgs) -> Result<Self> {
+        if let Some(keep) = &args.keep_disk {
+            check_output_path(&args.image, keep, false)?;
+        }
+        let password = match (args.password_file, args.password_stdin) {
+            (Some(path), _) => Some(Source::File(path)),
+            (None, true) => Some(Source::Stdin),
+            (None, false) => None,
+        };
+        let credential = Credential { password, key: args.ssh_key_file };
+        Ok(Verify {
+            name: args.image.display().to_string(),
+            image: args.image,
+            user: args.user,
+            credential,
+            timeout: args.timeout.map(Duration::from_secs),
+            accel: args.accel,
+            same_instance: args.same_instance,
+            keep_disk: args.keep_disk,
+            json: args.json,
+            verbosity: if args.quiet { Verbosity::Quiet } else { Verbosity::Normal },
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct Customize {
     pub inputs: Vec<PathBuf>,
@@ -61,6 +113,8 @@ pub struct Customize {
     pub target: &'static str,
     pub clean_instance_state: bool,
     pub allow_ineffective: bool,
+    /// Boot each output and prove the login before it is renamed into place.
+    pub verify: bool,
     pub root: Option<String>,
     pub cloud_init_version: Option<CloudInitVersion>,
     pub accel: accel::Requested,
@@ -125,6 +179,11 @@ impl Customize {
             )));
         }
         let has_password = password.is_some();
+        if args.verify && !has_password {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "--verify logs in with the password: give one (a public key alone cannot be tried)"
+            )));
+        }
         let mut ssh_keys = Vec::new();
         for path in &args.ssh_key {
             let text = std::fs::read_to_string(path)
@@ -211,6 +270,7 @@ impl Customize {
             target: if args.drop_in { DROP_IN } else { CLOUD_CFG },
             clean_instance_state: args.clean_instance_state,
             allow_ineffective: args.allow_ineffective,
+            verify: args.verify,
             root: args.root,
             cloud_init_version,
             accel: args.accel,

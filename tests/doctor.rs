@@ -90,6 +90,13 @@ fn each_broken_setting_fails_its_check_with_the_command_that_fixes_it() {
     let kvm_unusable = cloudimg::accel::HostKvm::probe().problem().is_some();
     assert_eq!(code, Some(if kvm_unusable { 6 } else { 0 }), "{report:#}");
     assert_eq!(check(&report, "kvm")["status"], if kvm_unusable { "fail" } else { "ok" });
+
+    // What verify needs: qemu-system-x86_64 and SeaBIOS are here (libguestfs's qemu brings both);
+    // OVMF decides between ok and a note with its fix.
+    let verify = check(&report, "verify boot");
+    let ovmf = cloudimg::verify::boot::ovmf().is_some();
+    assert_eq!(verify["status"], if ovmf { "ok" } else { "info" }, "{verify:#}");
+    assert!(ovmf || verify["fix"] == "apt-get install ovmf", "{verify:#}");
 }
 
 #[test]

@@ -74,6 +74,30 @@ fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Conve
     Ok(Converted { pending, written, digests })
 }
 
+/// With --verify: boots the output under its temporary name (the very file written, after the
+/// appliance that edited it has shut down) and keeps it only when the login is proven; the verdict
+/// goes into the summary's notes.
+fn verify_converted(
+    s: &Customize,
+    p: &Prepared,
+    secret: Option<&Secret>,
+    summary: &mut Summary,
+    c: Converted,
+    report: &Reporter,
+) -> Result<Converted> {
+    if let (true, Some(secret)) = (s.verify, secret) {
+        let dest = &p.target.as_ref().expect("a real run has targets").dest;
+        let expected = crate::verify::Expected {
+            user: s.user.clone(),
+            secret,
+            same_instance: summary.method == "shadow",
+            accel: s.accel,
+        };
+        summary.notes.push(crate::verify::output(c.pending.file(), dest, expected, report)?);
+    }
+    Ok(c)
+}
+
 /// Renames each converted output into place (or over the input, in place), in order, then writes
 /// its manifest and uploads it. Returns each image's result.
 pub(super) fn produce_outputs(
@@ -85,8 +109,8 @@ pub(super) fn produce_outputs(
 ) -> Result<Vec<(usize, ImageResult)>> {
     let mut results = Vec::new();
     let mut converted = Vec::new();
-    for (p, summary, diff, result) in edited {
-        match result {
+    for (p, mut summary, diff, result) in edited {
+        match result.and_then(|c| verify_converted(s, p, secret, &mut summary, c, report)) {
             Ok(c) => converted.push((p, summary, diff, c)),
             Err(e) => results.push((p.index, Err(e))),
         }

@@ -8,6 +8,9 @@ use crate::accel;
 use crate::exit_codes;
 use crate::image_file::Format;
 
+mod verify;
+pub use verify::VerifyArgs;
+
 #[derive(Debug, Parser)]
 #[command(name = "cloudimg", version, about = "Prepare cloud images offline for OpenStack", after_help = exit_codes::HELP)]
 pub struct Cli {
@@ -28,6 +31,10 @@ pub enum Command {
     /// Upload an image to Glance and check that Glance stored exactly this file
     #[command(after_long_help = format!("{UPLOAD_EXAMPLES}\n{}", exit_codes::UPLOAD_HELP), after_help = "Examples and exit statuses: cloudimg upload --help")]
     Upload(UploadArgs),
+
+    /// Boot an image under qemu and prove that its SSH password (or key) login works
+    #[command(after_long_help = format!("{}\n{}", verify::VERIFY_HELP, exit_codes::VERIFY_HELP), after_help = "Examples and exit statuses: cloudimg verify --help")]
+    Verify(VerifyArgs),
 
     /// Check that this host can run cloudimg, and print the fix for anything that stops it
     #[command(after_long_help = DOCTOR_HELP)]
@@ -488,6 +495,11 @@ pub struct CustomizeArgs {
     /// Do not trim the guest filesystems' free space before writing (the output may be larger)
     #[arg(long, help_heading = "Output")]
     pub no_trim: bool,
+
+    /// Boot each new image (as `cloudimg verify` does) before it is renamed into place or uploaded;
+    /// if the login does not work, nothing is kept under the output name and nothing is uploaded
+    #[arg(long, conflicts_with = "dry_run", help_heading = "Output")]
+    pub verify: bool,
 
     /// Upload each new image to Glance when it is written, and check Glance's copy
     #[arg(long, conflicts_with = "dry_run", help_heading = "Glance")]

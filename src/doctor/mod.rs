@@ -15,6 +15,8 @@ use crate::guest::{self, Drive, Guest, LaunchOptions, Setup};
 use crate::image_file::Format;
 use crate::trusted_dir::Distrust;
 
+mod verify_boot;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -100,6 +102,7 @@ pub fn run(opts: &Options, mut show: impl FnMut(&Check)) -> Report {
     let host = HostKvm::probe();
     let accel = accel::choose(opts.accel, &host).ok().map(|(a, _)| a);
     record(kvm_check(opts.accel, &host), &mut checks);
+    record(verify_boot::check(&verify_boot::Facts::probe(command_version)), &mut checks);
 
     let blocked = checks.iter().any(|c| c.status == Status::Fail);
     let mut launch_seconds = None;
