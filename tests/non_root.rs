@@ -344,7 +344,7 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
         (partial("c.qcow2"), Swap::Own(own.clone())),
     ];
     let args = ["customize", &p(&a), &p(&b), &p(&c), "--out-dir", &p(&out), "--manifest", "--password-file", &p(&pw)];
-    let run = stopped_at(&args, &tmp, "shut-down");
+    let run = stopped_at(&args, &tmp, "launched");
     pin_process(run.id(), cpu);
     let attacker = Attacker::start(&out, &canary, rules, Some(cpu));
     let result = resume(run);
@@ -397,7 +397,7 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
     std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o640)).unwrap();
     let (vm_before, vm_sum) = ((state(&vm).1, state(&vm).2), common::sha256(&vm));
     let args = ["customize", &p(&vm), "--in-place", "--password-file", &p(&pw)];
-    let run = stopped_at(&args, &tmp, "shut-down");
+    let run = stopped_at(&args, &tmp, "launched");
     pin_process(run.id(), cpu);
     let attacker = Attacker::start(&out, &canary, vec![(partial("vm.qcow2"), Swap::Symlink)], Some(cpu));
     let result = resume(run);
