@@ -52,7 +52,8 @@ Exit status:
        replaced or moved by someone else while cloudimg wrote it)
   9    --upload: Keystone or Glance refused, the upload failed, or Glance's copy differs (the output
        is kept; the half-created Glance image was deleted unless --keep-failed)
-  10   --verify: the booted output refused the login (nothing written under the output name)
+  10   --verify: the booted output refused the login (nothing written under the output name;
+       with --keep-failed the image is kept as NAME.failed.EXT)
   11   --verify: cloud-init ended degraded or in error, or a wrong password worked too
   12   --verify: the output did not boot or answer within the time limit
   130  interrupted; temporary files removed";

@@ -419,6 +419,39 @@ impl Guest {
         Ok(Some((stat.st_mode & 0o7777) as u32))
     }
 
+    /// The last `max` entries of the systemd journal stored in the guest's `dir`, oldest first, each
+    /// as its fields (name, value; the appliance cuts values near `field_bytes`). Empty when there is
+    /// no journal there, or this libguestfs was built without journal support. The journal files
+    /// are parsed inside the appliance; the host gets at most `max` entries of bounded fields.
+    pub fn journal_tail(&self, dir: &str, max: i64, field_bytes: i64) -> Result<Vec<Vec<(String, Vec<u8>)>>> {
+        let supported = self.bounded("asking libguestfs for journal support", |g| g.feature_available(&["journal"]))?;
+        if max < 1 || !supported || !self.is_dir(dir)? {
+            return Ok(Vec::new());
+        }
+        self.bounded(&format!("opening the journal in {dir}"), |g| g.journal_open(dir))?;
+        let entries = self.journal_entries(dir, max, field_bytes);
+        let _ = self.bounded("closing the journal", |g| g.journal_close());
+        entries
+    }
+
+    fn journal_entries(&self, dir: &str, max: i64, field_bytes: i64) -> Result<Vec<Vec<(String, Vec<u8>)>>> {
+        let what = format!("reading the journal in {dir}");
+        self.bounded(&what, |g| g.journal_set_data_threshold(field_bytes))?;
+        // To the last entry, then back to the `max`th from the end.
+        if self.bounded(&what, |g| g.journal_skip(i64::MAX))? == 0 {
+            return Ok(Vec::new());
+        }
+        self.bounded(&what, |g| g.journal_skip(1 - max))?;
+        let mut entries = Vec::new();
+        loop {
+            let fields = self.bounded(&what, |g| g.journal_get())?;
+            entries.push(fields.into_iter().map(|f| (f.attrname, f.attrval)).collect());
+            if entries.len() as i64 >= max || !self.bounded(&what, |g| g.journal_next())? {
+                return Ok(entries);
+            }
+        }
+    }
+
     /// The first `count` bytes of the regular file `path` resolves to (symbolic links are followed
     /// inside the guest); `None` when there is no such file.
     pub fn read_head(&self, path: &str, count: i32) -> Result<Option<Vec<u8>>> {

@@ -239,6 +239,13 @@ impl Pending {
     /// Gives the file the owner `owner` (for in-place edits) and `mode`, flushes it, and renames it
     /// over the destination once its temporary name is seen to still refer to it; `replace` allows an
     /// existing destination to be replaced. Returns the file, for reading it again.
+    /// The file, when committed, is to appear as `dest` (a name in the same directory) instead.
+    pub fn renamed(mut self, dest: PathBuf) -> Self {
+        debug_assert_eq!(parent_dir(&dest), parent_dir(&self.dest));
+        self.dest = dest;
+        self
+    }
+
     pub fn commit(mut self, mode: u32, owner: Option<(u32, u32)>, replace: bool) -> Result<File> {
         let temp_path = self.path().to_path_buf();
         // The owner first: changing it clears the set-user-ID and set-group-ID bits.
@@ -359,6 +366,24 @@ impl Created {
     }
 }
 
+/// Where `--keep-failed` keeps an output whose verification failed, beside its name:
+/// `out.qcow2` becomes `out.failed.qcow2`, `out` becomes `out.failed`.
+pub fn failed_name(dest: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::new();
+    match (dest.file_stem(), dest.extension()) {
+        (Some(stem), Some(ext)) => {
+            name.push(stem);
+            name.push(".failed.");
+            name.push(ext);
+        }
+        _ => {
+            name.push(dest.file_name().unwrap_or_default());
+            name.push(".failed");
+        }
+    }
+    dest.with_file_name(name)
+}
+
 /// The mode a newly created file gets under the current umask (0666 & !umask).
 pub fn default_file_mode() -> u32 {
     // SAFETY: umask(2) only swaps the process's mask; it is read and restored at once.
@@ -388,6 +413,19 @@ mod tests {
         assert_eq!(last_progress("    (100.00/100%)\n"), Some(100.0));
         assert_eq!(last_progress("    (50.0"), None);
         assert_eq!(last_progress("(3.00/100%)\r    (4"), Some(3.0));
+    }
+
+    #[test]
+    fn a_failed_output_is_kept_under_a_name_that_says_so() {
+        for (dest, kept) in [
+            ("/srv/out.qcow2", "/srv/out.failed.qcow2"),
+            ("out.img", "out.failed.img"),
+            ("/srv/noble.server.raw", "/srv/noble.server.failed.raw"),
+            ("/srv/out", "/srv/out.failed"),
+            ("/srv/.hidden", "/srv/.hidden.failed"),
+        ] {
+            assert_eq!(failed_name(Path::new(dest)), Path::new(kept), "{dest}");
+        }
     }
 
     #[test]

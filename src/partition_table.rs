@@ -13,9 +13,11 @@ pub struct Table {
     pub kind: &'static str,
     /// GPT partition type GUIDs (upper case), in entry order, unused entries left out.
     pub gpt_types: Vec<String>,
-    /// The MBR holds boot code (a BIOS bootloader's first stage: GRUB's boot.img, extlinux's mbr.bin),
-    /// not only zeros.
-    pub boot_code: bool,
+    /// The MBR's code starts a BIOS bootloader: GRUB's boot.img (which names itself), or generic code
+    /// (extlinux's mbr.bin, DOS's) with a partition marked active, whose boot sector it chains to.
+    /// Generic code without an active partition starts nothing: parted writes such code on every
+    /// disk it labels, bootloader or not.
+    pub bios_boot: bool,
 }
 
 /// Where the GPT entry array lies, when it is not within [`HEAD`]: (byte offset, byte length).
@@ -47,9 +49,11 @@ pub fn parse(head: &[u8], entries: Option<&[u8]>) -> Option<Table> {
     }
     let protective = (0..4).any(|i| mbr[446 + 16 * i + 4] == 0xee);
     // The first 440 bytes are code; a disk partitioned by a tool that installs none has zeros there.
-    let boot_code = mbr[..440].iter().any(|&b| b != 0);
+    let code = &mbr[..440];
+    let active = (0..4).any(|i| mbr[446 + 16 * i] == 0x80);
+    let bios_boot = code.iter().any(|&b| b != 0) && (active || code.windows(4).any(|w| w == b"GRUB"));
     if !protective {
-        return Some(Table { kind: "msdos", gpt_types: Vec::new(), boot_code });
+        return Some(Table { kind: "msdos", gpt_types: Vec::new(), bios_boot });
     }
     let (start, count, size) = gpt_geometry(head)?;
     let array = match entries {
@@ -62,7 +66,7 @@ pub fn parse(head: &[u8], entries: Option<&[u8]>) -> Option<Table> {
         .map(|entry| guid(&entry[..16]))
         .filter(|g| g != "00000000-0000-0000-0000-000000000000")
         .collect();
-    Some(Table { kind: "gpt", gpt_types, boot_code })
+    Some(Table { kind: "gpt", gpt_types, bios_boot })
 }
 
 /// A GUID's mixed-endian bytes as text.
@@ -128,10 +132,17 @@ mod tests {
         mbr[510] = 0x55;
         mbr[511] = 0xaa;
         mbr[446 + 4] = 0x83;
-        assert_eq!(parse(&mbr, None), Some(Table { kind: "msdos", gpt_types: vec![], boot_code: false }));
-        let mut booting = mbr.clone();
-        booting[0] = 0xeb;
-        assert!(parse(&booting, None).unwrap().boot_code);
+        assert_eq!(parse(&mbr, None), Some(Table { kind: "msdos", gpt_types: vec![], bios_boot: false }));
+        // Generic code (as parted writes it) starts something only through an active partition.
+        let mut generic = mbr.clone();
+        generic[..4].copy_from_slice(&[0xfa, 0xb8, 0x00, 0x10]);
+        assert!(!parse(&generic, None).unwrap().bios_boot);
+        let mut active = generic.clone();
+        active[446] = 0x80;
+        assert!(parse(&active, None).unwrap().bios_boot);
+        let mut grub = generic.clone();
+        grub[0x180..0x185].copy_from_slice(b"GRUB ");
+        assert!(parse(&grub, None).unwrap().bios_boot);
         assert_eq!(parse(&vec![0u8; HEAD], None), None);
         assert_eq!(parse(&[0u8; 10], None), None);
     }

@@ -115,6 +115,9 @@ pub struct Customize {
     pub allow_ineffective: bool,
     /// Boot each output and prove the login before it is renamed into place.
     pub verify: bool,
+    /// A failed verification keeps the image beside the output name
+    /// ([`crate::output::failed_name`]).
+    pub keep_failed_verification: bool,
     pub root: Option<String>,
     pub cloud_init_version: Option<CloudInitVersion>,
     pub accel: accel::Requested,
@@ -237,10 +240,16 @@ impl Customize {
         if !args.upload && glance_given(&glance) {
             return Err(with_code(USAGE)(anyhow::anyhow!(
                 "--name, --property, --no-property, --visibility, --tag, --min-ram, --member, --protected, \
-                 --hide-previous, --keep, --if-changed, --import-method, --stores, --os-cloud, --keep-failed and \
-                 --wait go with --upload"
+                 --hide-previous, --keep, --if-changed, --import-method, --stores, --os-cloud and --wait go \
+                 with --upload"
             )));
         }
+        if glance.keep_failed && !args.upload && !args.verify {
+            return Err(with_code(USAGE)(anyhow::anyhow!(
+                "--keep-failed keeps what --verify or --upload found failing: give one of them"
+            )));
+        }
+        let keep_failed_verification = args.verify && glance.keep_failed;
         // Checked now, before any image work.
         let upload = args.upload.then(|| glance_destination(glance)).transpose()?;
         let cloud_init_version = args.cloud_init_version.map(|v| v.parse()).transpose().map_err(with_code(USAGE))?;
@@ -271,6 +280,7 @@ impl Customize {
             clean_instance_state: args.clean_instance_state,
             allow_ineffective: args.allow_ineffective,
             verify: args.verify,
+            keep_failed_verification,
             root: args.root,
             cloud_init_version,
             accel: args.accel,
@@ -284,7 +294,7 @@ impl Customize {
     }
 }
 
-/// Whether any Glance argument was given (they mean nothing without `--upload`).
+/// Whether any argument that means something only to `--upload` was given.
 fn glance_given(g: &GlanceArgs) -> bool {
     g.name.is_some()
         || !g.properties.is_empty()
@@ -300,7 +310,6 @@ fn glance_given(g: &GlanceArgs) -> bool {
         || g.import_method != ImportMethodArg::Auto
         || !g.stores.is_empty()
         || g.os_cloud.is_some()
-        || g.keep_failed
         || g.wait != crate::cli::DEFAULT_WAIT
 }
 

@@ -3,13 +3,15 @@
 //! them under qemu with a NoCloud seed that sets no password and logs in over SSH with password
 //! authentication only. The right password must get in (and a wrong one not), and only on the
 //! customized images; `cloud-init status --long` must end `done` (from 23.4 on: exit 0, not
-//! `degraded`). The images have no bootloader: verify boots their kernel and initrd directly.
+//! `degraded`). The images have no bootloader: verify boots their kernel and initrd directly, except
+//! the two trixie ones given one here (GRUB for UEFI, extlinux for BIOS).
 //!
 //! - bookworm: Debian 12, cloud-init 22.4, OpenSSH 9.2; also a booted disk reset through /etc/shadow;
 //! - trixie: Debian 13, cloud-init 25.1, OpenSSH 10, Ubuntu's `PasswordAuthentication no` drop-in;
 //! - sid: Debian unstable, cloud-init 26.x (meson build), the same drop-in, and a second account
 //!   given a password and a key; `customize --verify` keeps no output when the boot refuses.
-//! - trixie's `--drop-in` image gets extlinux installed, and boots through SeaBIOS and it.
+//! - trixie's default image becomes a GPT disk with an EFI system partition and GRUB, and boots
+//!   through OVMF; its `--drop-in` image gets extlinux, and boots through SeaBIOS.
 //!
 //! Slow (minutes), so ignored by plain `cargo test`; run with
 //! `cargo test --locked --test boot -- --ignored --nocapture`. The suites run side by side; at most
@@ -228,6 +230,58 @@ fn install_extlinux(disk: &Path) {
     g.shutdown().unwrap();
 }
 
+/// Makes `disk` a disk that boots only with UEFI, as OVMF finds it: the MBR becomes a GPT (the
+/// root partition kept where it is), an EFI system partition is added in 64 MiB grown at the end,
+/// and it gets GRUB as `\EFI\BOOT\BOOTX64.EFI` (a standalone image made by the host's
+/// grub-mkstandalone, its configuration inside) that boots the image's kernel from the root.
+fn install_grub_efi(disk: &Path, tmp: &Path) {
+    let _slot = Slot::take();
+    let grow = Command::new("qemu-img").args(["resize", "-f", "qcow2"]).arg(disk).arg("+64M").output().unwrap();
+    assert!(grow.status.success(), "qemu-img resize: {}", text(&grow.stderr));
+    let g = guestfs::Handle::create().unwrap();
+    if common::force_tcg() {
+        g.set_backend_setting("force_tcg", "1").unwrap();
+    }
+    g.add_drive(disk.to_str().unwrap(), cloudimg::guest::drive_options("qcow2", false)).unwrap();
+    g.launch().unwrap();
+    let root = g.part_list("/dev/sda").unwrap().into_iter().next().expect("the root partition");
+    let sectors = g.blockdev_getsz("/dev/sda").unwrap();
+    let (start, end) = (root.part_start as i64 / 512, (root.part_end as i64 + 1) / 512 - 1);
+    g.part_init("/dev/sda", "gpt").unwrap();
+    g.part_add("/dev/sda", "p", start, end).unwrap();
+    // The GPT's backup takes the last 33 sectors.
+    g.part_add("/dev/sda", "p", (end + 2048) / 2048 * 2048, sectors - 34).unwrap();
+    g.part_set_gpt_type("/dev/sda", 2, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B").unwrap();
+    g.mkfs("vfat", "/dev/sda2", Default::default()).unwrap();
+    g.mount("/dev/sda1", "/").unwrap();
+    let names = g.ls("/boot").unwrap();
+    let version = names.iter().find_map(|n| n.strip_prefix("vmlinuz-")).expect("a kernel in /boot").to_string();
+    g.umount_all().unwrap();
+    let cfg = tmp.join("grub.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "set timeout=0\nsearch --no-floppy --label root --set=root\n\
+             linux /boot/vmlinuz-{version} root=LABEL=root ro console=ttyS0 net.ifnames=0\n\
+             initrd /boot/initrd.img-{version}\nboot\n"
+        ),
+    )
+    .unwrap();
+    let efi = tmp.join("BOOTX64.EFI");
+    let made = Command::new("grub-mkstandalone")
+        .args(["-O", "x86_64-efi", "--modules=part_gpt part_msdos ext2 search linux", "-o"])
+        .arg(&efi)
+        .arg(format!("boot/grub/grub.cfg={}", cfg.display()))
+        .output()
+        .expect("grub-mkstandalone (Debian: grub-efi-amd64-bin, in scripts/install-deps)");
+    assert!(made.status.success(), "grub-mkstandalone: {}", text(&made.stderr));
+    g.mount("/dev/sda2", "/").unwrap();
+    g.mkdir_p("/EFI/BOOT").unwrap();
+    g.upload(efi.to_str().unwrap(), "/EFI/BOOT/BOOTX64.EFI").unwrap();
+    g.umount_all().unwrap();
+    g.shutdown().unwrap();
+}
+
 /// A copy of `image` with a cloud-init drop-in that turns SSH password logins off again, over
 /// whatever cloud.cfg says.
 fn with_overriding_drop_in(image: &Image, dest: &Path) {
@@ -270,15 +324,15 @@ fn trixie_cloud_init_25_accepts_the_password_despite_the_sshd_drop_in() {
     let tmp = tempfile::tempdir().unwrap();
     let (pw, default_out, drop_in_out) = customized(&image, tmp.path());
     let pw_args = ["--password-file", pw.to_str().unwrap()];
-    // The drop-in image gets a bootloader: it must boot through SeaBIOS and extlinux.
+    // Each image gets a bootloader: the default one GRUB for UEFI, to boot through OVMF; the drop-in
+    // one extlinux, to boot through SeaBIOS.
+    install_grub_efi(&default_out, tmp.path());
     install_extlinux(&drop_in_out);
-    let default = verify(&image, "default", &default_out, &pw_args);
+    let default = verify(&image, "default-uefi", &default_out, &pw_args);
     let drop_in = verify(&image, "drop-in-extlinux", &drop_in_out, &pw_args);
-    let unmodified = verify(&image, "unmodified", &image.qcow2(), &pw_args);
     judge(&[
-        (&default, accepted(&default, "debian", false, "direct-kernel")),
+        (&default, accepted(&default, "debian", false, "uefi")),
         (&drop_in, accepted(&drop_in, "debian", false, "bios")),
-        (&unmodified, refused(&unmodified)),
     ]);
     eprintln!("boot: trixie: all verdicts after {:.0} s", started.elapsed().as_secs_f64());
 }

@@ -319,8 +319,9 @@ pub struct GlanceArgs {
     #[arg(long, value_name = "NAME", help_heading = "Glance")]
     pub os_cloud: Option<String>,
 
-    /// Keep the Glance image when the upload fails or Glance's copy differs
-    #[arg(long, help_heading = "Glance")]
+    /// Keep what failed, for inspection: an output that failed --verify, as NAME.failed.EXT beside
+    /// the output name; the Glance image when the upload fails or Glance's copy differs
+    #[arg(long, help_heading = "Output")]
     pub keep_failed: bool,
 
     /// How long to wait for Glance to make the uploaded image active (importing included)
@@ -497,7 +498,8 @@ pub struct CustomizeArgs {
     pub no_trim: bool,
 
     /// Boot each new image (as `cloudimg verify` does) before it is renamed into place or uploaded;
-    /// if the login does not work, nothing is kept under the output name and nothing is uploaded
+    /// if the login does not work, nothing is kept under the output name (see --keep-failed) and
+    /// nothing is uploaded
     #[arg(long, conflicts_with = "dry_run", help_heading = "Output")]
     pub verify: bool,
 

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 
 use super::{sweep, ImageResult, Prepared, Summary};
 use crate::cleanup;
-use crate::exit_codes::{with_code, OUTPUT, UPLOAD};
+use crate::exit_codes::{self, with_code, OUTPUT, UPLOAD};
 use crate::hashing::{self, Digests};
 use crate::image_file::ImageInfo;
 use crate::manifest::{self, Manifest};
@@ -76,7 +76,8 @@ fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Conve
 
 /// With --verify: boots the output under its temporary name (the very file written, after the
 /// appliance that edited it has shut down) and keeps it only when the login is proven; the verdict
-/// goes into the summary's notes.
+/// goes into the summary's notes. A failed one is an error with the verdict's exit status, and the
+/// image is dropped, or kept beside the output name with --keep-failed.
 fn verify_converted(
     s: &Customize,
     p: &Prepared,
@@ -85,17 +86,41 @@ fn verify_converted(
     c: Converted,
     report: &Reporter,
 ) -> Result<Converted> {
-    if let (true, Some(secret)) = (s.verify, secret) {
-        let dest = &p.target.as_ref().expect("a real run has targets").dest;
-        let expected = crate::verify::Expected {
-            user: s.user.clone(),
-            secret,
-            same_instance: summary.method == "shadow",
-            accel: s.accel,
-        };
-        summary.notes.push(crate::verify::output(c.pending.file(), dest, expected, report)?);
-    }
-    Ok(c)
+    let (true, Some(secret)) = (s.verify, secret) else {
+        return Ok(c);
+    };
+    let target = p.target.as_ref().expect("a real run has targets");
+    let expected = crate::verify::Expected {
+        user: s.user.clone(),
+        secret,
+        same_instance: summary.method == "shadow",
+        accel: s.accel,
+    };
+    let failure = match crate::verify::output(c.pending.file(), &target.dest, expected, report) {
+        Ok(Ok(note)) => {
+            summary.notes.push(note);
+            return Ok(c);
+        }
+        Ok(Err(failed)) => with_code(failed.code)(anyhow::anyhow!("{}", failed.why)),
+        // An output that cannot even be booted failed its verification too.
+        Err(e) => e,
+    };
+    let untouched =
+        if target.in_place { "the input was left as it was" } else { "nothing was written under that name" };
+    let kept = match s.keep_failed_verification {
+        false => String::new(),
+        true => {
+            let kept = output::failed_name(&target.dest);
+            match c.pending.renamed(kept.clone()).commit(output::default_file_mode(), None, false) {
+                Ok(_) => format!("; the image is kept as {} for inspection (--keep-failed)", kept.display()),
+                Err(e) => format!("; keeping the image as {} failed too: {e:#}", kept.display()),
+            }
+        }
+    };
+    Err(with_code(exit_codes::code_of(&failure))(anyhow::anyhow!(
+        "verifying {} by booting it: {failure:#}; {untouched}{kept}",
+        target.dest.display()
+    )))
 }
 
 /// Renames each converted output into place (or over the input, in place), in order, then writes

@@ -17,11 +17,11 @@ use crate::accel::Accel;
 use crate::partition_table::Table;
 
 /// The boot path a disk allows: UEFI when it can only boot that way (as the manifest's
-/// `hw_firmware_type` says), BIOS when its MBR holds a bootloader's code, else none of its own.
+/// `hw_firmware_type` says), BIOS when its MBR starts a bootloader, else none of its own.
 pub fn choose(table: Option<&Table>) -> BootPath {
     match table {
         Some(t) if crate::manifest::uefi_only(Some(t.kind), &t.gpt_types) => BootPath::Uefi,
-        Some(t) if t.boot_code => BootPath::Bios,
+        Some(t) if t.bios_boot => BootPath::Bios,
         _ => BootPath::DirectKernel,
     }
 }
@@ -217,8 +217,8 @@ impl Drop for Vm {
 mod tests {
     use super::*;
 
-    fn table(kind: &'static str, types: &[&str], boot_code: bool) -> Table {
-        Table { kind, gpt_types: types.iter().map(|t| t.to_string()).collect(), boot_code }
+    fn table(kind: &'static str, types: &[&str], bios_boot: bool) -> Table {
+        Table { kind, gpt_types: types.iter().map(|t| t.to_string()).collect(), bios_boot }
     }
 
     const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";

@@ -129,11 +129,23 @@ pub struct Expected<'a> {
     pub accel: accel::Requested,
 }
 
+/// Why the booted output failed its verification, and the exit status that says so.
+pub struct Failed {
+    pub why: String,
+    pub code: i32,
+}
+
 /// `customize --verify`: verifies the written output `file` (still under its temporary name) before
 /// it is renamed to `dest`. qemu and the appliance open it as `/proc/PID/fd/N`, which the kernel
-/// resolves to this very file whatever has become of its name. A failed verification is an error
-/// with the verdict's exit status; otherwise a note for the summary.
-pub fn output(file: &std::fs::File, dest: &Path, expected: Expected, report: &Reporter) -> Result<String> {
+/// resolves to this very file whatever has become of its name. Returns a note for the summary, or
+/// why the login was not proven (the verdict, console and logs are printed); errors are for what
+/// stopped the verification itself.
+pub fn output(
+    file: &std::fs::File,
+    dest: &Path,
+    expected: Expected,
+    report: &Reporter,
+) -> Result<std::result::Result<String, Failed>> {
     use std::os::fd::AsRawFd;
     let s = Verify {
         image: format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()).into(),
@@ -147,21 +159,17 @@ pub fn output(file: &std::fs::File, dest: &Path, expected: Expected, report: &Re
         json: false,
         verbosity: crate::report::Verbosity::Normal,
     };
-    let v = run_with(&s, Some(expected.secret), report).with_context(|| format!("verifying {}", dest.display()))?;
+    let v = run_with(&s, Some(expected.secret), report)?;
     match &v.failure {
-        None => Ok(format!(
+        None => Ok(Ok(format!(
             "Verified by booting it ({:.0} s, {}): {} logs in with the password.",
             v.total_seconds,
             v.boot_path.describe(),
             v.user
-        )),
+        ))),
         Some(why) => {
-            // The console and the logs explain it; the error line says what happened.
             eprint!("{}", crate::report::for_terminal(&verdict::render(&v)));
-            Err(with_code(v.exit_code())(anyhow::anyhow!(
-                "verifying {} by booting it: {why}; nothing was written under that name",
-                dest.display()
-            )))
+            Ok(Err(Failed { why: why.clone(), code: v.exit_code() }))
         }
     }
 }
@@ -175,7 +183,7 @@ fn read_image(s: &Verify, work: &WorkDir, format: Format, limit: Duration, repor
     cleanup::checkpoint();
     let decompress = shared.accel == Accel::Tcg;
     let before = image::read_before(&shared.guest, work.path(), decompress)
-        .with_context(|| format!("reading how to boot {}", s.image.display()))
+        .with_context(|| format!("reading how to boot {}", s.name))
         .map_err(with_code(BAD_GUEST));
     cleanup::checkpoint();
     let _ = shared.guest.shutdown();
