@@ -33,6 +33,9 @@ fn gerr(err: guestfs::Error) -> anyhow::Error {
     anyhow!("{}", message.trim())
 }
 
+/// A systemd journal entry's fields: (name, value).
+pub type JournalEntry = Vec<(String, Vec<u8>)>;
+
 /// Options for attaching a disk: the format always stated (never probed), discard passed through so
 /// that freed blocks can be trimmed.
 pub fn drive_options(format: &str, readonly: bool) -> AddDriveOptArgs<'_> {
@@ -423,7 +426,7 @@ impl Guest {
     /// as its fields (name, value; the appliance cuts values near `field_bytes`). Empty when there is
     /// no journal there, or this libguestfs was built without journal support. The journal files
     /// are parsed inside the appliance; the host gets at most `max` entries of bounded fields.
-    pub fn journal_tail(&self, dir: &str, max: i64, field_bytes: i64) -> Result<Vec<Vec<(String, Vec<u8>)>>> {
+    pub fn journal_tail(&self, dir: &str, max: i64, field_bytes: i64) -> Result<Vec<JournalEntry>> {
         let supported = self.bounded("asking libguestfs for journal support", |g| g.feature_available(&["journal"]))?;
         if max < 1 || !supported || !self.is_dir(dir)? {
             return Ok(Vec::new());
@@ -434,7 +437,7 @@ impl Guest {
         entries
     }
 
-    fn journal_entries(&self, dir: &str, max: i64, field_bytes: i64) -> Result<Vec<Vec<(String, Vec<u8>)>>> {
+    fn journal_entries(&self, dir: &str, max: i64, field_bytes: i64) -> Result<Vec<JournalEntry>> {
         let what = format!("reading the journal in {dir}");
         self.bounded(&what, |g| g.journal_set_data_threshold(field_bytes))?;
         // To the last entry, then back to the `max`th from the end.

@@ -180,14 +180,21 @@ fn accepted(v: &Verified, user: &str, key: bool, boot_path: &str) -> Result<Stri
     Ok(report)
 }
 
-/// The right password must not open the unmodified image: verify's documented "refused" verdict.
+/// The right password must not open the unmodified image: verify's documented "refused" verdict,
+/// with sshd's side of it read back from the instance's journal (the images have no auth.log).
 fn refused(v: &Verified) -> Result<String, String> {
+    let sshd: Vec<&str> =
+        v.field(&["sshd_log_tail"]).as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
     match (v.code, v.field(&["login", "result"]).as_str()) {
-        (Some(REFUSED), Some("refused")) => Ok(format!(
-            "{}: the right password was refused, as it must be ({})\n",
+        (Some(REFUSED), Some("refused")) if sshd.iter().any(|l| l.starts_with("sshd")) => Ok(format!(
+            "{}: the right password was refused, as it must be ({}); sshd's last line: {}\n",
             v.name,
-            v.field(&["login", "detail"])
+            v.field(&["login", "detail"]),
+            sshd.last().unwrap_or(&"")
         )),
+        (Some(REFUSED), Some("refused")) => {
+            Err(format!("no sshd lines were read from the instance's journal: {sshd:?}"))
+        }
         _ => Err("the unmodified image did not give the refused verdict".into()),
     }
 }

@@ -1,8 +1,9 @@
 //! Uploads to a real Keystone and Glance (scripts/openstack-services: PyPI packages, sqlite, two
 //! filesystem stores and a staging store, on 127.0.0.1), never a mock: what Glance stores is read back
 //! through its API and from its stores, and compared with the file, the manifest and the hashes of
-//! coreutils. The services start once; one appliance launch customizes two images, every other case
-//! uploads files made with qemu-img.
+//! coreutils. The services start once; one appliance launch customizes two images, one more run
+//! shows that an output failing `--verify` is not uploaded, every other case uploads files made with
+//! qemu-img.
 
 mod common;
 
@@ -544,8 +545,8 @@ fn image_lifecycle(os: &Services, tmp: &Path) {
     assert_eq!(members["members"][0]["status"], "accepted");
 }
 
-/// A wrong password, a format Glance refuses, and Glance killed in the middle of the data: exit 9,
-/// no image left behind, no secret shown.
+/// A wrong password, an output that fails --verify, a format Glance refuses, and Glance killed in the
+/// middle of the data: no image left behind, no secret shown.
 fn failures_leave_nothing(os: &Services, tmp: &Path) {
     let t = |name: &str| tmp.join(name);
     let out = t("out/debian-deleted-data.qcow2");
@@ -559,6 +560,20 @@ fn failures_leave_nothing(os: &Services, tmp: &Path) {
     assert!(stderr.contains("refused the password") && stderr.contains("401"), "{stderr}");
     assert!(!stderr.contains("not the password"));
     assert_eq!(os.images().len(), before);
+
+    // customize --verify --upload of an output that cannot boot (the phony guest has no kernel): the
+    // verification fails, nothing is uploaded and nothing is written.
+    std::fs::create_dir(t("unverified")).unwrap();
+    let unverified = t("unverified/out.qcow2");
+    let (input, pw) = (fixtures().image("debian-ext4"), t("pw"));
+    let args = ["customize", p(&input), "-o", p(&unverified), "--password-file", p(&pw)];
+    let more = ["--verify", "--upload", "--name", "unverified"];
+    let run = cloudimg_with(&[&args[..], &more[..]].concat(), &os.os_env(), tmp);
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("by booting it") && stderr.contains("nothing was written under that name"), "{stderr}");
+    assert_eq!(std::fs::read_dir(t("unverified")).unwrap().count(), 0, "nothing written");
+    assert_eq!(os.images().len(), before, "nothing uploaded");
 
     // Glance's own format check rejects a declared format that does not match; the image is deleted.
     let run = cloudimg_with(

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use super::boot::{self, DirectKernel};
 use super::verdict::{tail, BootPath};
 use crate::cloud_config::{credentials, merge};
-use crate::guest::Guest;
+use crate::guest::{Guest, JournalEntry};
 use crate::{fast_boot, guest_config, locate};
 
 /// A kernel or initrd larger than this is not one (a hostile image could name a huge file).
@@ -178,7 +178,7 @@ const JOURNAL_FIELD: i64 = 2048;
 
 /// sshd's messages among journal entries (OpenSSH 9.8 and later log sessions as `sshd-session`), the
 /// last [`SSHD_LINES`] of them, as `identifier[pid]: message`.
-fn sshd_journal_lines(entries: &[Vec<(String, Vec<u8>)>]) -> Vec<String> {
+fn sshd_journal_lines(entries: &[JournalEntry]) -> Vec<String> {
     let field = |entry: &[(String, Vec<u8>)], name: &str| {
         entry.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     };
@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn sshd_lines_are_picked_out_of_the_journal() {
-        let entry = |fields: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> {
+        let entry = |fields: &[(&str, &str)]| -> JournalEntry {
             fields.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
         };
         let entries = vec![
