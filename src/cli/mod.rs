@@ -217,6 +217,10 @@ Examples:
   # The disk of an instance that was booted already, or an image without cloud-init: /etc/shadow
   cloudimg customize vm.qcow2 -o fixed.qcow2 --password-file pw.txt --method auto
 
+  # Proven by a boot before the output appears (and before any upload); a failure keeps the image
+  # as out.failed.qcow2 for a look
+  cloudimg customize in.qcow2 -o out.qcow2 --password-file pw.txt --verify --keep-failed
+
   # SSH keys for the default user, no password
   cloudimg customize in.qcow2 -o out.qcow2 --ssh-key ~/.ssh/id_ed25519.pub
 

@@ -159,8 +159,11 @@ pub fn read_logs(guest: &Guest) -> Result<(Vec<String>, Vec<String>)> {
             return Ok((cloud_init, tail(&lines.join("\n"), SSHD_LINES)));
         }
     }
-    let journal = guest.journal_tail("/var/log/journal", JOURNAL_ENTRIES, JOURNAL_FIELD)?;
-    let sshd = match sshd_journal_lines(&journal) {
+    let sshd = match guest.journal_tail("/var/log/journal", JOURNAL_ENTRIES, JOURNAL_FIELD) {
+        Ok(journal) => sshd_journal_lines(&journal),
+        Err(e) => vec![format!("(no /var/log/auth.log or /var/log/secure, and the journal could not be read: {e:#})")],
+    };
+    let sshd = match sshd {
         lines if lines.is_empty() => vec![format!(
             "(no sshd lines: no /var/log/auth.log or /var/log/secure, and none in the last {JOURNAL_ENTRIES} \
              entries of a persistent journal)"
