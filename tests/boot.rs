@@ -186,12 +186,14 @@ fn refused(v: &Verified) -> Result<String, String> {
     let sshd: Vec<&str> =
         v.field(&["sshd_log_tail"]).as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
     match (v.code, v.field(&["login", "result"]).as_str()) {
-        (Some(REFUSED), Some("refused")) if sshd.iter().any(|l| l.starts_with("sshd")) => Ok(format!(
-            "{}: the right password was refused, as it must be ({}); sshd's last line: {}\n",
-            v.name,
-            v.field(&["login", "detail"]),
-            sshd.last().unwrap_or(&"")
-        )),
+        (Some(REFUSED), Some("refused")) if sshd.iter().any(|l| l.contains("sshd[") || l.contains("sshd-session[")) => {
+            Ok(format!(
+                "{}: the right password was refused, as it must be ({}); sshd's last line: {}\n",
+                v.name,
+                v.field(&["login", "detail"]),
+                sshd.last().unwrap_or(&"")
+            ))
+        }
         (Some(REFUSED), Some("refused")) => {
             Err(format!("no sshd lines were read from the instance's journal: {sshd:?}"))
         }

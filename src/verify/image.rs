@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use super::boot::{self, DirectKernel};
 use super::verdict::{tail, BootPath};
 use crate::cloud_config::{credentials, merge};
-use crate::guest::{Guest, JournalEntry};
+use crate::guest::Guest;
 use crate::{fast_boot, guest_config, locate};
 
 /// A kernel or initrd larger than this is not one (a hostile image could name a huge file).
@@ -159,45 +159,18 @@ pub fn read_logs(guest: &Guest) -> Result<(Vec<String>, Vec<String>)> {
             return Ok((cloud_init, tail(&lines.join("\n"), SSHD_LINES)));
         }
     }
-    let sshd = match guest.journal_tail("/var/log/journal", JOURNAL_ENTRIES, JOURNAL_FIELD) {
-        Ok(journal) => sshd_journal_lines(&journal),
+    // OpenSSH 9.8 and later log sessions as `sshd-session`.
+    let sshd = match guest.journal_lines("/var/log/journal", &["sshd", "sshd-session"], SSHD_LINES) {
+        Ok(Some(lines)) if !lines.trim().is_empty() => tail(&lines, SSHD_LINES),
+        Ok(_) => {
+            vec!["(no sshd lines: no /var/log/auth.log or /var/log/secure, and none in a persistent journal)".into()]
+        }
         Err(e) => vec![format!("(no /var/log/auth.log or /var/log/secure, and the journal could not be read: {e:#})")],
-    };
-    let sshd = match sshd {
-        lines if lines.is_empty() => vec![format!(
-            "(no sshd lines: no /var/log/auth.log or /var/log/secure, and none in the last {JOURNAL_ENTRIES} \
-             entries of a persistent journal)"
-        )],
-        lines => lines,
     };
     Ok((cloud_init, sshd))
 }
 
 const SSHD_LINES: usize = 20;
-/// Journal entries read from the end: enough for a boot's sshd lines, few enough to stay quick
-/// (each is one message to the appliance).
-const JOURNAL_ENTRIES: i64 = 1500;
-const JOURNAL_FIELD: i64 = 2048;
-
-/// sshd's messages among journal entries (OpenSSH 9.8 and later log sessions as `sshd-session`), the
-/// last [`SSHD_LINES`] of them, as `identifier[pid]: message`.
-fn sshd_journal_lines(entries: &[JournalEntry]) -> Vec<String> {
-    let field = |entry: &[(String, Vec<u8>)], name: &str| {
-        entry.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    };
-    let lines: Vec<String> = entries
-        .iter()
-        .filter_map(|entry| {
-            let identifier = field(entry, "SYSLOG_IDENTIFIER").or_else(|| field(entry, "_COMM"))?;
-            if identifier != "sshd" && identifier != "sshd-session" {
-                return None;
-            }
-            let pid = field(entry, "_PID").map_or(String::new(), |p| format!("[{p}]"));
-            Some(format!("{identifier}{pid}: {}", field(entry, "MESSAGE").unwrap_or_default()))
-        })
-        .collect();
-    tail(&lines.join("\n"), SSHD_LINES)
-}
 
 #[cfg(test)]
 mod tests {
@@ -216,32 +189,6 @@ mod tests {
             assert_eq!(newest_kernel(&paths), Some(format!("/boot/vmlinuz-{newest}")), "{paths:?}");
         }
         assert_eq!(newest_kernel(&[]), None);
-    }
-
-    #[test]
-    fn sshd_lines_are_picked_out_of_the_journal() {
-        let entry = |fields: &[(&str, &str)]| -> JournalEntry {
-            fields.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
-        };
-        let entries = vec![
-            entry(&[("SYSLOG_IDENTIFIER", "sshd"), ("_PID", "612"), ("MESSAGE", "Server listening on :: port 22.")]),
-            entry(&[("SYSLOG_IDENTIFIER", "cloud-init"), ("MESSAGE", "sshd is mentioned here")]),
-            entry(&[("_COMM", "sshd-session"), ("_PID", "901"), ("MESSAGE", "Failed password for debian")]),
-            entry(&[("SYSLOG_IDENTIFIER", "systemd"), ("_COMM", "sshd"), ("MESSAGE", "Started ssh.service")]),
-            entry(&[("SYSLOG_IDENTIFIER", "sshd"), ("MESSAGE", "no pid, no problem")]),
-        ];
-        assert_eq!(
-            sshd_journal_lines(&entries),
-            [
-                "sshd[612]: Server listening on :: port 22.",
-                "sshd-session[901]: Failed password for debian",
-                "sshd: no pid, no problem"
-            ]
-        );
-        let many: Vec<_> =
-            (0..50).map(|i| entry(&[("SYSLOG_IDENTIFIER", "sshd"), ("MESSAGE", &format!("line {i}"))])).collect();
-        let kept = sshd_journal_lines(&many);
-        assert_eq!((kept.len(), kept[0].as_str(), kept[19].as_str()), (20, "sshd: line 30", "sshd: line 49"));
     }
 
     #[test]
