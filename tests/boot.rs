@@ -1,8 +1,8 @@
 //! Proof by booting: real Debian cloud images (debootstrap from Debian's mirror, cached by recipe) of
 //! three cloud-init generations, customized by cloudimg, judged by `cloudimg verify` — which boots
 //! them under qemu with a NoCloud seed that sets no password and logs in over SSH with password
-//! authentication only. The right password must get in (and a wrong one not), and only on the
-//! customized images; `cloud-init status --long` must end `done` (from 23.4 on: exit 0, not
+//! authentication only. The right password must get in (and a wrong one not), but not into the
+//! unmodified bookworm image; `cloud-init status --long` must end `done` (from 23.4 on: exit 0, not
 //! `degraded`). The images have no bootloader: verify boots their kernel and initrd directly, except
 //! the two trixie ones given one here (GRUB for UEFI, extlinux for BIOS).
 //!
@@ -425,11 +425,9 @@ fn sid_cloud_init_26_accepts_passwords_and_a_key_for_the_default_user_and_anothe
     let ops_args =
         ["--user", "ops", "--password-file", ops_pw.to_str().unwrap(), "--ssh-key-file", key.to_str().unwrap()];
     let ops = verify(&image, "drop-in-and-ops", &drop_in_out, &ops_args);
-    let unmodified = verify(&image, "unmodified", &image.qcow2(), &["--password-file", pw.to_str().unwrap()]);
     judge(&[
         (&default, accepted(&default, "debian", false, "direct-kernel")),
         (&ops, accepted(&ops, "ops", true, "direct-kernel")),
-        (&unmodified, refused(&unmodified)),
     ]);
 
     // `customize --verify`, told to write a configuration that a drop-in overrides

@@ -2,8 +2,8 @@
 //! filesystem stores and a staging store, on 127.0.0.1), never a mock: what Glance stores is read back
 //! through its API and from its stores, and compared with the file, the manifest and the hashes of
 //! coreutils. The services start once; one appliance launch customizes two images, one more run
-//! shows that an output failing `--verify` is not uploaded, every other case uploads files made with
-//! qemu-img.
+//! shows that an output failing `--verify` is not uploaded (and is kept with --keep-failed), every
+//! other case uploads files made with qemu-img.
 
 mod common;
 
@@ -561,18 +561,25 @@ fn failures_leave_nothing(os: &Services, tmp: &Path) {
     assert!(!stderr.contains("not the password"));
     assert_eq!(os.images().len(), before);
 
-    // customize --verify --upload of an output that cannot boot (the phony guest has no kernel): the
-    // verification fails, nothing is uploaded and nothing is written.
+    // customize --verify --upload --keep-failed of an output that cannot boot (the phony guest has no
+    // kernel): the verification fails, nothing is uploaded, nothing is under the output name, and
+    // the image that failed is kept beside it, whole.
     std::fs::create_dir(t("unverified")).unwrap();
     let unverified = t("unverified/out.qcow2");
     let (input, pw) = (fixtures().image("debian-ext4"), t("pw"));
     let args = ["customize", p(&input), "-o", p(&unverified), "--password-file", p(&pw)];
-    let more = ["--verify", "--upload", "--name", "unverified"];
+    let more = ["--verify", "--keep-failed", "--upload", "--name", "unverified"];
     let run = cloudimg_with(&[&args[..], &more[..]].concat(), &os.os_env(), tmp);
     let stderr = text(&run.stderr);
     assert_eq!(run.status.code(), Some(4), "{stderr}");
-    assert!(stderr.contains("by booting it") && stderr.contains("nothing was written under that name"), "{stderr}");
-    assert_eq!(std::fs::read_dir(t("unverified")).unwrap().count(), 0, "nothing written");
+    assert!(stderr.contains("by booting it") && stderr.contains("no kernel in /boot"), "{stderr}");
+    assert!(stderr.contains("nothing was written under that name"), "{stderr}");
+    let kept = t("unverified/out.failed.qcow2");
+    assert!(stderr.contains(&format!("kept as {}", kept.display())), "{stderr}");
+    let names: Vec<_> = std::fs::read_dir(t("unverified")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(names, ["out.failed.qcow2"], "only the kept image");
+    let check = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&kept).output().unwrap();
+    assert!(check.status.success(), "qemu-img check: {}", text(&check.stdout));
     assert_eq!(os.images().len(), before, "nothing uploaded");
 
     // Glance's own format check rejects a declared format that does not match; the image is deleted.
