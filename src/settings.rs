@@ -436,6 +436,12 @@ mod tests {
         assert_eq!(code_of(&lonely), USAGE);
         assert!(format!("{lonely:#}").contains("go with --upload"));
         assert_eq!(code_of(&with(&["--import-method", "put"]).unwrap_err()), USAGE);
+        // --keep-failed keeps what --verify or --upload found failing, and needs one of them.
+        let keep = with(&["--keep-failed"]).unwrap_err();
+        assert_eq!((code_of(&keep), format!("{keep:#}").contains("--verify or --upload")), (USAGE, true), "{keep:#}");
+        let verify = with(&["--verify", "--keep-failed"]).unwrap();
+        assert!(verify.keep_failed_verification && verify.upload.is_none());
+        assert!(!with(&["--upload", "--keep-failed"]).unwrap().keep_failed_verification);
         let private = with(&["--upload", "--member", "p1", "--visibility", "private"]).unwrap_err();
         assert!(format!("{private:#}").contains("--visibility shared"), "{private:#}");
         let both =
