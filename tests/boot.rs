@@ -213,16 +213,22 @@ fn judge(verdicts: &[(&Verified, Result<String, String>)]) {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// Makes `disk` boot through its own bootloader with SeaBIOS: extlinux in /boot (installed by
-/// libguestfs's `extlinux`), its MBR code in the first sector, the partition marked active.
-fn install_extlinux(disk: &Path) {
-    let _slot = Slot::take();
+/// A libguestfs handle launched on the qcow2 `disk`, writable.
+fn launched_on(disk: &Path) -> guestfs::Handle {
     let g = guestfs::Handle::create().unwrap();
     if common::force_tcg() {
         g.set_backend_setting("force_tcg", "1").unwrap();
     }
     g.add_drive(disk.to_str().unwrap(), cloudimg::guest::drive_options("qcow2", false)).unwrap();
     g.launch().unwrap();
+    g
+}
+
+/// Makes `disk` boot through its own bootloader with SeaBIOS: extlinux in /boot (installed by
+/// libguestfs's `extlinux`), its MBR code in the first sector, the partition marked active.
+fn install_extlinux(disk: &Path) {
+    let _slot = Slot::take();
+    let g = launched_on(disk);
     g.mount("/dev/sda1", "/").unwrap();
     let names = g.ls("/boot").unwrap();
     let version = names.iter().find_map(|n| n.strip_prefix("vmlinuz-")).expect("a kernel in /boot").to_string();
@@ -247,12 +253,7 @@ fn install_grub_efi(disk: &Path, tmp: &Path) {
     let _slot = Slot::take();
     let grow = Command::new("qemu-img").args(["resize", "-f", "qcow2"]).arg(disk).arg("+64M").output().unwrap();
     assert!(grow.status.success(), "qemu-img resize: {}", text(&grow.stderr));
-    let g = guestfs::Handle::create().unwrap();
-    if common::force_tcg() {
-        g.set_backend_setting("force_tcg", "1").unwrap();
-    }
-    g.add_drive(disk.to_str().unwrap(), cloudimg::guest::drive_options("qcow2", false)).unwrap();
-    g.launch().unwrap();
+    let g = launched_on(disk);
     let root = g.part_list("/dev/sda").unwrap().into_iter().next().expect("the root partition");
     let sectors = g.blockdev_getsz("/dev/sda").unwrap();
     let (start, end) = (root.part_start as i64 / 512, (root.part_end as i64 + 1) / 512 - 1);
@@ -297,12 +298,7 @@ fn with_overriding_drop_in(image: &Image, dest: &Path) {
     let _slot = Slot::take();
     let out = Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(image.qcow2()).arg(dest).output().unwrap();
     assert!(out.status.success(), "qemu-img convert: {}", text(&out.stderr));
-    let g = guestfs::Handle::create().unwrap();
-    if common::force_tcg() {
-        g.set_backend_setting("force_tcg", "1").unwrap();
-    }
-    g.add_drive(dest.to_str().unwrap(), cloudimg::guest::drive_options("qcow2", false)).unwrap();
-    g.launch().unwrap();
+    let g = launched_on(dest);
     g.mount("/dev/sda1", "/").unwrap();
     g.write("/etc/cloud/cloud.cfg.d/99-site-policy.cfg", b"ssh_pwauth: false\n").unwrap();
     g.umount_all().unwrap();
