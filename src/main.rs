@@ -9,8 +9,7 @@ use cloudimg::customize;
 use cloudimg::doctor;
 use cloudimg::exit_codes;
 use cloudimg::inspect;
-use cloudimg::report::Verbosity;
-use cloudimg::report::{for_terminal, Reporter};
+use cloudimg::report::{for_terminal, Reporter, Verbosity};
 use cloudimg::settings::Customize;
 use cloudimg::upload;
 

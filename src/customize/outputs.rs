@@ -217,11 +217,11 @@ fn finish_output(
             .with_context(|| format!("the image {} was written, but not its manifest", dest.display()))
             .map_err(with_code(OUTPUT))?;
     }
-    if let (Some(args), Some(conn)) = (&s.upload, glance) {
+    if let (Some(destination), Some(conn)) = (&s.upload, glance) {
         let options = upload::Options {
             file: Some(file),
             name: name.to_string(),
-            ..upload::Options::new(dest, summary.manifest.clone(), &summary.properties, args)
+            ..upload::Options::new(dest, summary.manifest.clone(), &summary.properties, destination)
         };
         let uploaded = upload::run(&options, conn, report)
             .with_context(|| format!("the image {} was written, but not uploaded", dest.display()))
