@@ -292,18 +292,32 @@ fn a_killed_appliance_is_an_appliance_error_and_leaves_nothing() {
     assert_eq!(bench.extra_files(&[input.as_path()]), Vec::<String>::new(), "{stderr}");
 }
 
-#[test]
-fn interrupted_between_two_outputs_of_a_batch_the_last_word_names_the_written_one() {
-    let bench = Bench::new();
-    let (a, b) = (bench.image("a.qcow2"), bench.image("b.qcow2"));
+/// A batch of two images into an output directory, stopped at `step` and interrupted there (Ctrl-C).
+struct Interrupted {
+    inputs: [PathBuf; 2],
+    out: PathBuf,
+    status: ExitStatus,
+    children: Vec<u32>,
+    stderr: String,
+}
+
+fn batch_interrupted_at(bench: &Bench, step: &str) -> Interrupted {
+    let inputs = [bench.image("a.qcow2"), bench.image("b.qcow2")];
     let out = bench.dir.join("out");
     std::fs::create_dir(&out).unwrap();
-    let args = ["customize", p(&a), p(&b), "--out-dir", p(&out), "--password-file", p(&bench.pw)];
-    // Stopped as the first output has been renamed into place, then interrupted.
-    let (status, children, stderr) = fault_at(&mut bench.command(&args, Some("renamed")), "renamed", |pid| {
+    let args = ["customize", p(&inputs[0]), p(&inputs[1]), "--out-dir", p(&out), "--password-file", p(&bench.pw)];
+    let (status, children, stderr) = fault_at(&mut bench.command(&args, Some(step)), step, |pid| {
         signal(pid, libc::SIGINT);
         signal(pid, libc::SIGCONT);
     });
+    Interrupted { inputs, out, status, children, stderr }
+}
+
+#[test]
+fn interrupted_between_two_outputs_of_a_batch_the_last_word_names_the_written_one() {
+    let bench = Bench::new();
+    // Stopped as the first output has been renamed into place, then interrupted.
+    let Interrupted { out, status, children, stderr, .. } = batch_interrupted_at(&bench, "renamed");
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert_no_survivors(&children, "interrupted batch");
     let written = out.join("a.qcow2");
@@ -355,6 +369,16 @@ impl SmallDisk {
     }
 }
 
+/// Whether this run may mount a small tmpfs (root only); says so when it skips.
+fn can_mount_tmpfs() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+    }
+    root
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
@@ -363,9 +387,7 @@ impl Drop for SmallDisk {
 
 #[test]
 fn a_full_output_disk_is_a_clear_error_that_leaves_nothing() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+    if !can_mount_tmpfs() {
         return;
     }
     let bench = Bench::new();
@@ -475,9 +497,7 @@ fn fill(dir: &Path) -> PathBuf {
 /// third image: the second image fails alone; the first and third outputs are written whole.
 #[test]
 fn a_full_disk_while_one_output_is_written_fails_that_image_alone() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+    if !can_mount_tmpfs() {
         return;
     }
     let bench = Bench::new();
@@ -523,14 +543,7 @@ fn a_full_disk_while_one_output_is_written_fails_that_image_alone() {
 #[test]
 fn ctrl_c_while_an_output_is_written_in_the_background_leaves_nothing() {
     let bench = Bench::new();
-    let (a, b) = (bench.image("a.qcow2"), bench.image("b.qcow2"));
-    let out = bench.dir.join("out");
-    std::fs::create_dir(&out).unwrap();
-    let args = ["customize", p(&a), p(&b), "--out-dir", p(&out), "--password-file", p(&bench.pw)];
-    let (status, children, stderr) = fault_at(&mut bench.command(&args, Some("converting")), "converting", |pid| {
-        signal(pid, libc::SIGINT);
-        signal(pid, libc::SIGCONT);
-    });
+    let Interrupted { inputs: [a, b], out, status, children, stderr } = batch_interrupted_at(&bench, "converting");
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted; temporary files removed, no output was written"), "{stderr}");
     assert_no_survivors(&children, "Ctrl-C during a background write");
