@@ -114,8 +114,16 @@ struct Decision {
 /// One image's outcome: its summary and the masked diff of what changes, or why it failed.
 pub type ImageResult = Result<(Summary, String)>;
 
-/// The output writer: edited images in, (index, written output) out.
-type Writer<'scope, 'a> = Queue<'scope, &'a Prepared, (usize, Result<outputs::Converted>)>;
+/// What the output writer is asked to do for an image.
+enum WriterJob<'a> {
+    /// Copy its input beside the destination, before the appliance edits it.
+    CopyAhead(&'a Prepared),
+    /// Write its output: its edits are done.
+    Write(&'a Prepared),
+}
+
+/// The output writer: jobs in, (index, written output) out for each `Write`.
+type Writer<'scope, 'a> = Queue<'scope, WriterJob<'a>, Option<(usize, Result<outputs::Converted>)>>;
 
 /// The writer's outputs by image index.
 type Written = BTreeMap<usize, Result<outputs::Converted>>;
@@ -202,8 +210,25 @@ fn edit_all(
     std::thread::scope(|scope| {
         let mut writer = match s.output {
             Output::DryRun => None,
-            _ => Some(Queue::start(scope, |p: &Prepared| (p.index, outputs::convert(s, p, report)))?),
+            _ => {
+                // Copies made ahead, until their image's output is written (or, unused, dropped with the
+                // thread: their temporary files go with them).
+                let mut ahead = BTreeMap::new();
+                Some(Queue::start(scope, move |job| match job {
+                    WriterJob::CopyAhead(p) => {
+                        if let Some(copied) = outputs::copy_ahead(p, report) {
+                            ahead.insert(p.index, copied);
+                        }
+                        None
+                    }
+                    WriterJob::Write(p) => Some((p.index, outputs::convert(s, p, ahead.remove(&p.index), report))),
+                })?)
+            }
         };
+        // The disk has nothing else to do while the appliance starts.
+        if let Some(writer) = writer.as_mut() {
+            ready.iter().for_each(|p| writer.submit(WriterJob::CopyAhead(p)));
+        }
         let all: Vec<&Prepared> = ready.iter().collect();
         let (mut edited, alone) = in_appliance(s, &all, secret, work, writer.as_mut(), report);
         for index in alone {
@@ -214,7 +239,7 @@ fn edit_all(
         let Some(writer) = writer else { return Ok((edited, BTreeMap::new())) };
         // What is left to wait for once the last appliance is gone: the serial tail of the run.
         let waiting = Instant::now();
-        let converted = writer.finish().into_iter().collect();
+        let converted = writer.finish().into_iter().flatten().collect();
         report.took("waiting for the writer", waiting);
         Ok((edited, converted))
     })
@@ -317,7 +342,7 @@ fn in_appliance<'scope, 'a: 'scope>(
     };
     let unmounted = |pos: usize, _: &(Summary, String)| {
         if let Some(writer) = writer.as_mut() {
-            writer.submit(group[pos]);
+            writer.submit(WriterJob::Write(group[pos]));
         }
     };
     let mut out: Vec<(usize, ImageResult)> =

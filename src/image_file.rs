@@ -37,6 +37,9 @@ pub struct ImageInfo {
     pub file_size: u64,
     /// qcow2 version (2 or 3); `None` for raw.
     pub qcow2_version: Option<u32>,
+    /// The file itself, copied, would be a valid output of its format: a regular raw file, or a
+    /// qcow2 compat 1.1 that holds nothing but the disk (no snapshots, bitmaps or feature flags).
+    pub copyable: bool,
 }
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -85,7 +88,8 @@ pub fn inspect_file(file: &File, path: &Path) -> Result<ImageInfo> {
     } else {
         meta.len()
     };
-    classify(&head, size).with_context(|| format!("{} cannot be used", path.display()))
+    let info = classify(&head, size).with_context(|| format!("{} cannot be used", path.display()))?;
+    Ok(ImageInfo { copyable: info.copyable && meta.is_file(), ..info })
 }
 
 fn refuse_special(file_type: std::fs::FileType, path: &Path) -> Result<()> {
@@ -206,7 +210,9 @@ fn qcow2(h: &[u8], file_size: u64) -> Result<ImageInfo> {
             bail!("the qcow2 uses incompatible features this tool does not know (bits {unknown:#x})");
         }
     }
-    Ok(ImageInfo { format: Format::Qcow2, virtual_size, file_size, qcow2_version: Some(version) })
+    // Snapshots keep old states of the disk in the file, bitmaps and the dirty flag need qemu's care.
+    let copyable = version == 3 && be64(h, 72) == Some(0) && be32(h, 60) == Some(0) && be64(h, 88) == Some(0);
+    Ok(ImageInfo { format: Format::Qcow2, virtual_size, file_size, qcow2_version: Some(version), copyable })
 }
 
 fn check_virtual_size(virtual_size: u64) -> Result<()> {
@@ -261,7 +267,8 @@ const SECTOR: u64 = 512;
 
 fn raw(h: &[u8], file_size: u64) -> Result<ImageInfo> {
     check_virtual_size(file_size)?;
-    let info = ImageInfo { format: Format::Raw, virtual_size: file_size, file_size, qcow2_version: None };
+    let info =
+        ImageInfo { format: Format::Raw, virtual_size: file_size, file_size, qcow2_version: None, copyable: true };
     let mbr_signature = h.get(510..512) == Some(&[0x55, 0xaa]);
     if h.get(512..520) == Some(b"EFI PART") {
         let alternate_lba = u64::from_le_bytes(h[512 + 32..512 + 40].try_into().expect("8 bytes"));
@@ -335,6 +342,24 @@ mod tests {
     fn a_plain_qcow2_is_accepted() {
         let info = classify(&qcow2_header(3), 0x40000).unwrap();
         assert_eq!((info.format, info.virtual_size, info.qcow2_version), (Format::Qcow2, 1 << 30, Some(3)));
+        assert!(info.copyable);
+    }
+
+    #[test]
+    fn only_a_plain_compat_1_1_qcow2_is_copied_as_it_is() {
+        let copyable = |h: &[u8]| classify(h, 0x40000).unwrap().copyable;
+        assert!(!copyable(&qcow2_header(2)), "compat 0.10 is not what Glance is given");
+        for (at, value, what) in [
+            (60, 1u64 << 32, "a snapshot"),
+            (88, 1, "a bitmap (autoclear bit)"),
+            (72, 1, "the dirty flag"),
+            (72, 1 << 3, "zstd compression"),
+        ] {
+            let mut h = qcow2_header(3);
+            // Offset 60 is a 32-bit field: the value's high half lands in it.
+            h[at..at + 8].copy_from_slice(&value.to_be_bytes());
+            assert!(!copyable(&h), "{what}");
+        }
     }
 
     #[test]

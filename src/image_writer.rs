@@ -177,9 +177,9 @@ mod tests {
     fn pieces_follow_the_sources_and_are_clipped_to_the_disk() {
         let chunk = CHUNK as u64;
         let extents = [
-            Extent { start: 0, length: chunk + 10, source: Source::File { depth: 1, offset: 4096 } },
-            Extent { start: chunk + 10, length: 4 * chunk, source: Source::Zeros },
-            Extent { start: 5 * chunk + 10, length: 2 * chunk, source: Source::Decoded },
+            Extent { start: 0, length: chunk + 10, source: Source::File { depth: 1, offset: 4096 }, depth: 1 },
+            Extent { start: chunk + 10, length: 4 * chunk, source: Source::Zeros, depth: 0 },
+            Extent { start: 5 * chunk + 10, length: 2 * chunk, source: Source::Decoded, depth: 1 },
         ];
         let mut pieces = Vec::new();
         let spans = [(0, 2 * chunk), (5 * chunk, 4 * chunk)];

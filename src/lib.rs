@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod method;
 pub mod openstack;
 pub mod output;
+pub mod output_patch;
 pub mod output_queue;
 pub mod overlay_reader;
 pub mod partition_table;

@@ -314,7 +314,8 @@ mod tests {
     #[test]
     fn a_manifest_round_trips_through_json() {
         use crate::image_file::Format;
-        let info = ImageInfo { format: Format::Raw, virtual_size: GIB, file_size: GIB, qcow2_version: None };
+        let info =
+            ImageInfo { format: Format::Raw, virtual_size: GIB, file_size: GIB, qcow2_version: None, copyable: true };
         let m =
             Manifest::new(Path::new("a.raw"), &info, Digests { md5: "1".into(), sha512: "2".into() }, BTreeMap::new());
         let dir = tempfile::tempdir().unwrap();

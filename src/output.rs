@@ -83,7 +83,7 @@ pub fn write_image(
 /// of its name. (The alternative, a path inside a private 0700 directory, would need that directory
 /// on the destination's filesystem for the final rename, hence inside the destination's directory,
 /// whose owner can rename the private directory away and put one of their own in its place.)
-fn inherit(cmd: &mut Command, file: &File) -> PathBuf {
+pub fn inherit(cmd: &mut Command, file: &File) -> PathBuf {
     let fd = file.as_raw_fd();
     // SAFETY: fcntl(2) is async-signal-safe, as pre_exec requires, and only changes the child's copy of
     // the descriptor. std keeps descriptors 0-2 open from the start, so `fd` is not one of the
@@ -449,7 +449,13 @@ mod tests {
 
     #[test]
     fn a_written_image_must_be_what_glance_expects() {
-        let qcow2 = ImageInfo { format: Format::Qcow2, virtual_size: 100, file_size: 50, qcow2_version: Some(3) };
+        let qcow2 = ImageInfo {
+            format: Format::Qcow2,
+            virtual_size: 100,
+            file_size: 50,
+            qcow2_version: Some(3),
+            copyable: true,
+        };
         verify_written(&qcow2, Format::Qcow2, 100).unwrap();
         let err = |info: &ImageInfo, f, v| format!("{:#}", verify_written(info, f, v).unwrap_err());
         assert!(err(&qcow2, Format::Raw, 100).contains("not raw"));

@@ -7,8 +7,12 @@
 //! batch) and hold qemu's lock on it, so it is opened with force-share. That is safe because the
 //! overlay is cloudimg's own file, complete once the image's filesystems are unmounted (see
 //! `appliance::Shared::each`), and the appliance writes nothing more to it.
+//!
+//! The same qemu-nbd, serving an output for writing, applies the edits to a copy of the input (see
+//! `output_patch`).
 
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cleanup;
+use crate::image_file::Format;
 
 /// How long qemu-nbd may take to open the overlay and listen.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +44,9 @@ pub struct Extent {
     pub start: u64,
     pub length: u64,
     pub source: Source,
+    /// The image in the chain that decides what the range reads as, zeros included: 0 for the image
+    /// mapped itself (the overlay: what the edits changed), 1 for its backing file (the input).
+    pub depth: u32,
 }
 
 /// The most extents read from `qemu-img map`: one per 64 KiB cluster of a 256 GiB disk whose every
@@ -47,12 +55,18 @@ pub struct Extent {
 /// layout's copy, so at most some 200 MiB); a hostile image can make qemu-img report one per cluster.
 const MAX_EXTENTS: usize = 1 << 22;
 
-/// The virtual size of `overlay` and its extents, in order, covering the whole disk. qemu-img's answer
-/// is parsed as it arrives, so its text (about 120 bytes an extent) is never held whole.
+/// The virtual size of `overlay` and its extents, in order, covering the whole disk.
 pub fn extents(overlay: &Path) -> Result<(u64, Vec<Extent>)> {
+    map(overlay, Format::Qcow2)
+}
+
+/// The virtual size of the `format` image `image` and its extents, in order, covering the whole disk.
+/// qemu-img's answer is parsed as it arrives, so its text (about 120 bytes an extent) is never held
+/// whole.
+pub fn map(image: &Path, format: Format) -> Result<(u64, Vec<Extent>)> {
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["map", "--output=json", "-U", "-f", "qcow2"])
-        .arg(overlay)
+    cmd.args(["map", "--output=json", "-U", "-f", format.as_str()])
+        .arg(image)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         // Only an error message comes this way, read once the answer has been parsed.
@@ -94,6 +108,7 @@ impl From<MapEntry> for Extent {
                 (true, Some(offset)) if e.depth <= 1 => Source::File { depth: e.depth, offset },
                 (true, _) => Source::Decoded,
             },
+            depth: e.depth,
         }
     }
 }
@@ -145,18 +160,19 @@ impl<'de> serde::de::Visitor<'de> for MapVisitor {
     }
 }
 
-/// A read-only NBD export of the overlay, served by a qemu-nbd child that ends with it.
+/// An NBD export served by a qemu-nbd child that ends with it: the overlay read-only (to decode what
+/// only qemu can), or an output being patched (see `output_patch`).
 pub struct Export {
     client: nbd::client::NbdClient<UnixStream>,
+    /// The same connection, for the disconnect request the client library cannot send.
+    control: UnixStream,
     server: Child,
     _socket_dir: tempfile::TempDir,
 }
 
 impl Export {
+    /// Serves the overlay read-only.
     pub fn open(overlay: &Path) -> Result<Export> {
-        let socket_dir =
-            tempfile::Builder::new().prefix("cloudimg-nbd-").tempdir().context("creating a socket directory")?;
-        let socket = socket_dir.path().join("s");
         let mut cmd = Command::new("qemu-nbd");
         // The overlay names its backing file and that file's format, so nothing is probed. This
         // qemu-nbd has no --force-share: the option is given in the image's options, where a comma in
@@ -165,9 +181,26 @@ impl Export {
             "driver=qcow2,force-share=on,file.driver=file,file.filename={}",
             overlay.to_str().context("the overlay's path is not UTF-8")?.replace(',', ",,")
         );
-        cmd.args(["--read-only", "--image-opts", "--shared=1", "--cache=writeback"])
-            .arg(format!("--socket={}", socket.display()))
-            .arg(options)
+        cmd.args(["--read-only", "--image-opts", "--shared=1", "--cache=writeback"]).arg(options);
+        Export::serve(cmd)
+    }
+
+    /// Serves `file`, a `format` image, for writing, through its descriptor. Zeros written are
+    /// recorded as zeros and their space given back (a hole in the file, or a freed qcow2 cluster),
+    /// so what the guest deleted and trimmed does not stay in the file.
+    pub fn writable(file: &File, format: Format) -> Result<Export> {
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["-f", format.as_str(), "--cache=writeback", "--discard=unmap", "--detect-zeroes=unmap"]);
+        let name = crate::output::inherit(&mut cmd, file);
+        cmd.arg(name);
+        Export::serve(cmd)
+    }
+
+    fn serve(mut cmd: Command) -> Result<Export> {
+        let socket_dir =
+            tempfile::Builder::new().prefix("cloudimg-nbd-").tempdir().context("creating a socket directory")?;
+        let socket = socket_dir.path().join("s");
+        cmd.arg(format!("--socket={}", socket.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -179,9 +212,7 @@ impl Export {
                 break stream;
             }
             if let Some(status) = server.try_wait()? {
-                let mut text = String::new();
-                let _ = server.stderr.take().map(|mut e| e.read_to_string(&mut text));
-                bail!("qemu-nbd stopped ({status}): {}", text.trim());
+                bail!("qemu-nbd stopped ({status}): {}", stderr_of(&mut server));
             }
             if started.elapsed() > START_TIMEOUT {
                 let _ = server.kill();
@@ -190,10 +221,11 @@ impl Export {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
+        let control = stream.try_clone().context("sharing the connection to qemu-nbd")?;
         let mut handshaken = &stream;
         let export = nbd::client::handshake(&mut handshaken, b"").context("greeting qemu-nbd")?;
         let client = nbd::client::NbdClient::new(stream, &export);
-        Ok(Export { client, server, _socket_dir: socket_dir })
+        Ok(Export { client, control, server, _socket_dir: socket_dir })
     }
 
     /// Fills `buf` with the guest's bytes at `offset`.
@@ -203,6 +235,51 @@ impl Export {
             .read_exact(buf)
             .with_context(|| format!("reading {} bytes at offset {offset} through qemu-nbd", buf.len()))
     }
+
+    /// Writes `buf` as the guest's bytes at `offset`.
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.client.seek(SeekFrom::Start(offset))?;
+        self.client
+            .write_all(buf)
+            // The NBD library names the server's errno without its text.
+            .map_err(|e| match e.to_string().as_str() {
+                "ENOSPC" => std::io::Error::from_raw_os_error(libc::ENOSPC),
+                "EIO" => std::io::Error::from_raw_os_error(libc::EIO),
+                _ => e,
+            })
+            .with_context(|| format!("writing {} bytes at offset {offset} through qemu-nbd", buf.len()))
+    }
+
+    /// Makes qemu write everything out and flush the file, then ends the connection and waits for
+    /// qemu-nbd to close the image and exit.
+    pub fn finish(mut self) -> Result<()> {
+        self.client.flush().context("flushing the image through qemu-nbd")?;
+        // NBD_CMD_DISC: the request header with command 2 and nothing else; there is no reply.
+        let mut disconnect = [0u8; 28];
+        disconnect[..4].copy_from_slice(&0x2560_9513u32.to_be_bytes());
+        disconnect[6..8].copy_from_slice(&2u16.to_be_bytes());
+        self.control.write_all(&disconnect).context("ending the connection to qemu-nbd")?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.server.try_wait().context("waiting for qemu-nbd")? {
+                if !status.success() {
+                    bail!("qemu-nbd failed ({status}): {}", stderr_of(&mut self.server));
+                }
+                return Ok(());
+            }
+            if started.elapsed() > START_TIMEOUT {
+                bail!("qemu-nbd did not close the image within {} s", START_TIMEOUT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// What a finished qemu-nbd said on its error output.
+fn stderr_of(server: &mut Child) -> String {
+    let mut text = String::new();
+    let _ = server.stderr.take().map(|mut e| e.read_to_string(&mut text));
+    text.trim().to_string()
 }
 
 impl Drop for Export {

@@ -16,7 +16,7 @@ use common::{fixtures, p, sha256, text};
 
 /// The steps a run can be stopped at, in order.
 const NEW_OUTPUT_STEPS: &[&str] =
-    &["creating-overlay", "launched", "edited", "shut-down", "converting", "converted", "renamed"];
+    &["creating-overlay", "copying", "launched", "edited", "shut-down", "converting", "converted", "renamed"];
 const IN_PLACE_STEPS: &[&str] = &["edited", "converting", "converted", "renamed"];
 
 struct Bench {
@@ -493,8 +493,8 @@ fn fill(dir: &Path) -> PathBuf {
     filler
 }
 
-/// A batch whose second output meets a full disk while it is written, as the appliance edits the
-/// third image: the second image fails alone; the first and third outputs are written whole.
+/// A batch whose second output meets a full disk while it is written (its input copied beside it, as
+/// the appliance starts): the second image fails alone; the first and third outputs are written whole.
 #[test]
 fn a_full_disk_while_one_output_is_written_fails_that_image_alone() {
     if !can_mount_tmpfs() {
@@ -511,14 +511,14 @@ fn a_full_disk_while_one_output_is_written_fails_that_image_alone() {
     args.extend(["--out-dir", p(&disk.0), "--password-file", p(&bench.pw), "--json", "-v"]);
     // The writer stops as it starts each output (a, b, c in turn): the disk fills up as b's begins
     // and is freed as c's begins, so only b's write meets it.
-    let mut child = bench.command(&args, Some("converting")).spawn().unwrap();
-    wait_until_stopped(&mut child, "converting");
+    let mut child = bench.command(&args, Some("copying")).spawn().unwrap();
+    wait_until_stopped(&mut child, "copying");
     let children = children_of(child.id());
-    assert!(continue_to(&mut child, "converting"), "stopped for b");
+    assert!(continue_to(&mut child, "copying"), "stopped for b");
     let filler = fill(&disk.0);
-    assert!(continue_to(&mut child, "converting"), "stopped for c");
+    assert!(continue_to(&mut child, "copying"), "stopped for c");
     std::fs::remove_file(&filler).unwrap();
-    assert!(!continue_to(&mut child, "converting"), "no fourth output");
+    assert!(!continue_to(&mut child, "copying"), "no fourth output");
     let out = child.wait_with_output().unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{stderr}");

@@ -10,13 +10,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::{sweep, ImageResult, Prepared, Summary};
+use super::{sweep, ImageResult, Prepared, Summary, Target};
 use crate::cleanup;
 use crate::exit_codes::{self, with_code, OUTPUT, UPLOAD};
 use crate::hashing::{self, Digests};
 use crate::image_file::ImageInfo;
 use crate::manifest::{self, Manifest};
 use crate::output::{self, Created, Pending};
+use crate::output_patch::{self, Copied};
 use crate::password::{self, Secret, Source};
 use crate::report::Reporter;
 use crate::settings::{Customize, ManifestRequest};
@@ -29,10 +30,46 @@ pub(super) struct Converted {
     digests: Option<Digests>,
 }
 
+/// Copies the input of `p` beside its destination ahead of the edits, when the edits can then be
+/// written into the copy (see [`output_patch`]): the output keeps the input's format and is not
+/// compressed, and the input file is a sound, valid output itself. `None` when the output is to be written
+/// afresh instead. Runs on the output writer thread while the appliance starts.
+pub(super) fn copy_ahead(p: &Prepared, report: &Reporter) -> Option<Result<Copied>> {
+    let target = p.target.as_ref()?;
+    if target.format != p.info.format
+        || target.compress
+        || !p.info.copyable
+        || !output_patch::sound(&p.input, p.info.format)
+    {
+        return None;
+    }
+    report.phase(&format!("Copying {} beside {}", p.input.display(), target.dest.display()));
+    let started = Instant::now();
+    cleanup::fault_point("copying");
+    let copied = Pending::beside(&target.dest).and_then(|pending| {
+        sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
+        Copied::make(&p.input, p.info.format, pending)
+    });
+    let secs = report.took("copying", started);
+    if let Ok(c) = &copied {
+        report.detail(&format!("copied {:.0} MiB in {secs:.1} s", c.bytes as f64 / f64::from(1 << 20)));
+    }
+    Some(copied.map_err(with_code(OUTPUT)))
+}
+
 /// Writes the overlay of `p` (whose edits are complete and flushed) as a standalone image beside its
-/// destination, checks it and flushes it; runs on the output writer thread.
-pub(super) fn convert(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Converted> {
-    let converted = write_checked(s, p, report);
+/// destination — into the input's copy when there is one (`ahead`), afresh otherwise — checks it and
+/// flushes it; runs on the output writer thread.
+pub(super) fn convert(
+    s: &Customize,
+    p: &Prepared,
+    ahead: Option<Result<Copied>>,
+    report: &Reporter,
+) -> Result<Converted> {
+    let converted = match ahead {
+        None => write_checked(s, p, report),
+        Some(copied) => copied.and_then(|copied| patch_checked(s, p, copied, report)),
+    };
     cleanup::fault_point("converted");
     converted
 }
@@ -44,12 +81,7 @@ fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Conve
     let started = Instant::now();
     let pending = Pending::beside(&target.dest).map_err(with_code(OUTPUT))?;
     sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
-    // In a batch the bar or line names its image: the appliance's lines come in between.
-    let label = match s.inputs.len() {
-        1 => "writing".to_string(),
-        _ => format!("writing {}", target.dest.display()),
-    };
-    let mut progress = report.progress(&label);
+    let mut progress = report.progress(&progress_label(s, target));
     let digests = output::write_image(
         overlay,
         &p.input,
@@ -72,6 +104,55 @@ fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Conve
     let flushed = report.took("flushing", flushing);
     report.detail(&format!("wrote {} in {wrote:.1} s, flushed it in {flushed:.1} s", target.dest.display()));
     Ok(Converted { pending, written, digests })
+}
+
+/// Writes the edits of `p` into the copy of its input, then checks, hashes (when asked) and flushes it.
+fn patch_checked(s: &Customize, p: &Prepared, copied: Copied, report: &Reporter) -> Result<Converted> {
+    let target = p.target.as_ref().expect("a real run has targets");
+    let overlay = p.overlay.as_deref().expect("a real run has overlays");
+    report.phase(&format!("Writing the edits into the copy for {}", target.dest.display()));
+    let started = Instant::now();
+    cleanup::fault_point("converting");
+    let bytes = copied
+        .apply_edits(overlay, target.format)
+        .with_context(|| format!("writing the edits into {}", copied.pending.path().display()))
+        .map_err(with_code(OUTPUT))?;
+    cleanup::checkpoint();
+    let Copied { pending, .. } = copied;
+    let written = output::check_written(&pending, target.format, p.info.virtual_size)
+        .with_context(|| format!("checking the new image for {}", target.dest.display()))
+        .map_err(with_code(OUTPUT))?;
+    let wrote = report.took("writing", started);
+    let digests = match s.hash_while_writing() {
+        false => None,
+        true => {
+            let hashing = Instant::now();
+            let total = written.file_size.max(1) as f64;
+            let mut progress = report.progress(&progress_label(s, target));
+            let digests =
+                hashing::file_digests(pending.file(), pending.path(), &mut |n| progress.set(n as f64 * 100.0 / total))
+                    .map_err(with_code(OUTPUT))?;
+            report.took("hashing", hashing);
+            Some(digests)
+        }
+    };
+    let flushing = Instant::now();
+    pending.flush().map_err(with_code(OUTPUT))?;
+    let flushed = report.took("flushing", flushing);
+    report.detail(&format!(
+        "wrote {:.1} MiB of edits into {} in {wrote:.1} s, flushed it in {flushed:.1} s",
+        bytes as f64 / f64::from(1 << 20),
+        target.dest.display()
+    ));
+    Ok(Converted { pending, written, digests })
+}
+
+/// In a batch the bar or line names its image: the appliance's lines come in between.
+fn progress_label(s: &Customize, target: &Target) -> String {
+    match s.inputs.len() {
+        1 => "writing".to_string(),
+        _ => format!("writing {}", target.dest.display()),
+    }
 }
 
 /// With --verify: boots the output under its temporary name (the very file written, after the
