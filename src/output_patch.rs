@@ -62,7 +62,10 @@ impl Copied {
     /// flushes it; returns the bytes written.
     pub fn apply_edits(&self, overlay: &Path, format: Format) -> Result<u64> {
         let (_, overlay_map) = overlay_reader::extents(overlay)?;
-        let patches = plan(&self.input_map, &overlay_map)?;
+        let mut patches = plan(&self.input_map, &overlay_map)?;
+        // Zeros first: the clusters they free are where qemu then puts the new data, instead of at the
+        // end of the file, which would make the output larger than the input.
+        patches.sort_by_key(|patch| patch.data_at.is_some());
         let edits = File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
         let mut export = Export::writable(self.pending.file(), format)
             .with_context(|| format!("opening {} to write the edits into it", self.pending.path().display()))?;
