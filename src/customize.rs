@@ -216,7 +216,7 @@ fn edit_all(
                 let mut ahead = BTreeMap::new();
                 Some(Queue::start(scope, move |job| match job {
                     WriterJob::CopyAhead(p) => {
-                        if let Some(copied) = outputs::copy_ahead(p, report) {
+                        if let Some(copied) = outputs::copy_ahead(s, p, report) {
                             ahead.insert(p.index, copied);
                         }
                         None

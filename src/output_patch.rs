@@ -48,11 +48,12 @@ pub fn sound(input: &Path, format: Format) -> bool {
 }
 
 impl Copied {
-    /// Copies the `format` image `input` into `pending`, hole for hole, and flushes it.
-    pub fn make(input: &Path, format: Format, pending: Pending) -> Result<Copied> {
+    /// Copies the `format` image `input` into `pending`, hole for hole, and flushes it; `progress`
+    /// gets the percentage done.
+    pub fn make(input: &Path, format: Format, pending: Pending, progress: &mut dyn FnMut(f64)) -> Result<Copied> {
         let (_, input_map) = overlay_reader::map(input, format)?;
         let source = image_file::open(input)?;
-        let bytes = copy_data(&source, pending.file())
+        let bytes = copy_data(&source, pending.file(), progress)
             .with_context(|| format!("copying {} to {}", input.display(), pending.path().display()))?;
         pending.flush()?;
         Ok(Copied { pending, input_map, bytes })
@@ -131,24 +132,36 @@ fn plan(input: &[Extent], overlay: &[Extent]) -> Result<Vec<Patch>> {
 
 /// Copies the data of `source` into `dest` (empty) at the same offsets, leaving holes where `source`
 /// has them, and gives `dest` its length; returns the bytes copied. Where the filesystem shares
-/// blocks between files (XFS, btrfs) the copy is a reflink and costs nothing.
-fn copy_data(source: &File, dest: &File) -> std::io::Result<u64> {
+/// blocks between files (XFS, btrfs) the copy is a reflink and costs nothing. `progress` gets the
+/// percentage of the file done.
+fn copy_data(source: &File, dest: &File, progress: &mut dyn FnMut(f64)) -> std::io::Result<u64> {
     let len = source.metadata()?.len();
     // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are open.
     if unsafe { libc::ioctl(dest.as_raw_fd(), FICLONE, source.as_raw_fd()) } == 0 {
+        progress(100.0);
         return Ok(len);
     }
     let (mut at, mut copied) = (0, 0);
     while at < len {
         let Some(start) = seek(source, at, libc::SEEK_DATA)? else { break };
         let end = seek(source, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        copy_range(source, dest, start, end - start)?;
+        let mut piece = start;
+        while piece < end {
+            let n = (end - piece).min(PROGRESS_STEP);
+            copy_range(source, dest, piece, n)?;
+            piece += n;
+            progress(piece as f64 * 100.0 / len as f64);
+        }
         copied += end - start;
         at = end;
     }
     dest.set_len(len)?;
+    progress(100.0);
     Ok(copied)
 }
+
+/// How much is copied between two progress reports.
+const PROGRESS_STEP: u64 = 64 << 20;
 
 /// `FICLONE` from linux/fs.h: `_IOW(0x94, 9, int)`.
 const FICLONE: libc::c_ulong = 0x4004_9409;
@@ -259,7 +272,9 @@ mod tests {
         source.write_all_at(b"second", 10 << 20).unwrap();
         source.set_len(20 << 20).unwrap();
         let dest = File::options().read(true).write(true).create_new(true).open(dir.path().join("out")).unwrap();
-        let copied = copy_data(&source, &dest).unwrap();
+        let mut last = 0.0;
+        let copied = copy_data(&source, &dest, &mut |p| last = p).unwrap();
+        assert_eq!(last, 100.0);
         assert_eq!(dest.metadata().unwrap().len(), 20 << 20);
         let mut buf = [0u8; 6];
         dest.read_exact_at(&mut buf[..5], 4096).unwrap();

@@ -34,7 +34,7 @@ pub(super) struct Converted {
 /// written into the copy (see [`output_patch`]): the output keeps the input's format and is not
 /// compressed, and the input file is a sound, valid output itself. `None` when the output is to be written
 /// afresh instead. Runs on the output writer thread while the appliance starts.
-pub(super) fn copy_ahead(p: &Prepared, report: &Reporter) -> Option<Result<Copied>> {
+pub(super) fn copy_ahead(s: &Customize, p: &Prepared, report: &Reporter) -> Option<Result<Copied>> {
     let target = p.target.as_ref()?;
     if target.format != p.info.format
         || target.compress
@@ -46,10 +46,12 @@ pub(super) fn copy_ahead(p: &Prepared, report: &Reporter) -> Option<Result<Copie
     report.phase(&format!("Copying {} beside {}", p.input.display(), target.dest.display()));
     let started = Instant::now();
     cleanup::fault_point("copying");
+    let mut progress = report.progress(&progress_label(s, "copying", target));
     let copied = Pending::beside(&target.dest).and_then(|pending| {
         sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
-        Copied::make(&p.input, p.info.format, pending)
+        Copied::make(&p.input, p.info.format, pending, &mut |percent| progress.set(percent))
     });
+    drop(progress);
     let secs = report.took("copying", started);
     if let Ok(c) = &copied {
         report.detail(&format!("copied {:.0} MiB in {secs:.1} s", c.bytes as f64 / f64::from(1 << 20)));
@@ -81,7 +83,7 @@ fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Conve
     let started = Instant::now();
     let pending = Pending::beside(&target.dest).map_err(with_code(OUTPUT))?;
     sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
-    let mut progress = report.progress(&progress_label(s, target));
+    let mut progress = report.progress(&progress_label(s, "writing", target));
     let digests = output::write_image(
         overlay,
         &p.input,
@@ -128,7 +130,7 @@ fn patch_checked(s: &Customize, p: &Prepared, copied: Copied, report: &Reporter)
         true => {
             let hashing = Instant::now();
             let total = written.file_size.max(1) as f64;
-            let mut progress = report.progress(&progress_label(s, target));
+            let mut progress = report.progress(&progress_label(s, "writing", target));
             let digests =
                 hashing::file_digests(pending.file(), pending.path(), &mut |n| progress.set(n as f64 * 100.0 / total))
                     .map_err(with_code(OUTPUT))?;
@@ -148,10 +150,10 @@ fn patch_checked(s: &Customize, p: &Prepared, copied: Copied, report: &Reporter)
 }
 
 /// In a batch the bar or line names its image: the appliance's lines come in between.
-fn progress_label(s: &Customize, target: &Target) -> String {
+fn progress_label(s: &Customize, verb: &str, target: &Target) -> String {
     match s.inputs.len() {
-        1 => "writing".to_string(),
-        _ => format!("writing {}", target.dest.display()),
+        1 => verb.to_string(),
+        _ => format!("{verb} {}", target.dest.display()),
     }
 }
 
