@@ -59,14 +59,18 @@ impl Copied {
         Ok(Copied { pending, input_map, bytes })
     }
 
-    /// Writes what the edits in `overlay` (whose backing file is the input) changed into the copy, and
-    /// flushes it; returns the bytes written.
-    pub fn apply_edits(&self, overlay: &Path, format: Format) -> Result<u64> {
+    /// What the edits in `overlay` (whose backing file is the input) changed, to write into the copy.
+    pub fn edits(&self, overlay: &Path) -> Result<Edits> {
         let (_, overlay_map) = overlay_reader::extents(overlay)?;
         let mut patches = plan(&self.input_map, &overlay_map)?;
         // Zeros first: the clusters they free are where qemu then puts the new data, instead of at the
         // end of the file, which would make the output larger than the input.
         patches.sort_by_key(|patch| patch.data_at.is_some());
+        Ok(Edits { patches })
+    }
+
+    /// Writes `edits`, read from `overlay`, into the copy and flushes it; returns the bytes written.
+    pub fn apply(&self, Edits { patches }: Edits, overlay: &Path, format: Format) -> Result<u64> {
         let edits = File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
         let mut export = Export::writable(self.pending.file(), format)
             .with_context(|| format!("opening {} to write the edits into it", self.pending.path().display()))?;
@@ -91,6 +95,23 @@ impl Copied {
         }
         export.finish()?;
         Ok(written)
+    }
+}
+
+/// Beyond this many bytes of the input's data zeroed by the edits (a deleted file, trimmed), the copy
+/// would keep their room in the file (freed clusters inside it: holes on disk, but not in its size,
+/// nor in what an upload sends): the output is then written afresh instead, as small as its data.
+pub const MOST_ZEROED: u64 = 4 << 20;
+
+/// The ranges to write into the copy of the input.
+pub struct Edits {
+    patches: Vec<Patch>,
+}
+
+impl Edits {
+    /// Bytes of the input's data the edits turned into zeros.
+    pub fn zeroed(&self) -> u64 {
+        self.patches.iter().filter(|p| p.data_at.is_none()).map(|p| p.length).sum()
     }
 }
 

@@ -165,7 +165,10 @@ fn an_inputs_copy_with_the_edits_written_in_reads_back_as_the_overlay() {
     for (name, base, overlay, format) in cases {
         let out = dir.path().join(format!("patched-{name}"));
         let copied = Copied::make(base, format, Pending::beside(&out).unwrap(), &mut |_| {}).unwrap();
-        let written = copied.apply_edits(overlay, format).unwrap();
+        let edits = copied.edits(overlay).unwrap();
+        // The 1 MiB zeroed and the 64 KiB discarded, where the input had data.
+        assert_eq!(edits.zeroed(), MIB + 64 * 1024, "{name}");
+        let written = copied.apply(edits, overlay, format).unwrap();
         // 64 KiB changed, 1 MiB zeroed, 4 KiB added (a cluster, in qcow2), 64 KiB discarded.
         assert!((MIB + 68 * 1024..=MIB + 192 * 1024).contains(&written), "{name}: {written} bytes written");
         copied.pending.commit(0o644, None, false).unwrap();

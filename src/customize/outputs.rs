@@ -17,7 +17,7 @@ use crate::hashing::{self, Digests};
 use crate::image_file::ImageInfo;
 use crate::manifest::{self, Manifest};
 use crate::output::{self, Created, Pending};
-use crate::output_patch::{self, Copied};
+use crate::output_patch::{self, Copied, Edits};
 use crate::password::{self, Secret, Source};
 use crate::report::Reporter;
 use crate::settings::{Customize, ManifestRequest};
@@ -68,9 +68,20 @@ pub(super) fn convert(
     ahead: Option<Result<Copied>>,
     report: &Reporter,
 ) -> Result<Converted> {
-    let converted = match ahead {
+    let overlay = p.overlay.as_deref().expect("a real run has overlays");
+    let converted = match ahead.map(|copied| copied.and_then(|c| Ok((c.edits(overlay).map_err(with_code(OUTPUT))?, c))))
+    {
         None => write_checked(s, p, report),
-        Some(copied) => copied.and_then(|copied| patch_checked(s, p, copied, report)),
+        Some(Err(e)) => Err(e),
+        Some(Ok((edits, copied))) if edits.zeroed() > output_patch::MOST_ZEROED => {
+            report.detail(&format!(
+                "the edits zeroed {:.0} MiB of the input's data: writing the output afresh, as small as its data",
+                edits.zeroed() as f64 / f64::from(1 << 20)
+            ));
+            drop(copied);
+            write_checked(s, p, report)
+        }
+        Some(Ok((edits, copied))) => patch_checked(s, p, copied, edits, report),
     };
     cleanup::fault_point("converted");
     converted
@@ -109,14 +120,14 @@ fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Conve
 }
 
 /// Writes the edits of `p` into the copy of its input, then checks, hashes (when asked) and flushes it.
-fn patch_checked(s: &Customize, p: &Prepared, copied: Copied, report: &Reporter) -> Result<Converted> {
+fn patch_checked(s: &Customize, p: &Prepared, copied: Copied, edits: Edits, report: &Reporter) -> Result<Converted> {
     let target = p.target.as_ref().expect("a real run has targets");
     let overlay = p.overlay.as_deref().expect("a real run has overlays");
     report.phase(&format!("Writing the edits into the copy for {}", target.dest.display()));
     let started = Instant::now();
     cleanup::fault_point("converting");
     let bytes = copied
-        .apply_edits(overlay, target.format)
+        .apply(edits, overlay, target.format)
         .with_context(|| format!("writing the edits into {}", copied.pending.path().display()))
         .map_err(with_code(OUTPUT))?;
     cleanup::checkpoint();
