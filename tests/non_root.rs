@@ -261,16 +261,22 @@ fn a_cpu() -> usize {
 }
 
 /// Starts cloudimg (as root), stopped at fault point `step` (`CLOUDIMG_STOP_AT`), and waits until it is.
-fn stopped_at(args: &[&str], tmp: &Path, step: &str) -> std::process::Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudimg"))
-        .args(args)
+/// cloudimg started with `args`, its temporary files in `tmp`; stopping itself at `stop_at`.
+fn started(args: &[&str], tmp: &Path, stop_at: Option<&str>) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudimg"));
+    cmd.args(args)
         .env("TMPDIR", tmp)
-        .env("CLOUDIMG_STOP_AT", step)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::piped());
+    if let Some(step) = stop_at {
+        cmd.env("CLOUDIMG_STOP_AT", step);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn stopped_at(args: &[&str], tmp: &Path, step: &str) -> std::process::Child {
+    let mut child = started(args, tmp, Some(step));
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("cloudimg ended ({status}) before {step}: {}", text(&child.wait_with_output().unwrap().stderr));
@@ -344,10 +350,12 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
         (partial("c.qcow2"), Swap::Own(own.clone())),
     ];
     let args = ["customize", &p(&a), &p(&b), &p(&c), "--out-dir", &p(&out), "--manifest", "--password-file", &p(&pw)];
-    let run = stopped_at(&args, &tmp, "launched");
-    pin_process(run.id(), cpu);
+    // The partial files appear from the start (the inputs are copied beside their outputs while the
+    // appliance starts): the attacker watches before cloudimg runs.
     let attacker = Attacker::start(&out, &canary, rules, Some(cpu));
-    let result = resume(run);
+    let run = started(&args, &tmp, None);
+    pin_process(run.id(), cpu);
+    let result = run.wait_with_output().unwrap();
     let swapped = attacker.stop();
     let stderr = text(&result.stderr);
     assert_eq!(swapped.len(), 3, "the attacker saw every partial file: {swapped:?}\n{stderr}");
@@ -397,10 +405,10 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
     std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o640)).unwrap();
     let (vm_before, vm_sum) = ((state(&vm).1, state(&vm).2), common::sha256(&vm));
     let args = ["customize", &p(&vm), "--in-place", "--password-file", &p(&pw)];
-    let run = stopped_at(&args, &tmp, "launched");
-    pin_process(run.id(), cpu);
     let attacker = Attacker::start(&out, &canary, vec![(partial("vm.qcow2"), Swap::Symlink)], Some(cpu));
-    let result = resume(run);
+    let run = started(&args, &tmp, None);
+    pin_process(run.id(), cpu);
+    let result = run.wait_with_output().unwrap();
     assert_eq!(attacker.stop().len(), 1);
     let stderr = text(&result.stderr);
     assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
