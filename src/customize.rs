@@ -441,8 +441,8 @@ fn image_job(
         for write in &decision.writes {
             apply(guest, write)?;
         }
-        if s.lock {
-            guest.remove_dir_if_empty(lock::JOURNAL_DIR)?;
+        if image.journal_files.contains(&lock::OLD_JOURNAL) {
+            guest.remove_dir_if_empty(lock::OLD_JOURNAL_DIR)?;
         }
         if s.clean_instance_state && image.booted_before {
             guest_config::clean_instance_state(guest)?;
@@ -578,6 +578,12 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             private: true,
             like: crate::cloud_config::CLOUD_CFG,
         });
+        writes.extend(image.journal_files.iter().filter(|f| **f != lock::JOURNAL).map(|old| Write {
+            path: old.to_string(),
+            content: None,
+            private: false,
+            like: crate::cloud_config::CLOUD_CFG,
+        }));
     }
     let exposed = (in_cloud_cfg && secret.is_some() && plan.holds_secret)
         .then(|| cloud.files.iter().find(|f| f.path == plan.target)?.mode)
@@ -733,11 +739,11 @@ fn decide_lock(image: &ImageFacts) -> Result<Decision> {
                 lock::Undo::ChangedSince => findings.push(Finding {
                     severity: Severity::Warning,
                     message: format!("{path} changed after cloudimg wrote it, so it is not restored; its passwords are removed in place"),
-                    fix: "compare it with the original in the image's /etc/cloud/cloudimg/undo.json if you need it".into(),
+                    fix: format!("compare it with the original in the input image's {} if you need it", image.journal_files[0]),
                 }),
             }
         }
-        changes.insert(lock::JOURNAL.into(), None);
+        changes.extend(image.journal_files.iter().map(|f| (f.to_string(), None)));
     }
     let files: Vec<(String, String)> = current.into_iter().collect();
     let (locked, more) = lock::lock(&files).map_err(with_code(BAD_GUEST))?;
@@ -749,7 +755,7 @@ fn decide_lock(image: &ImageFacts) -> Result<Decision> {
         // A file restored and then locked back to what it is now needs no write.
         .filter(|(path, content)| match originals.get(path.as_str()) {
             Some(now) => Some(*now) != content.as_deref(),
-            None => path == lock::JOURNAL || content.is_some(),
+            None => lock::JOURNALS.contains(&path.as_str()) || content.is_some(),
         })
         .map(|(path, content)| Write { path, content, private: false, like: crate::cloud_config::CLOUD_CFG })
         .collect();
@@ -786,7 +792,10 @@ struct ImageFacts {
     shadow: Option<String>,
     os_release: String,
     login_defs: Option<String>,
+    /// Read from the first of [`lock::JOURNALS`] present.
     journal: Option<lock::Journal>,
+    /// Which of [`lock::JOURNALS`] the image holds.
+    journal_files: Vec<&'static str>,
 }
 
 struct CloudFacts {
@@ -819,7 +828,16 @@ fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report: &Reporter
         None
     };
     let read = |path: &str| guest_config::read_text(guest, path).map_err(with_code(BAD_GUEST));
-    let journal = read(lock::JOURNAL)?.map(|t| lock::Journal::parse(&t)).transpose().map_err(with_code(BAD_GUEST))?;
+    let mut journal = None;
+    let mut journal_files = Vec::new();
+    for path in lock::JOURNALS {
+        if let Some(text) = read(path)? {
+            if journal.is_none() {
+                journal = Some(lock::Journal::parse(path, &text).map_err(with_code(BAD_GUEST))?);
+            }
+            journal_files.push(path);
+        }
+    }
     Ok(ImageFacts {
         cloud,
         sshd: guest_config::sshd_files(guest).map_err(with_code(BAD_GUEST))?,
@@ -830,6 +848,7 @@ fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report: &Reporter
         os_release: guest_config::os_release(guest).map_err(with_code(BAD_GUEST))?,
         login_defs: read(shadow::LOGIN_DEFS).ok().flatten(),
         journal,
+        journal_files,
     })
 }
 

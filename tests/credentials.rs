@@ -32,6 +32,7 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     let t = |name: &str| tmp.path().join(name);
     std::fs::write(t("pw"), format!("{PASSWORD}\n")).unwrap();
     std::fs::write(t("k1.pub"), format!("{KEY1}\n")).unwrap();
+    std::fs::write(t("pw2"), "a second password\n").unwrap();
     std::fs::write(t("k2.pub"), format!("# team keys\n{KEY1}\n{KEY2}\n")).unwrap();
     let (debian, rocky) = (fx.image("debian-ext4"), fx.image("rocky-lvm-xfs"));
     let sums = (sha256(&debian), sha256(&rocky));
@@ -95,6 +96,21 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     assert_eq!(progress.last().map(String::as_str), Some("copying: 100%"), "{}", text(&keyed.stdout));
     let lock = ok(run(&["customize", p(&t("keys.qcow2")), "-o", p(&t("locked.qcow2")), "--lock"]), "lock");
     assert!(text(&lock.stdout).contains("restored as it was before cloudimg changed it"), "{}", text(&lock.stdout));
+    // An image customized by a cloudimg that kept its journal in a directory of its own.
+    std::fs::copy(t("keys.qcow2"), t("old-journal.qcow2")).unwrap();
+    common::edit_image(&t("old-journal.qcow2"), "/dev/sda1", |g| {
+        g.mkdir("/etc/cloud/cloudimg").unwrap();
+        g.mv("/etc/cloud/cloudimg-undo.json", "/etc/cloud/cloudimg/undo.json").unwrap();
+    });
+    let lock = ok(
+        run(&["customize", p(&t("old-journal.qcow2")), "-o", p(&t("locked-old.qcow2")), "--lock"]),
+        "lock with the journal in its old place",
+    );
+    assert!(text(&lock.stdout).contains("restored as it was before cloudimg changed it"), "{}", text(&lock.stdout));
+    ok(
+        run(&["customize", p(&t("old-journal.qcow2")), "-o", p(&t("rekeyed.qcow2")), "--password-file", p(&t("pw2"))]),
+        "a new password with the journal in its old place",
+    );
 
     let gate = run(&[
         "inspect",
@@ -122,21 +138,38 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
         reports[1]
     );
 
-    let paths = ["/etc/cloud/cloud.cfg", "/etc/cloud/cloudimg/undo.json", "/etc/cloud/cloudimg"];
-    let back = ReadBack::open(&[&debian, &t("keys.qcow2"), &t("locked.qcow2")]);
+    let (journal, old_journal, old_dir) =
+        ("/etc/cloud/cloudimg-undo.json", "/etc/cloud/cloudimg/undo.json", "/etc/cloud/cloudimg");
+    let paths = ["/etc/cloud/cloud.cfg", journal, old_journal, old_dir];
+    let back =
+        ReadBack::open(&[&debian, &t("keys.qcow2"), &t("locked.qcow2"), &t("locked-old.qcow2"), &t("rekeyed.qcow2")]);
     let original = back.read("/dev/sda1", "", &paths);
     let keyed = back.read("/dev/sdb1", "", &paths);
     let locked = back.read("/dev/sdc1", "", &paths);
-    assert_eq!(back.owner_mode("/dev/sdb1", "", "/etc/cloud/cloudimg/undo.json"), (0o600, 0, 0));
+    let locked_old = back.read("/dev/sdd1", "", &paths);
+    let rekeyed = back.read("/dev/sde1", "", &paths);
     let cfg = &pyyaml(&[file_text(&keyed, "/etc/cloud/cloud.cfg")])[0];
     assert_eq!(cfg["ssh_authorized_keys"], serde_json::json!([KEY1, KEY2]), "each key once");
-    let journal: Value = serde_json::from_str(&file_text(&keyed, "/etc/cloud/cloudimg/undo.json")).unwrap();
-    assert_eq!(
-        journal["files"]["/etc/cloud/cloud.cfg"]["original"].as_str(),
-        Some(file_text(&original, "/etc/cloud/cloud.cfg").as_str())
-    );
-    assert_eq!(locked["/etc/cloud/cloud.cfg"], original["/etc/cloud/cloud.cfg"], "byte-identical after --lock");
-    assert_eq!(locked["/etc/cloud/cloudimg"], None, "the journal and its directory are gone");
+    for (image, device, how) in
+        [(&keyed, "/dev/sdb1", "customize"), (&rekeyed, "/dev/sde1", "customize over the old journal")]
+    {
+        assert_eq!(back.owner_mode(device, "", journal), (0o600, 0, 0), "the journal after {how}");
+        assert_eq!(
+            image[old_dir], None,
+            "after {how}, the journal lives beside cloud.cfg, not in a directory of its own"
+        );
+        let recorded: Value = serde_json::from_str(&file_text(image, journal)).unwrap();
+        assert_eq!(
+            recorded["files"]["/etc/cloud/cloud.cfg"]["original"].as_str(),
+            Some(file_text(&original, "/etc/cloud/cloud.cfg").as_str()),
+            "the journal after {how} holds the image's first cloud.cfg"
+        );
+    }
+    for (locked, how) in [(&locked, "--lock"), (&locked_old, "--lock with the journal in its old place")] {
+        assert_eq!(locked["/etc/cloud/cloud.cfg"], original["/etc/cloud/cloud.cfg"], "byte-identical after {how}");
+        assert_eq!(locked[journal], None, "the journal is gone after {how}");
+        assert_eq!(locked[old_dir], None, "no old journal or its directory after {how}");
+    }
 }
 
 #[test]

@@ -233,7 +233,7 @@ gets a SHA-512 crypt hash of the password in the form the image's cloud-init ver
 and ssh_pwauth: true. Everything else in the file stays byte for byte. cloudimg then checks the
 drop-ins in /etc/cloud/cloud.cfg.d, the module lists and sshd's configuration, and refuses to write
 an image in which the login would not work. The originals of the files it changes are kept in
-/etc/cloud/cloudimg/undo.json (mode 0600), which --lock uses to restore them exactly.
+/etc/cloud/cloudimg-undo.json (mode 0600), which --lock uses to restore them exactly.
 
 With --method shadow the hash goes straight into /etc/shadow instead (yescrypt on Debian 11+ and
 Ubuntu 20.04+, else SHA-512; mode, owner and SELinux label kept; the account unlocked), and the

@@ -13,9 +13,16 @@ use super::merge::{self, ConfigFile};
 use super::yaml11::{self, Mapping, Value};
 
 /// Where cloudimg keeps the originals of the cloud-init files it changed. cloud-init reads only
-/// `cloud.cfg` and `cloud.cfg.d/*.cfg`, so it never sees this.
-pub const JOURNAL: &str = "/etc/cloud/cloudimg/undo.json";
-pub const JOURNAL_DIR: &str = "/etc/cloud/cloudimg";
+/// `cloud.cfg` and `cloud.cfg.d/*.cfg`, so it never sees this. A file beside cloud.cfg rather than
+/// in a directory of its own: ext4 gives a new directory a block away from its parent's, which on a
+/// tightly packed image costs every output one more cluster than its input.
+pub const JOURNAL: &str = "/etc/cloud/cloudimg-undo.json";
+/// Where cloudimg kept its journal until 2026-12: still read, and removed (with its directory, once
+/// empty) whenever the journal is written again or undone.
+pub const OLD_JOURNAL: &str = "/etc/cloud/cloudimg/undo.json";
+pub const OLD_JOURNAL_DIR: &str = "/etc/cloud/cloudimg";
+/// Where to look for the journal, the one to use first.
+pub const JOURNALS: [&str; 2] = [JOURNAL, OLD_JOURNAL];
 
 /// The originals of the files cloudimg changed, and a digest of what it wrote to each.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -35,8 +42,8 @@ pub fn sha256_hex(text: &str) -> String {
 }
 
 impl Journal {
-    pub fn parse(text: &str) -> Result<Journal> {
-        serde_json::from_str(text).with_context(|| format!("{JOURNAL} in the guest is not cloudimg's journal"))
+    pub fn parse(path: &str, text: &str) -> Result<Journal> {
+        serde_json::from_str(text).with_context(|| format!("{path} in the guest is not cloudimg's journal"))
     }
 
     pub fn to_text(&self) -> String {
@@ -199,7 +206,7 @@ mod tests {
         journal.record("/etc/cloud/cloud.cfg", Some("orig\n"), "first\n");
         journal.record("/etc/cloud/cloud.cfg", Some("first\n"), "second\n");
         journal.record("/etc/cloud/cloud.cfg.d/99-cloudimg.cfg", None, "new\n");
-        let journal = Journal::parse(&journal.to_text()).unwrap();
+        let journal = Journal::parse(JOURNAL, &journal.to_text()).unwrap();
         let current: BTreeMap<String, String> = [
             ("/etc/cloud/cloud.cfg".to_string(), "second\n".to_string()),
             ("/etc/cloud/cloud.cfg.d/99-cloudimg.cfg".to_string(), "edited by hand\n".to_string()),

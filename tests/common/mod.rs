@@ -638,6 +638,19 @@ fn hard_link_tarball() -> tempfile::TempDir {
     tmp
 }
 
+/// Changes `image` in place the way a user would with guestfish: `edit` runs with `device` mounted
+/// at `/`, then the appliance is shut down so that every write reaches the file.
+pub fn edit_image(image: &Path, device: &str, edit: impl FnOnce(&Handle)) {
+    let g = handle();
+    let format = cloudimg::image_file::inspect(image).unwrap().format.as_str();
+    g.add_drive(image.to_str().unwrap(), cloudimg::guest::drive_options(format, false)).unwrap();
+    g.launch().expect("launching the appliance that edits a test image");
+    g.mount(device, "/").unwrap_or_else(|e| panic!("mounting {device}: {e:?}"));
+    edit(&g);
+    g.umount_all().unwrap();
+    g.shutdown().expect("the edited test image is flushed");
+}
+
 /// Reads files back from several images through one read-only appliance.
 pub struct ReadBack {
     g: Handle,
