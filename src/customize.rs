@@ -1,7 +1,6 @@
 //! `cloudimg customize`: the pipeline, in order. Open the image safely → find the root → read
 //! cloud-init's configuration → plan the edit (pure) → write it back → produce the output.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -12,30 +11,32 @@ use anyhow::{Context, Result};
 
 use crate::accel::Accel;
 use crate::appliance;
-use crate::checks::{self, Effective, Finding, Severity};
+use crate::checks::{Effective, Finding, Severity};
 use crate::cleanup;
-use crate::cli::Method;
-use crate::cloud_config::credentials::{self, Form, Stored};
+use crate::cloud_config::credentials::Form;
 use crate::cloud_config::lock;
-use crate::cloud_config::version::{self, CloudInitVersion};
-use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, INEFFECTIVE, OUTPUT, USAGE};
+use crate::cloud_config::version;
+use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, OUTPUT, USAGE};
 use crate::guest::{Drive, Guest};
 use crate::guest_config;
 use crate::image_file::{self, Format, ImageInfo};
 use crate::locate::{self, Root};
-use crate::manifest::{self, GuestFacts, Manifest};
-use crate::method;
+use crate::manifest::{self, Manifest};
 use crate::output;
 use crate::output_queue::Queue;
-use crate::password::{self, Secret};
-use crate::plan::{self, Facts, Request};
+use crate::password::Secret;
 use crate::report::{Reporter, Verbosity};
 use crate::settings::{Customize, Output};
 use crate::shadow;
-use crate::sshd;
 use crate::upload::{self, Uploaded};
 
+mod decide;
+mod in_guest;
 mod outputs;
+
+pub use decide::Route;
+use decide::{decide_credentials, decide_lock, refuse_if_ineffective, ImageFacts, Write};
+use in_guest::{apply, guest_facts, read_image, Mounted};
 
 /// What happened, for the human summary and for `--json`.
 #[derive(Debug, serde::Serialize)]
@@ -52,8 +53,8 @@ pub struct Summary {
     pub cloud_init_version: Option<String>,
     /// Where that version was read (`source`, `path`, and the version as written there).
     pub cloud_init_version_source: Option<version::Found>,
-    /// `cloud-init`, `shadow`, or `lock`.
-    pub method: &'static str,
+    /// `cloud-init`, `shadow`, or `lock` in JSON.
+    pub method: Route,
     pub method_reason: String,
     /// `None` for --lock.
     pub user: Option<String>,
@@ -81,34 +82,6 @@ pub struct Summary {
     /// With --upload: what Glance holds.
     pub upload: Option<Uploaded>,
     pub elapsed_seconds: f64,
-}
-
-/// One change to a guest file.
-struct Write {
-    path: String,
-    /// `None` removes the file.
-    content: Option<String>,
-    /// Root-only (0600): cloudimg's journal, which may hold an original configuration.
-    private: bool,
-    /// Where a new file takes its owner, mode and label from.
-    like: &'static str,
-}
-
-/// What a job decided, before anything is written.
-struct Decision {
-    method: &'static str,
-    method_reason: String,
-    user: Option<String>,
-    form: Option<Form>,
-    file: String,
-    writes: Vec<Write>,
-    changed_keys: Vec<String>,
-    shadow_algorithm: Option<shadow::Algorithm>,
-    effective: Option<Effective>,
-    findings: Vec<Finding>,
-    notes: Vec<String>,
-    /// What a dry run shows: a diff with the secret masked.
-    diff: String,
 }
 
 /// One image's outcome: its summary and the masked diff of what changes, or why it failed.
@@ -431,425 +404,45 @@ fn image_job(
         elapsed_seconds: 0.0,
     };
     if !dry_run {
-        let files = if summary.files_changed.is_empty() {
-            "nothing (no change)".to_string()
-        } else {
-            summary.files_changed.join(", ")
-        };
-        let into = if s.inputs.len() > 1 { format!(" in {}", p.input.display()) } else { String::new() };
-        report.phase(&format!("Writing {files}{into}"));
-        for write in &decision.writes {
-            apply(guest, write)?;
-        }
-        if image.journal_files.contains(&lock::OLD_JOURNAL) {
-            guest.remove_dir_if_empty(lock::OLD_JOURNAL_DIR)?;
-        }
-        if s.clean_instance_state && image.booted_before {
-            guest_config::clean_instance_state(guest)?;
-            summary.instance_state_cleaned = true;
-        }
-        if s.trim {
-            report.phase(&format!("Trimming free space{of}"));
-            for failure in guest.trim_mounted()? {
-                report.warn(&format!("{failure}; the output keeps that filesystem's free blocks"));
-            }
-        }
+        summary.instance_state_cleaned = write_back(guest, s, p, &image, &decision.writes, report)?;
     }
     Ok((summary, decision.diff))
 }
 
-/// What the image says about itself for Glance; `disk` is its whole-disk device.
-fn guest_facts(guest: &Guest, image: &ImageFacts, disk: &str) -> Result<GuestFacts> {
-    let table = guest.partition_table(disk)?;
-    Ok(GuestFacts {
-        os_id: locate::os_release_field(&image.os_release, "ID"),
-        os_version: locate::os_release_field(&image.os_release, "VERSION_ID"),
-        admin_user: image.cloud.as_ref().and_then(|c| credentials::default_user(&merged(&c.files))),
-        guest_agent: guest.exists("/usr/bin/qemu-ga")? || guest.exists("/usr/sbin/qemu-ga")?,
-        partition_table: table.as_ref().map(|t| t.kind.to_string()),
-        gpt_types: table.map(|t| t.gpt_types).unwrap_or_default(),
-        architecture: guest_config::architecture(guest)?,
-    })
-}
-
-fn apply(guest: &Guest, write: &Write) -> Result<()> {
-    match (&write.content, write.private) {
-        (None, _) => guest.remove_file(&write.path),
-        (Some(text), true) => guest.replace_private_file(&write.path, text.as_bytes(), write.like),
-        (Some(text), false) => guest.replace_file(&write.path, text.as_bytes(), write.like),
-    }
-}
-
-/// A password and/or keys, by the method chosen.
-fn decide_credentials(
+/// Applies a job's writes to the mounted guest, then what --clean-instance-state and --trim ask;
+/// returns whether the instance state was cleaned.
+fn write_back(
+    guest: &Guest,
     s: &Customize,
+    p: &Prepared,
     image: &ImageFacts,
-    secret: Option<&Secret>,
+    writes: &[Write],
     report: &Reporter,
-) -> Result<Decision> {
-    let default_user = image.cloud.as_ref().and_then(|c| credentials::default_user(&merged(&c.files)));
-    let user = s.user.clone().or(default_user.clone());
-    let in_shadow = |u: &str| image.shadow.as_deref().is_some_and(|t| shadow::state(t, u) != shadow::State::Missing);
-    let facts = method::Facts {
-        cloud_init: image.cloud.is_some(),
-        version: image.cloud.as_ref().and_then(|c| c.version()),
-        plaintext: s.plaintext,
-        set_passwords_runs: image.cloud.as_ref().is_some_and(|c| credentials::runs_set_passwords(&merged(&c.files))),
-        booted_before: image.booted_before && !s.clean_instance_state,
-        user_in_shadow: user.as_deref().is_some_and(in_shadow),
+) -> Result<bool> {
+    let files: Vec<&str> = writes.iter().map(|w| w.path.as_str()).collect();
+    let files = if files.is_empty() { "nothing (no change)".to_string() } else { files.join(", ") };
+    let (of, into) = match s.inputs.len() {
+        1 => (String::new(), String::new()),
+        _ => (format!(" of {}", p.input.display()), format!(" in {}", p.input.display())),
     };
-    let (method, reason) = method::choose(s.method, &facts).map_err(with_code(BAD_GUEST))?;
-    if s.method == Method::Auto {
-        report.phase(&format!(
-            "Method: {}, because {reason}",
-            if method == Method::Shadow { "/etc/shadow" } else { "cloud-init" }
-        ));
+    report.phase(&format!("Writing {files}{into}"));
+    for write in writes {
+        apply(guest, write)?;
     }
-    match method {
-        Method::Shadow => {
-            let secret = secret.expect("settings require a password for --method shadow");
-            if !s.ssh_keys.is_empty() {
-                return Err(with_code(USAGE)(anyhow::anyhow!(
-                    "--ssh-key goes through cloud-init; with --method shadow, run a second customize with --ssh-key alone"
-                )));
-            }
-            decide_shadow(s, image, secret, user, reason)
-        }
-        _ => decide_cloud_init(s, image, secret, reason),
+    if image.journal_files.contains(&lock::OLD_JOURNAL) {
+        guest.remove_dir_if_empty(lock::OLD_JOURNAL_DIR)?;
     }
-}
-
-fn merged(files: &[guest_config::CloudFile]) -> crate::cloud_config::yaml11::Mapping {
-    let parsed: Vec<_> = files.iter().map(|f| f.parsed.clone()).collect();
-    crate::cloud_config::merge::effective(&parsed)
-}
-
-fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>, reason: String) -> Result<Decision> {
-    let cloud = image.cloud.as_ref().ok_or_else(|| {
-        with_code(BAD_GUEST)(anyhow::anyhow!(
-            "the image has no {}, so no cloud-init to set the password; use --method shadow (or auto) to set it in /etc/shadow",
-            crate::cloud_config::CLOUD_CFG
-        ))
-    })?;
-    let version = cloud.version().ok_or_else(|| guest_config::version_unknown(&cloud.detection))?;
-    let stored = secret.map(|secret| {
-        if s.plaintext {
-            Stored::Plain(secret.expose().to_string())
-        } else {
-            Stored::Hash(password::hash(secret))
-        }
-    });
-    let comparer = Comparer::new(secret, s.plaintext);
-    let already_set = |text: &str| comparer.stands_for(text);
-    let plan = plan::plan(
-        &Facts {
-            files: &cloud.files,
-            version,
-            passwd_users: &image.passwd_users,
-            sshd: image.sshd.as_ref(),
-            shadow: image.shadow.as_deref(),
-            booted_before: image.booted_before && !s.clean_instance_state,
-        },
-        &Request {
-            user: s.user.as_deref(),
-            stored,
-            ssh_keys: &s.ssh_keys,
-            already_set: &already_set,
-            expire: s.expire,
-            ssh_pwauth: s.ssh_pwauth,
-            target: s.target,
-        },
-    )?;
-    let in_cloud_cfg = plan.target == crate::cloud_config::CLOUD_CFG;
-    let mut writes = Vec::new();
-    if plan.changed() {
-        writes.push(Write {
-            path: plan.target.clone(),
-            content: Some(plan.new_text.clone()),
-            // A drop-in cloudimg writes a password to is root's alone; cloud.cfg keeps its mode.
-            private: plan.holds_secret && !in_cloud_cfg,
-            like: crate::cloud_config::CLOUD_CFG,
-        });
-        let mut journal = image.journal.clone().unwrap_or_default();
-        journal.record(&plan.target, plan.old_text.as_deref(), &plan.new_text);
-        writes.push(Write {
-            path: lock::JOURNAL.into(),
-            content: Some(journal.to_text()),
-            private: true,
-            like: crate::cloud_config::CLOUD_CFG,
-        });
-        writes.extend(image.journal_files.iter().filter(|f| **f != lock::JOURNAL).map(|old| Write {
-            path: old.to_string(),
-            content: None,
-            private: false,
-            like: crate::cloud_config::CLOUD_CFG,
-        }));
+    let cleaned = s.clean_instance_state && image.booted_before;
+    if cleaned {
+        guest_config::clean_instance_state(guest)?;
     }
-    let exposed = (in_cloud_cfg && secret.is_some() && plan.holds_secret)
-        .then(|| cloud.files.iter().find(|f| f.path == plan.target)?.mode)
-        .flatten()
-        .and_then(|mode| checks::readable_password_finding(&plan.target, mode));
-    Ok(Decision {
-        method: "cloud-init",
-        method_reason: reason,
-        user: Some(plan.user.clone()),
-        form: plan.form,
-        file: plan.target.clone(),
-        writes,
-        changed_keys: plan.changed_keys.clone(),
-        shadow_algorithm: None,
-        effective: Some(plan.effective.clone()),
-        findings: plan.findings.iter().cloned().chain(comparer.findings()).chain(exposed).collect(),
-        notes: Vec::new(),
-        diff: plan.masked_diff(),
-    })
-}
-
-fn decide_shadow(
-    s: &Customize,
-    image: &ImageFacts,
-    secret: &Secret,
-    user: Option<String>,
-    reason: String,
-) -> Result<Decision> {
-    let user = user.ok_or_else(|| {
-        with_code(BAD_GUEST)(anyhow::anyhow!(
-            "the image's cloud-init configuration names no default user; name the user with --user"
-        ))
-    })?;
-    let text = image.shadow.as_deref().ok_or_else(|| {
-        with_code(BAD_GUEST)(anyhow::anyhow!("the image has no {} to set the password in", shadow::SHADOW))
-    })?;
-    let (algorithm, why) = shadow::default_algorithm(&image.os_release, image.login_defs.as_deref());
-    let mut notes = vec![format!("{} hash: {why}", algorithm.name())];
-    let mut writes = Vec::new();
-    let current_hash = shadow::hash_of(text, &user);
-    let comparer = Comparer::new(Some(secret), false);
-    if !current_hash.is_some_and(|h| comparer.stands_for(h)) {
-        let hash = match algorithm {
-            shadow::Algorithm::Yescrypt => password::hash_yescrypt(secret),
-            shadow::Algorithm::Sha512 => password::hash(secret),
-        };
-        let today = shadow::days_since_epoch(std::time::SystemTime::now());
-        let (new, more) = shadow::set_password(text, &user, &hash, today, s.expire).map_err(with_code(BAD_GUEST))?;
-        notes.extend(more);
-        writes.push(Write { path: shadow::SHADOW.into(), content: Some(new), private: false, like: shadow::SHADOW });
-    }
-    let mut findings = comparer.findings();
-    let mut diff = String::new();
-    match (&image.sshd, s.ssh_pwauth) {
-        (Some(files), Some(true)) => {
-            for (path, new_text) in sshd::enable_password_authentication(files) {
-                diff.push_str(
-                    &similar::TextDiff::from_lines(files[&path].as_str(), new_text.as_str())
-                        .unified_diff()
-                        .header(&format!("a{path}"), &format!("b{path}"))
-                        .to_string(),
-                );
-                notes.push(format!("{path}: PasswordAuthentication yes where sshd reads it first"));
-                writes.push(Write { path, content: Some(new_text), private: false, like: sshd::MAIN_CONFIG });
-            }
-            let mut after = files.clone();
-            after.extend(
-                writes
-                    .iter()
-                    .filter(|w| w.path.starts_with("/etc/ssh/"))
-                    .map(|w| (w.path.clone(), w.content.clone().unwrap_or_default())),
-            );
-            findings.extend(cloud_init_undoes_sshd(image, &after));
-            if user == "root" {
-                findings.extend(checks::root_password_finding(&after));
-            }
-        }
-        (None, _) => findings.push(Finding {
-            severity: Severity::Warning,
-            message: format!(
-                "the image has no {}: the password will work on the console, not over SSH",
-                sshd::MAIN_CONFIG
-            ),
-            fix: "install openssh-server in the image if you need SSH".into(),
-        }),
-        _ => {}
-    }
-    if !writes.is_empty() {
-        diff = format!(
-            "{} for `{user}`: a new {} hash (not shown), account unlocked\n{diff}",
-            shadow::SHADOW,
-            algorithm.name()
-        );
-    }
-    Ok(Decision {
-        method: "shadow",
-        method_reason: reason,
-        user: Some(user),
-        form: None,
-        file: shadow::SHADOW.into(),
-        changed_keys: Vec::new(),
-        writes,
-        shadow_algorithm: Some(algorithm),
-        effective: None,
-        findings,
-        notes,
-        diff,
-    })
-}
-
-/// On a new instance cloud-init applies its own `ssh_pwauth`, which may turn sshd's passwords off again.
-fn cloud_init_undoes_sshd(image: &ImageFacts, sshd_files: &sshd::Files) -> Option<Finding> {
-    let cloud = image.cloud.as_ref()?;
-    let version = cloud.version()?;
-    let parsed: Vec<_> = cloud.files.iter().map(|f| f.parsed.clone()).collect();
-    let outcome = credentials::outcome(&merged(&cloud.files), version, "", None);
-    let after = sshd::password_authentication(&sshd::after_cloud_init(sshd_files, outcome.ssh_pwauth, version));
-    if after.password_authentication {
-        return None;
-    }
-    let file =
-        crate::cloud_config::merge::deciding_file(&parsed, &["ssh_pwauth"]).map(|f| f.path.clone()).unwrap_or_default();
-    Some(Finding {
-        severity: Severity::Warning,
-        message: format!("{file} sets `ssh_pwauth: false`: on a new instance cloud-init turns SSH passwords off again (a disk booted again as the same instance keeps them)"),
-        fix: "also run `cloudimg customize` with --method cloud-init, or remove `ssh_pwauth` from that file".into(),
-    })
-}
-
-/// `--lock`: cloudimg's journal undone, then every remaining password removed.
-fn decide_lock(image: &ImageFacts) -> Result<Decision> {
-    let cloud = image
-        .cloud
-        .as_ref()
-        .ok_or_else(|| with_code(BAD_GUEST)(anyhow::anyhow!("the image has no cloud-init configuration to lock")))?;
-    let mut current: BTreeMap<String, String> = cloud.files.iter().map(|f| (f.path.clone(), f.text.clone())).collect();
-    let mut changes: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut notes = Vec::new();
-    let mut findings = Vec::new();
-    if let Some(journal) = &image.journal {
-        for (path, undo) in lock::undo(journal, &current) {
-            match undo {
-                lock::Undo::Restore(Some(original)) => {
-                    notes.push(format!("{path}: restored as it was before cloudimg changed it"));
-                    current.insert(path.clone(), original.clone());
-                    changes.insert(path, Some(original));
-                }
-                lock::Undo::Restore(None) => {
-                    notes.push(format!("{path}: removed (cloudimg had created it)"));
-                    current.remove(&path);
-                    changes.insert(path, None);
-                }
-                lock::Undo::ChangedSince => findings.push(Finding {
-                    severity: Severity::Warning,
-                    message: format!("{path} changed after cloudimg wrote it, so it is not restored; its passwords are removed in place"),
-                    fix: format!("compare it with the original in the input image's {} if you need it", image.journal_files[0]),
-                }),
-            }
-        }
-        changes.extend(image.journal_files.iter().map(|f| (f.to_string(), None)));
-    }
-    let files: Vec<(String, String)> = current.into_iter().collect();
-    let (locked, more) = lock::lock(&files).map_err(with_code(BAD_GUEST))?;
-    notes.extend(more);
-    changes.extend(locked.into_iter().map(|(p, t)| (p, Some(t))));
-    let originals: BTreeMap<&str, &str> = cloud.files.iter().map(|f| (f.path.as_str(), f.text.as_str())).collect();
-    let writes: Vec<Write> = changes
-        .into_iter()
-        // A file restored and then locked back to what it is now needs no write.
-        .filter(|(path, content)| match originals.get(path.as_str()) {
-            Some(now) => Some(*now) != content.as_deref(),
-            None => lock::JOURNALS.contains(&path.as_str()) || content.is_some(),
-        })
-        .map(|(path, content)| Write { path, content, private: false, like: crate::cloud_config::CLOUD_CFG })
-        .collect();
-    Ok(Decision {
-        method: "lock",
-        method_reason: "--lock".into(),
-        user: None,
-        form: None,
-        file: crate::cloud_config::CLOUD_CFG.into(),
-        changed_keys: Vec::new(),
-        writes,
-        shadow_algorithm: None,
-        effective: None,
-        findings,
-        diff: notes.iter().map(|n| format!("{n}\n")).collect(),
-        notes,
-    })
-}
-
-/// The root as it is mounted, so that it can be mounted again the same way.
-struct Mounted<'a> {
-    root: &'a Root,
-    readonly: bool,
-    disk: Option<&'a locate::Disk>,
-}
-
-/// What the decisions need from the mounted guest.
-struct ImageFacts {
-    /// `None` without /etc/cloud/cloud.cfg.
-    cloud: Option<CloudFacts>,
-    sshd: Option<crate::sshd::Files>,
-    booted_before: bool,
-    passwd_users: Vec<String>,
-    shadow: Option<String>,
-    os_release: String,
-    login_defs: Option<String>,
-    /// Read from the first of [`lock::JOURNALS`] present.
-    journal: Option<lock::Journal>,
-    /// Which of [`lock::JOURNALS`] the image holds.
-    journal_files: Vec<&'static str>,
-}
-
-struct CloudFacts {
-    files: Vec<guest_config::CloudFile>,
-    /// The version from --cloud-init-version or the image, and every source asked.
-    detection: version::Detection,
-}
-
-impl CloudFacts {
-    /// `None` when no source gave it.
-    fn version(&self) -> Option<CloudInitVersion> {
-        self.detection.chosen().map(|found| found.version)
-    }
-}
-
-fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report: &Reporter) -> Result<ImageFacts> {
-    let cloud = if guest_config::has_cloud_init(guest).map_err(with_code(BAD_GUEST))? {
-        let (files, read_warnings) = guest_config::read_cloud_files(guest).map_err(with_code(BAD_GUEST))?;
-        read_warnings.iter().for_each(|w| report.warn(w));
-        let remount = || locate::mount_root(guest, mounted.root, mounted.readonly, mounted.disk).map(drop);
-        let detection = guest_config::cloud_init_version(guest, s.cloud_init_version, &mounted.root.device, remount)
-            .map_err(with_code(BAD_GUEST))?;
-        match detection.chosen() {
-            Some(found) => report.detail(&format!("cloud-init {found}; {} configuration files", files.len())),
-            None => report.detail(&format!("cloud-init of unknown version: {}", detection.failure())),
-        }
-        Some(CloudFacts { files, detection })
-    } else {
-        report.detail("no cloud-init in the image");
-        None
-    };
-    let read = |path: &str| guest_config::read_text(guest, path).map_err(with_code(BAD_GUEST));
-    let mut journal = None;
-    let mut journal_files = Vec::new();
-    for path in lock::JOURNALS {
-        if let Some(text) = read(path)? {
-            if journal.is_none() {
-                journal = Some(lock::Journal::parse(path, &text).map_err(with_code(BAD_GUEST))?);
-            }
-            journal_files.push(path);
+    if s.trim {
+        report.phase(&format!("Trimming free space{of}"));
+        for failure in guest.trim_mounted()? {
+            report.warn(&format!("{failure}; the output keeps that filesystem's free blocks"));
         }
     }
-    Ok(ImageFacts {
-        cloud,
-        sshd: guest_config::sshd_files(guest).map_err(with_code(BAD_GUEST))?,
-        booted_before: guest_config::booted_before(guest).map_err(with_code(BAD_GUEST))?,
-        passwd_users: guest_config::passwd_users(guest).map_err(with_code(BAD_GUEST))?,
-        // Only the shadow route needs it; a run that cannot read it fails there, not here.
-        shadow: read(shadow::SHADOW).ok().flatten(),
-        os_release: guest_config::os_release(guest).map_err(with_code(BAD_GUEST))?,
-        login_defs: read(shadow::LOGIN_DEFS).ok().flatten(),
-        journal,
-        journal_files,
-    })
+    Ok(cleaned)
 }
 
 /// Removes what killed runs left in `dir`, and says so.
@@ -857,70 +450,6 @@ fn sweep(dir: &Path, marker: &str, report: &Reporter) {
     for path in cleanup::sweep_leftovers(dir, marker) {
         report.warn(&format!("removed {}, left behind by an interrupted cloudimg run", path.display()));
     }
-}
-
-/// Whether existing stored values already stand for the password, in the requested kind; each value
-/// is checked once. A hash with cost parameters beyond what cloudimg computes is not checked: it
-/// counts as another password (and is replaced), with a warning.
-struct Comparer<'a> {
-    secret: Option<&'a Secret>,
-    plaintext: bool,
-    checked: RefCell<BTreeMap<String, bool>>,
-    refused: RefCell<Vec<String>>,
-}
-
-impl<'a> Comparer<'a> {
-    fn new(secret: Option<&'a Secret>, plaintext: bool) -> Self {
-        Comparer { secret, plaintext, checked: RefCell::default(), refused: RefCell::default() }
-    }
-
-    fn stands_for(&self, stored: &str) -> bool {
-        let Some(secret) = self.secret else { return false };
-        if self.plaintext {
-            return stored == secret.expose();
-        }
-        if !stored.starts_with('$') {
-            return false;
-        }
-        if let Some(&known) = self.checked.borrow().get(stored) {
-            return known;
-        }
-        let same = password::matches(secret, stored).unwrap_or_else(|why| {
-            self.refused.borrow_mut().push(format!("{why:#}"));
-            false
-        });
-        self.checked.borrow_mut().insert(stored.to_string(), same);
-        same
-    }
-
-    fn findings(&self) -> Vec<Finding> {
-        self.refused
-            .borrow()
-            .iter()
-            .map(|why| Finding {
-                severity: Severity::Warning,
-                message: format!("a password hash already in the image was not compared with the password: {why}"),
-                fix: "none needed: a new hash takes its place".into(),
-            })
-            .collect()
-    }
-}
-
-fn refuse_if_ineffective(findings: &[Finding], allow: bool, report: &Reporter) -> Result<()> {
-    let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
-    for finding in findings {
-        if finding.severity != Severity::Error || allow {
-            report.warn(&format!("{} (fix: {})", finding.message, finding.fix));
-        }
-    }
-    if errors.is_empty() || allow {
-        return Ok(());
-    }
-    let reasons: Vec<String> = errors.iter().map(|f| format!("{} (fix: {})", f.message, f.fix)).collect();
-    Err(with_code(INEFFECTIVE)(anyhow::anyhow!(
-        "the password login would not work, so nothing was written: {}; --allow-ineffective writes anyway",
-        reasons.join("; ")
-    )))
 }
 
 /// The real file an in-place edit replaces (a symlink is followed, so the link stays a link).

@@ -253,7 +253,7 @@ fn print_summary(summary: &customize::Summary, diff: &str) {
             e.outcome.ssh_pwauth.map_or("unchanged".to_string(), |b| b.to_string()),
             e.sshd.as_ref().map_or("n/a (no sshd)", |d| if d.password_authentication { "yes" } else { "no" }),
         ),
-        (None, "shadow") => format!(
+        (None, customize::Route::Shadow) => format!(
             "user {user}: password set in /etc/shadow ({} hash) because {}\n",
             summary.shadow_algorithm.map_or("", |a| a.name()),
             summary.method_reason

@@ -187,7 +187,7 @@ fn verify_converted(
     let expected = crate::verify::Expected {
         user: s.user.clone(),
         secret,
-        same_instance: summary.method == "shadow",
+        same_instance: summary.method == super::Route::Shadow,
         accel: s.accel,
     };
     let failure = match crate::verify::output(c.pending.file(), &target.dest, expected, report) {

@@ -1,0 +1,544 @@
+//! The decisions of one image's job, before anything is written: which method, which files change
+//! and how, and what would stop the login from working. Pure: the guest has been read into
+//! [`ImageFacts`] beforehand, and the writes are applied afterwards.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use crate::checks::{self, Effective, Finding, Severity};
+use crate::cli::Method;
+use crate::cloud_config::credentials::{self, Form, Stored};
+use crate::cloud_config::lock;
+use crate::cloud_config::version::{self, CloudInitVersion};
+use crate::exit_codes::{with_code, BAD_GUEST, INEFFECTIVE, USAGE};
+use crate::guest_config;
+use crate::method;
+use crate::password::{self, Secret};
+use crate::plan::{self, Facts, Request};
+use crate::report::Reporter;
+use crate::settings::Customize;
+use crate::shadow;
+use crate::sshd;
+
+/// One change to a guest file.
+pub(super) struct Write {
+    pub(super) path: String,
+    /// `None` removes the file.
+    pub(super) content: Option<String>,
+    /// Root-only (0600): cloudimg's journal, which may hold an original configuration.
+    pub(super) private: bool,
+    /// Where a new file takes its owner, mode and label from.
+    pub(super) like: &'static str,
+}
+
+/// How a job's credentials reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Route {
+    /// Written into cloud-init's configuration, which sets them at the first boot.
+    CloudInit,
+    /// Written into /etc/shadow (and sshd's configuration) directly.
+    Shadow,
+    /// `--lock`: cloudimg's edits undone and every password cloud-init would set removed.
+    Lock,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Route::CloudInit => "cloud-init",
+            Route::Shadow => "shadow",
+            Route::Lock => "lock",
+        })
+    }
+}
+
+/// What a job decided, before anything is written.
+pub(super) struct Decision {
+    pub(super) method: Route,
+    pub(super) method_reason: String,
+    pub(super) user: Option<String>,
+    pub(super) form: Option<Form>,
+    pub(super) file: String,
+    pub(super) writes: Vec<Write>,
+    pub(super) changed_keys: Vec<String>,
+    pub(super) shadow_algorithm: Option<shadow::Algorithm>,
+    pub(super) effective: Option<Effective>,
+    pub(super) findings: Vec<Finding>,
+    pub(super) notes: Vec<String>,
+    /// What a dry run shows: a diff with the secret masked.
+    pub(super) diff: String,
+}
+
+/// What the decisions need from the mounted guest.
+pub(super) struct ImageFacts {
+    /// `None` without /etc/cloud/cloud.cfg.
+    pub(super) cloud: Option<CloudFacts>,
+    pub(super) sshd: Option<crate::sshd::Files>,
+    pub(super) booted_before: bool,
+    pub(super) passwd_users: Vec<String>,
+    pub(super) shadow: Option<String>,
+    pub(super) os_release: String,
+    pub(super) login_defs: Option<String>,
+    /// Read from the first of [`lock::JOURNALS`] present.
+    pub(super) journal: Option<lock::Journal>,
+    /// Which of [`lock::JOURNALS`] the image holds.
+    pub(super) journal_files: Vec<&'static str>,
+}
+
+pub(super) struct CloudFacts {
+    pub(super) files: Vec<guest_config::CloudFile>,
+    /// The version from --cloud-init-version or the image, and every source asked.
+    pub(super) detection: version::Detection,
+}
+
+impl CloudFacts {
+    /// `None` when no source gave it.
+    pub(super) fn version(&self) -> Option<CloudInitVersion> {
+        self.detection.chosen().map(|found| found.version)
+    }
+}
+
+/// A password and/or keys, by the method chosen.
+pub(super) fn decide_credentials(
+    s: &Customize,
+    image: &ImageFacts,
+    secret: Option<&Secret>,
+    report: &Reporter,
+) -> Result<Decision> {
+    let default_user = image.cloud.as_ref().and_then(|c| credentials::default_user(&merged(&c.files)));
+    let user = s.user.clone().or(default_user.clone());
+    let in_shadow = |u: &str| image.shadow.as_deref().is_some_and(|t| shadow::state(t, u) != shadow::State::Missing);
+    let facts = method::Facts {
+        cloud_init: image.cloud.is_some(),
+        version: image.cloud.as_ref().and_then(|c| c.version()),
+        plaintext: s.plaintext,
+        set_passwords_runs: image.cloud.as_ref().is_some_and(|c| credentials::runs_set_passwords(&merged(&c.files))),
+        booted_before: image.booted_before && !s.clean_instance_state,
+        user_in_shadow: user.as_deref().is_some_and(in_shadow),
+    };
+    let (method, reason) = method::choose(s.method, &facts).map_err(with_code(BAD_GUEST))?;
+    if s.method == Method::Auto {
+        report.phase(&format!(
+            "Method: {}, because {reason}",
+            if method == Method::Shadow { "/etc/shadow" } else { "cloud-init" }
+        ));
+    }
+    match method {
+        Method::Shadow => {
+            let secret = secret.expect("settings require a password for --method shadow");
+            if !s.ssh_keys.is_empty() {
+                return Err(with_code(USAGE)(anyhow::anyhow!(
+                    "--ssh-key goes through cloud-init; with --method shadow, run a second customize with --ssh-key alone"
+                )));
+            }
+            decide_shadow(s, image, secret, user, reason)
+        }
+        _ => decide_cloud_init(s, image, secret, reason),
+    }
+}
+
+pub(super) fn merged(files: &[guest_config::CloudFile]) -> crate::cloud_config::yaml11::Mapping {
+    let parsed: Vec<_> = files.iter().map(|f| f.parsed.clone()).collect();
+    crate::cloud_config::merge::effective(&parsed)
+}
+
+fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>, reason: String) -> Result<Decision> {
+    let cloud = image.cloud.as_ref().ok_or_else(|| {
+        with_code(BAD_GUEST)(anyhow::anyhow!(
+            "the image has no {}, so no cloud-init to set the password; use --method shadow (or auto) to set it in /etc/shadow",
+            crate::cloud_config::CLOUD_CFG
+        ))
+    })?;
+    let version = cloud.version().ok_or_else(|| guest_config::version_unknown(&cloud.detection))?;
+    let stored = secret.map(|secret| {
+        if s.plaintext {
+            Stored::Plain(secret.expose().to_string())
+        } else {
+            Stored::Hash(password::hash(secret))
+        }
+    });
+    let comparer = Comparer::new(secret, s.plaintext);
+    let already_set = |text: &str| comparer.stands_for(text);
+    let plan = plan::plan(
+        &Facts {
+            files: &cloud.files,
+            version,
+            passwd_users: &image.passwd_users,
+            sshd: image.sshd.as_ref(),
+            shadow: image.shadow.as_deref(),
+            booted_before: image.booted_before && !s.clean_instance_state,
+        },
+        &Request {
+            user: s.user.as_deref(),
+            stored,
+            ssh_keys: &s.ssh_keys,
+            already_set: &already_set,
+            expire: s.expire,
+            ssh_pwauth: s.ssh_pwauth,
+            target: s.target,
+        },
+    )?;
+    let in_cloud_cfg = plan.target == crate::cloud_config::CLOUD_CFG;
+    let mut writes = Vec::new();
+    if plan.changed() {
+        writes.push(Write {
+            path: plan.target.clone(),
+            content: Some(plan.new_text.clone()),
+            // A drop-in cloudimg writes a password to is root's alone; cloud.cfg keeps its mode.
+            private: plan.holds_secret && !in_cloud_cfg,
+            like: crate::cloud_config::CLOUD_CFG,
+        });
+        let mut journal = image.journal.clone().unwrap_or_default();
+        journal.record(&plan.target, plan.old_text.as_deref(), &plan.new_text);
+        writes.push(Write {
+            path: lock::JOURNAL.into(),
+            content: Some(journal.to_text()),
+            private: true,
+            like: crate::cloud_config::CLOUD_CFG,
+        });
+        writes.extend(image.journal_files.iter().filter(|f| **f != lock::JOURNAL).map(|old| Write {
+            path: old.to_string(),
+            content: None,
+            private: false,
+            like: crate::cloud_config::CLOUD_CFG,
+        }));
+    }
+    let exposed = (in_cloud_cfg && secret.is_some() && plan.holds_secret)
+        .then(|| cloud.files.iter().find(|f| f.path == plan.target)?.mode)
+        .flatten()
+        .and_then(|mode| checks::readable_password_finding(&plan.target, mode));
+    Ok(Decision {
+        method: Route::CloudInit,
+        method_reason: reason,
+        user: Some(plan.user.clone()),
+        form: plan.form,
+        file: plan.target.clone(),
+        writes,
+        changed_keys: plan.changed_keys.clone(),
+        shadow_algorithm: None,
+        effective: Some(plan.effective.clone()),
+        findings: plan.findings.iter().cloned().chain(comparer.findings()).chain(exposed).collect(),
+        notes: Vec::new(),
+        diff: plan.masked_diff(),
+    })
+}
+
+fn decide_shadow(
+    s: &Customize,
+    image: &ImageFacts,
+    secret: &Secret,
+    user: Option<String>,
+    reason: String,
+) -> Result<Decision> {
+    let user = user.ok_or_else(|| {
+        with_code(BAD_GUEST)(anyhow::anyhow!(
+            "the image's cloud-init configuration names no default user; name the user with --user"
+        ))
+    })?;
+    let text = image.shadow.as_deref().ok_or_else(|| {
+        with_code(BAD_GUEST)(anyhow::anyhow!("the image has no {} to set the password in", shadow::SHADOW))
+    })?;
+    let (algorithm, why) = shadow::default_algorithm(&image.os_release, image.login_defs.as_deref());
+    let mut notes = vec![format!("{} hash: {why}", algorithm.name())];
+    let comparer = Comparer::new(Some(secret), false);
+    let mut writes: Vec<Write> =
+        new_shadow(text, &user, secret, algorithm, s.expire, &comparer, &mut notes)?.into_iter().collect();
+    let mut findings = comparer.findings();
+    let mut diff = String::new();
+    match (&image.sshd, s.ssh_pwauth) {
+        (Some(files), Some(true)) => {
+            for (path, new_text) in sshd::enable_password_authentication(files) {
+                diff.push_str(
+                    &similar::TextDiff::from_lines(files[&path].as_str(), new_text.as_str())
+                        .unified_diff()
+                        .header(&format!("a{path}"), &format!("b{path}"))
+                        .to_string(),
+                );
+                notes.push(format!("{path}: PasswordAuthentication yes where sshd reads it first"));
+                writes.push(Write { path, content: Some(new_text), private: false, like: sshd::MAIN_CONFIG });
+            }
+            let mut after = files.clone();
+            after.extend(
+                writes
+                    .iter()
+                    .filter(|w| w.path.starts_with("/etc/ssh/"))
+                    .map(|w| (w.path.clone(), w.content.clone().unwrap_or_default())),
+            );
+            findings.extend(cloud_init_undoes_sshd(image, &after));
+            if user == "root" {
+                findings.extend(checks::root_password_finding(&after));
+            }
+        }
+        (None, _) => findings.push(Finding {
+            severity: Severity::Warning,
+            message: format!(
+                "the image has no {}: the password will work on the console, not over SSH",
+                sshd::MAIN_CONFIG
+            ),
+            fix: "install openssh-server in the image if you need SSH".into(),
+        }),
+        _ => {}
+    }
+    if !writes.is_empty() {
+        diff = format!(
+            "{} for `{user}`: a new {} hash (not shown), account unlocked\n{diff}",
+            shadow::SHADOW,
+            algorithm.name()
+        );
+    }
+    Ok(Decision {
+        method: Route::Shadow,
+        method_reason: reason,
+        user: Some(user),
+        form: None,
+        file: shadow::SHADOW.into(),
+        changed_keys: Vec::new(),
+        writes,
+        shadow_algorithm: Some(algorithm),
+        effective: None,
+        findings,
+        notes,
+        diff,
+    })
+}
+
+/// /etc/shadow with a new hash for `user`, unless the one there already stands for the password.
+fn new_shadow(
+    text: &str,
+    user: &str,
+    secret: &Secret,
+    algorithm: shadow::Algorithm,
+    expire: bool,
+    comparer: &Comparer,
+    notes: &mut Vec<String>,
+) -> Result<Option<Write>> {
+    if shadow::hash_of(text, user).is_some_and(|h| comparer.stands_for(h)) {
+        return Ok(None);
+    }
+    let hash = match algorithm {
+        shadow::Algorithm::Yescrypt => password::hash_yescrypt(secret),
+        shadow::Algorithm::Sha512 => password::hash(secret),
+    };
+    let today = shadow::days_since_epoch(std::time::SystemTime::now());
+    let (new, more) = shadow::set_password(text, user, &hash, today, expire).map_err(with_code(BAD_GUEST))?;
+    notes.extend(more);
+    Ok(Some(Write { path: shadow::SHADOW.into(), content: Some(new), private: false, like: shadow::SHADOW }))
+}
+
+/// On a new instance cloud-init applies its own `ssh_pwauth`, which may turn sshd's passwords off again.
+fn cloud_init_undoes_sshd(image: &ImageFacts, sshd_files: &sshd::Files) -> Option<Finding> {
+    let cloud = image.cloud.as_ref()?;
+    let version = cloud.version()?;
+    let parsed: Vec<_> = cloud.files.iter().map(|f| f.parsed.clone()).collect();
+    let outcome = credentials::outcome(&merged(&cloud.files), version, "", None);
+    let after = sshd::password_authentication(&sshd::after_cloud_init(sshd_files, outcome.ssh_pwauth, version));
+    if after.password_authentication {
+        return None;
+    }
+    let file =
+        crate::cloud_config::merge::deciding_file(&parsed, &["ssh_pwauth"]).map(|f| f.path.clone()).unwrap_or_default();
+    Some(Finding {
+        severity: Severity::Warning,
+        message: format!("{file} sets `ssh_pwauth: false`: on a new instance cloud-init turns SSH passwords off again (a disk booted again as the same instance keeps them)"),
+        fix: "also run `cloudimg customize` with --method cloud-init, or remove `ssh_pwauth` from that file".into(),
+    })
+}
+
+/// `--lock`: cloudimg's journal undone, then every remaining password removed.
+pub(super) fn decide_lock(image: &ImageFacts) -> Result<Decision> {
+    let cloud = image
+        .cloud
+        .as_ref()
+        .ok_or_else(|| with_code(BAD_GUEST)(anyhow::anyhow!("the image has no cloud-init configuration to lock")))?;
+    let mut current: BTreeMap<String, String> = cloud.files.iter().map(|f| (f.path.clone(), f.text.clone())).collect();
+    let mut changes: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut notes = Vec::new();
+    let mut findings = Vec::new();
+    if let Some(journal) = &image.journal {
+        for (path, undo) in lock::undo(journal, &current) {
+            match undo {
+                lock::Undo::Restore(Some(original)) => {
+                    notes.push(format!("{path}: restored as it was before cloudimg changed it"));
+                    current.insert(path.clone(), original.clone());
+                    changes.insert(path, Some(original));
+                }
+                lock::Undo::Restore(None) => {
+                    notes.push(format!("{path}: removed (cloudimg had created it)"));
+                    current.remove(&path);
+                    changes.insert(path, None);
+                }
+                lock::Undo::ChangedSince => findings.push(Finding {
+                    severity: Severity::Warning,
+                    message: format!("{path} changed after cloudimg wrote it, so it is not restored; its passwords are removed in place"),
+                    fix: format!("compare it with the original in the input image's {} if you need it", image.journal_files[0]),
+                }),
+            }
+        }
+        changes.extend(image.journal_files.iter().map(|f| (f.to_string(), None)));
+    }
+    let files: Vec<(String, String)> = current.into_iter().collect();
+    let (locked, more) = lock::lock(&files).map_err(with_code(BAD_GUEST))?;
+    notes.extend(more);
+    changes.extend(locked.into_iter().map(|(p, t)| (p, Some(t))));
+    let originals: BTreeMap<&str, &str> = cloud.files.iter().map(|f| (f.path.as_str(), f.text.as_str())).collect();
+    let writes: Vec<Write> = changes
+        .into_iter()
+        // A file restored and then locked back to what it is now needs no write.
+        .filter(|(path, content)| match originals.get(path.as_str()) {
+            Some(now) => Some(*now) != content.as_deref(),
+            None => lock::JOURNALS.contains(&path.as_str()) || content.is_some(),
+        })
+        .map(|(path, content)| Write { path, content, private: false, like: crate::cloud_config::CLOUD_CFG })
+        .collect();
+    Ok(Decision {
+        method: Route::Lock,
+        method_reason: "--lock".into(),
+        user: None,
+        form: None,
+        file: crate::cloud_config::CLOUD_CFG.into(),
+        changed_keys: Vec::new(),
+        writes,
+        shadow_algorithm: None,
+        effective: None,
+        findings,
+        diff: notes.iter().map(|n| format!("{n}\n")).collect(),
+        notes,
+    })
+}
+
+/// Whether existing stored values already stand for the password, in the requested kind; each value
+/// is checked once. A hash with cost parameters beyond what cloudimg computes is not checked: it
+/// counts as another password (and is replaced), with a warning.
+struct Comparer<'a> {
+    secret: Option<&'a Secret>,
+    plaintext: bool,
+    checked: RefCell<BTreeMap<String, bool>>,
+    refused: RefCell<Vec<String>>,
+}
+
+impl<'a> Comparer<'a> {
+    fn new(secret: Option<&'a Secret>, plaintext: bool) -> Self {
+        Comparer { secret, plaintext, checked: RefCell::default(), refused: RefCell::default() }
+    }
+
+    fn stands_for(&self, stored: &str) -> bool {
+        let Some(secret) = self.secret else { return false };
+        if self.plaintext {
+            return stored == secret.expose();
+        }
+        if !stored.starts_with('$') {
+            return false;
+        }
+        if let Some(&known) = self.checked.borrow().get(stored) {
+            return known;
+        }
+        let same = password::matches(secret, stored).unwrap_or_else(|why| {
+            self.refused.borrow_mut().push(format!("{why:#}"));
+            false
+        });
+        self.checked.borrow_mut().insert(stored.to_string(), same);
+        same
+    }
+
+    fn findings(&self) -> Vec<Finding> {
+        self.refused
+            .borrow()
+            .iter()
+            .map(|why| Finding {
+                severity: Severity::Warning,
+                message: format!("a password hash already in the image was not compared with the password: {why}"),
+                fix: "none needed: a new hash takes its place".into(),
+            })
+            .collect()
+    }
+}
+
+pub(super) fn refuse_if_ineffective(findings: &[Finding], allow: bool, report: &Reporter) -> Result<()> {
+    let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
+    for finding in findings {
+        if finding.severity != Severity::Error || allow {
+            report.warn(&format!("{} (fix: {})", finding.message, finding.fix));
+        }
+    }
+    if errors.is_empty() || allow {
+        return Ok(());
+    }
+    let reasons: Vec<String> = errors.iter().map(|f| format!("{} (fix: {})", f.message, f.fix)).collect();
+    Err(with_code(INEFFECTIVE)(anyhow::anyhow!(
+        "the password login would not work, so nothing was written: {}; --allow-ineffective writes anyway",
+        reasons.join("; ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud_config::CLOUD_CFG;
+
+    const ORIGINAL: &str = "users:\n- default\nssh_pwauth: false\n";
+    const WRITTEN: &str = "users:\n- default\nssh_pwauth: true\nchpasswd:\n  expire: false\n  users:\n  - {name: debian, password: 'secret', type: text}\n";
+
+    fn image(cloud_cfg: &str, journals: &[&'static str]) -> ImageFacts {
+        let mut journal = lock::Journal::default();
+        journal.record(CLOUD_CFG, Some(ORIGINAL), WRITTEN);
+        ImageFacts {
+            cloud: Some(CloudFacts {
+                files: vec![guest_config::parse_file(CLOUD_CFG, cloud_cfg.to_string()).unwrap()],
+                detection: version::Detection::default(),
+            }),
+            sshd: None,
+            booted_before: false,
+            passwd_users: Vec::new(),
+            shadow: None,
+            os_release: String::new(),
+            login_defs: None,
+            journal: (!journals.is_empty()).then_some(journal),
+            journal_files: journals.to_vec(),
+        }
+    }
+
+    fn writes(decision: &Decision) -> Vec<(&str, Option<&str>)> {
+        decision.writes.iter().map(|w| (w.path.as_str(), w.content.as_deref())).collect()
+    }
+
+    #[test]
+    fn the_route_reads_in_json_as_the_method_names_of_the_command_line() {
+        let names: Vec<String> =
+            [Route::CloudInit, Route::Shadow, Route::Lock].iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+        assert_eq!(names, ["\"cloud-init\"", "\"shadow\"", "\"lock\""]);
+        assert_eq!(Route::CloudInit.to_string(), "cloud-init");
+    }
+
+    #[test]
+    fn lock_restores_from_the_journal_wherever_it_is_kept_and_removes_it() {
+        for kept in [vec![lock::JOURNAL], vec![lock::OLD_JOURNAL], lock::JOURNALS.to_vec()] {
+            let decision = decide_lock(&image(WRITTEN, &kept)).unwrap();
+            let mut expected = vec![(CLOUD_CFG, Some(ORIGINAL))];
+            expected.extend(kept.iter().map(|path| (*path, None)));
+            assert_eq!(writes(&decision), expected, "journal kept at {kept:?}");
+            assert!(decision.notes.iter().any(|n| n.contains("restored as it was")), "{:?}", decision.notes);
+        }
+    }
+
+    #[test]
+    fn lock_without_a_journal_removes_the_password_and_writes_no_journal() {
+        let decision = decide_lock(&image(WRITTEN, &[])).unwrap();
+        let writes = writes(&decision);
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert_eq!(writes[0].0, CLOUD_CFG);
+        let locked = writes[0].1.unwrap();
+        assert!(!locked.contains("secret") && locked.contains("ssh_pwauth: false"), "{locked}");
+    }
+
+    #[test]
+    fn lock_names_the_journal_it_read_when_a_file_changed_since() {
+        let changed = format!("{WRITTEN}# edited by hand\n");
+        let decision = decide_lock(&image(&changed, &[lock::OLD_JOURNAL])).unwrap();
+        let finding = decision.findings.iter().find(|f| f.message.contains("changed after cloudimg wrote it")).unwrap();
+        assert!(finding.fix.contains(lock::OLD_JOURNAL), "{}", finding.fix);
+        assert!(writes(&decision).contains(&(lock::OLD_JOURNAL, None)));
+    }
+}
