@@ -150,21 +150,8 @@ impl Customize {
 }
 
 impl Customize {
-    pub fn from_args(args: CustomizeArgs) -> Result<Self> {
-        if args.random_password_file.is_some() && !args.random_password {
-            return Err(with_code(USAGE)(anyhow::anyhow!("--random-password-file goes with --random-password")));
-        }
-        let password = if let Some(path) = args.password_file {
-            Some(Source::File(path))
-        } else if args.password_stdin {
-            Some(Source::Stdin)
-        } else if args.random_password {
-            Some(Source::Random { save_to: args.random_password_file })
-        } else if let Some(visible) = args.visible_password {
-            Some(Source::Visible(Secret::new(visible).map_err(with_code(USAGE))?))
-        } else {
-            None
-        };
+    pub fn from_args(mut args: CustomizeArgs) -> Result<Self> {
+        let password = password_source(&mut args)?;
         if args.method != Method::CloudInit && password.is_none() {
             return Err(with_code(USAGE)(anyhow::anyhow!(
                 "--method {} sets a password: give one",
@@ -187,71 +174,10 @@ impl Customize {
                 "--verify logs in with the password: give one (a public key alone cannot be tried)"
             )));
         }
-        let mut ssh_keys = Vec::new();
-        for path in &args.ssh_key {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the SSH key file {}", path.display()))
-                .map_err(with_code(USAGE))?;
-            ssh_keys.extend(keys::parse_public_keys(&text, &path.display().to_string()).map_err(with_code(USAGE))?);
-        }
-        let output = if args.dry_run {
-            Output::DryRun
-        } else if args.in_place {
-            Output::InPlace { format: args.output_format, compress: args.compress }
-        } else if let Some(dir) = args.out_dir {
-            if !dir.is_dir() {
-                return Err(with_code(OUTPUT)(anyhow::anyhow!(
-                    "the output directory {} does not exist",
-                    dir.display()
-                )));
-            }
-            Output::Dir { dir, format: args.output_format, compress: args.compress, replace: args.force }
-        } else {
-            let path = args.output.expect("clap requires -o without --in-place, --out-dir or --dry-run");
-            if args.inputs.len() > 1 {
-                return Err(with_code(USAGE)(anyhow::anyhow!(
-                    "-o names one output; with several inputs use --out-dir DIR"
-                )));
-            }
-            check_output_path(&args.inputs[0], &path, args.force)?;
-            Output::NewFile { path, format: args.output_format, compress: args.compress, replace: args.force }
-        };
-        let one_input = |what: &str| -> Result<()> {
-            if args.inputs.len() > 1 {
-                return Err(with_code(USAGE)(anyhow::anyhow!("{what} names one image; give one input with it")));
-            }
-            Ok(())
-        };
-        let manifest = match args.manifest {
-            None => ManifestRequest::None,
-            Some(None) => ManifestRequest::Beside,
-            Some(Some(path)) => {
-                one_input("--manifest FILE")?;
-                ManifestRequest::File(path)
-            }
-        };
-        if manifest != ManifestRequest::None && args.dry_run {
-            return Err(with_code(USAGE)(anyhow::anyhow!("--dry-run writes no image, so no manifest")));
-        }
-        let glance = args.glance;
-        if glance.name.is_some() {
-            one_input("--name")?;
-        }
-        if !args.upload && glance_given(&glance) {
-            return Err(with_code(USAGE)(anyhow::anyhow!(
-                "--name, --property, --no-property, --visibility, --tag, --min-ram, --member, --protected, \
-                 --hide-previous, --keep, --if-changed, --import-method, --stores, --os-cloud and --wait go \
-                 with --upload"
-            )));
-        }
-        if glance.keep_failed && !args.upload && !args.verify {
-            return Err(with_code(USAGE)(anyhow::anyhow!(
-                "--keep-failed keeps what --verify or --upload found failing: give one of them"
-            )));
-        }
-        let keep_failed_verification = args.verify && glance.keep_failed;
-        // Checked now, before any image work.
-        let upload = args.upload.then(|| glance_destination(glance)).transpose()?;
+        let ssh_keys = read_ssh_keys(&args.ssh_key)?;
+        let output = output_of(&mut args)?;
+        let manifest = manifest_of(&mut args)?;
+        let (upload, keep_failed_verification) = upload_of(args.glance, args.upload, args.verify, args.inputs.len())?;
         let cloud_init_version = args.cloud_init_version.map(|v| v.parse()).transpose().map_err(with_code(USAGE))?;
         let verbosity = match (args.quiet, args.verbose) {
             (true, _) => Verbosity::Quiet,
@@ -292,6 +218,104 @@ impl Customize {
             upload,
         })
     }
+}
+
+/// Where the password comes from; clap lets at most one source through.
+fn password_source(args: &mut CustomizeArgs) -> Result<Option<Source>> {
+    if args.random_password_file.is_some() && !args.random_password {
+        return Err(with_code(USAGE)(anyhow::anyhow!("--random-password-file goes with --random-password")));
+    }
+    Ok(if let Some(path) = args.password_file.take() {
+        Some(Source::File(path))
+    } else if args.password_stdin {
+        Some(Source::Stdin)
+    } else if args.random_password {
+        Some(Source::Random { save_to: args.random_password_file.take() })
+    } else if let Some(visible) = args.visible_password.take() {
+        Some(Source::Visible(Secret::new(visible).map_err(with_code(USAGE))?))
+    } else {
+        None
+    })
+}
+
+/// The public keys of every --ssh-key file, checked.
+fn read_ssh_keys(paths: &[PathBuf]) -> Result<Vec<String>> {
+    let mut ssh_keys = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the SSH key file {}", path.display()))
+            .map_err(with_code(USAGE))?;
+        ssh_keys.extend(keys::parse_public_keys(&text, &path.display().to_string()).map_err(with_code(USAGE))?);
+    }
+    Ok(ssh_keys)
+}
+
+/// Where the outputs go: -o, --out-dir, --in-place or --dry-run.
+fn output_of(args: &mut CustomizeArgs) -> Result<Output> {
+    let (format, compress, replace) = (args.output_format, args.compress, args.force);
+    if args.dry_run {
+        return Ok(Output::DryRun);
+    }
+    if args.in_place {
+        return Ok(Output::InPlace { format, compress });
+    }
+    if let Some(dir) = args.out_dir.take() {
+        if !dir.is_dir() {
+            return Err(with_code(OUTPUT)(anyhow::anyhow!("the output directory {} does not exist", dir.display())));
+        }
+        return Ok(Output::Dir { dir, format, compress, replace });
+    }
+    let path = args.output.take().expect("clap requires -o without --in-place, --out-dir or --dry-run");
+    if args.inputs.len() > 1 {
+        return Err(with_code(USAGE)(anyhow::anyhow!("-o names one output; with several inputs use --out-dir DIR")));
+    }
+    check_output_path(&args.inputs[0], &path, replace)?;
+    Ok(Output::NewFile { path, format, compress, replace })
+}
+
+fn one_input(inputs: usize, what: &str) -> Result<()> {
+    if inputs > 1 {
+        return Err(with_code(USAGE)(anyhow::anyhow!("{what} names one image; give one input with it")));
+    }
+    Ok(())
+}
+
+/// Whether and where a manifest is written.
+fn manifest_of(args: &mut CustomizeArgs) -> Result<ManifestRequest> {
+    let manifest = match args.manifest.take() {
+        None => ManifestRequest::None,
+        Some(None) => ManifestRequest::Beside,
+        Some(Some(path)) => {
+            one_input(args.inputs.len(), "--manifest FILE")?;
+            ManifestRequest::File(path)
+        }
+    };
+    if manifest != ManifestRequest::None && args.dry_run {
+        return Err(with_code(USAGE)(anyhow::anyhow!("--dry-run writes no image, so no manifest")));
+    }
+    Ok(manifest)
+}
+
+/// The Glance destination with --upload (checked now, before any image work), and whether a failed
+/// --verify keeps its output.
+fn upload_of(glance: GlanceArgs, upload: bool, verify: bool, inputs: usize) -> Result<(Option<Destination>, bool)> {
+    if glance.name.is_some() {
+        one_input(inputs, "--name")?;
+    }
+    if !upload && glance_given(&glance) {
+        return Err(with_code(USAGE)(anyhow::anyhow!(
+            "--name, --property, --no-property, --visibility, --tag, --min-ram, --member, --protected, \
+             --hide-previous, --keep, --if-changed, --import-method, --stores, --os-cloud and --wait go \
+             with --upload"
+        )));
+    }
+    if glance.keep_failed && !upload && !verify {
+        return Err(with_code(USAGE)(anyhow::anyhow!(
+            "--keep-failed keeps what --verify or --upload found failing: give one of them"
+        )));
+    }
+    let keep_failed_verification = verify && glance.keep_failed;
+    Ok((upload.then(|| glance_destination(glance)).transpose()?, keep_failed_verification))
 }
 
 /// Whether any argument that means something only to `--upload` was given.
