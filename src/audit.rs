@@ -146,25 +146,26 @@ pub fn analyse(image: &Image) -> Analysis {
             fix: "`cloudimg customize --clean-instance-state` clears it; `--method shadow` sets a password that works either way".into(),
         });
     }
+    let shadow = image
+        .shadow
+        .map(|text| {
+            users_that_matter(image.user, cloud_init.as_ref()).map(|u| (u.clone(), shadow::state(text, &u))).collect()
+        })
+        .unwrap_or_default();
+    Analysis { cloud_init, sshd, shadow, booted_before: image.booted_before, findings }
+}
+
+/// root, the user asked about, cloud-init's default user and every user it sets a password for; each
+/// once, in that order.
+fn users_that_matter(asked: Option<&str>, cloud_init: Option<&CloudInit>) -> impl Iterator<Item = String> {
     let mut users: Vec<String> = vec!["root".into()];
-    users.extend(image.user.map(str::to_string));
-    if let Some(ci) = &cloud_init {
+    users.extend(asked.map(str::to_string));
+    if let Some(ci) = cloud_init {
         users.extend(ci.default_user.iter().cloned());
         users.extend(ci.passwords.iter().map(|p| p.user.clone()));
     }
-    users.dedup();
-    let mut seen = Vec::new();
-    users.retain(|u| {
-        !seen.contains(u) && {
-            seen.push(u.clone());
-            true
-        }
-    });
-    let shadow = image
-        .shadow
-        .map(|text| users.iter().map(|u| (u.clone(), shadow::state(text, u))).collect())
-        .unwrap_or_default();
-    Analysis { cloud_init, sshd, shadow, booted_before: image.booted_before, findings }
+    let mut seen = std::collections::BTreeSet::new();
+    users.into_iter().filter(move |u| seen.insert(u.clone()))
 }
 
 /// Every password cloud-init would set, for any user: `set_passwords` (chpasswd, top-level

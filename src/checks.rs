@@ -85,18 +85,66 @@ pub struct Effective {
 pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
     let merged = merge::effective(image.files);
     let outcome = credentials::outcome(&merged, image.version, intent.user, image.default_user);
-    let mut findings = Vec::new();
-    let overridden = |path: &[&str]| -> Option<String> {
-        merge::deciding_file(image.files, path).filter(|f| f.path != intent.target).map(|f| f.path.clone())
-    };
-    let fix_for = |culprit: &str, key: &str| {
-        if intent.target != DROP_IN && culprit < DROP_IN {
-            format!("use --drop-in, which writes {DROP_IN}, read after {culprit}")
-        } else {
-            format!("remove `{key}` from {culprit}")
-        }
-    };
+    let mut findings = overridden_findings(image, intent, &outcome);
+    let set_passwords_runs = credentials::runs_set_passwords(&merged);
+    if intent.password && !set_passwords_runs {
+        findings.push(Finding {
+            severity: Severity::Error,
+            message: "cloud-init's set_passwords module is in none of the module lists, so no password would be set"
+                .into(),
+            fix: "add `- set_passwords` to `cloud_config_modules` in /etc/cloud/cloud.cfg".into(),
+        });
+    }
+    let sshd_decision = image
+        .sshd
+        .map(|files| sshd::password_authentication(&sshd::after_cloud_init(files, outcome.ssh_pwauth, image.version)));
+    findings.extend(sshd_findings(image, intent, &outcome, sshd_decision.as_ref()));
+    if image.booted_before {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            message: "the image has been booted before (/var/lib/cloud holds instance state): cloud-init will not run set_passwords again for that same instance, only for new ones".into(),
+            fix: "pass --clean-instance-state to clear it, as `cloud-init clean` would".into(),
+        });
+    }
+    if intent.user == "root" {
+        findings.extend(root_findings(image, intent, &merged));
+    }
+    if intent.password
+        && outcome.password_key != Some("password")
+        && merged.get("password").is_some_and(|v| v.is_truthy())
+        && image.default_user == Some(intent.user)
+    {
+        let file = overridden(image, intent, &["password"]).unwrap_or_else(|| intent.target.to_string());
+        findings.push(Finding {
+            severity: Severity::Warning,
+            message: format!(
+                "{file} still has a top-level `password`, which cloud-init ignores because `chpasswd` lists passwords"
+            ),
+            fix: format!("remove `password` from {file}"),
+        });
+    }
+    (Effective { outcome, set_passwords_runs, sshd: sshd_decision }, findings)
+}
 
+/// The file other than the edited one whose value of `path` cloud-init uses, if any.
+fn overridden(image: &Image, intent: &Intent, path: &[&str]) -> Option<String> {
+    merge::deciding_file(image.files, path).filter(|f| f.path != intent.target).map(|f| f.path.clone())
+}
+
+/// How to get past `culprit`'s `key`: a drop-in read after it, or removing the key.
+fn fix_for(intent: &Intent, culprit: &str, key: &str) -> String {
+    if intent.target != DROP_IN && culprit < DROP_IN {
+        format!("use --drop-in, which writes {DROP_IN}, read after {culprit}")
+    } else {
+        format!("remove `{key}` from {culprit}")
+    }
+}
+
+/// Where another file's password, `chpasswd.expire` or `ssh_pwauth` wins over the edit.
+fn overridden_findings(image: &Image, intent: &Intent, outcome: &UserOutcome) -> Vec<Finding> {
+    let overridden = |path: &[&str]| overridden(image, intent, path);
+    let fix_for = |culprit: &str, key: &str| fix_for(intent, culprit, key);
+    let mut findings = Vec::new();
     match &outcome.password {
         _ if !intent.password => {}
         Some(stored) if (intent.is_ours)(stored) => {}
@@ -137,27 +185,24 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
             });
         }
     }
-    let set_passwords_runs = credentials::runs_set_passwords(&merged);
-    if intent.password && !set_passwords_runs {
-        findings.push(Finding {
-            severity: Severity::Error,
-            message: "cloud-init's set_passwords module is in none of the module lists, so no password would be set"
-                .into(),
-            fix: "add `- set_passwords` to `cloud_config_modules` in /etc/cloud/cloud.cfg".into(),
-        });
-    }
+    findings
+}
 
-    let sshd_decision = image
-        .sshd
-        .map(|files| sshd::password_authentication(&sshd::after_cloud_init(files, outcome.ssh_pwauth, image.version)));
-    match (&sshd_decision, intent.ssh_pwauth) {
-        (None, _) => findings.push(Finding {
+/// What sshd, once cloud-init has acted, does with the SSH password login the edit asks for.
+fn sshd_findings(
+    image: &Image,
+    intent: &Intent,
+    outcome: &UserOutcome,
+    sshd_decision: Option<&sshd::Decision>,
+) -> Option<Finding> {
+    match (sshd_decision, intent.ssh_pwauth) {
+        (None, _) => Some(Finding {
             severity: Severity::Warning,
             message: format!("the image has no {}: the password will work on the console, not over SSH", sshd::MAIN_CONFIG),
             fix: "install openssh-server in the image if you need SSH".into(),
         }),
         // When cloud-init itself would write `no`, the ssh_pwauth finding above already says why.
-        (Some(d), Some(true)) if !d.password_authentication && outcome.ssh_pwauth == Some(true) => findings.push(Finding {
+        (Some(d), Some(true)) if !d.password_authentication && outcome.ssh_pwauth == Some(true) => Some(Finding {
             severity: Severity::Error,
             message: format!(
                 "sshd would still refuse passwords: {} sets PasswordAuthentication no and sshd reads it before the setting cloud-init {} writes",
@@ -166,7 +211,7 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
             ),
             fix: "remove that line from the image, or pass --ssh-pwauth unchanged to accept console-only password login".into(),
         }),
-        (Some(d), None) if !d.password_authentication => findings.push(Finding {
+        (Some(d), None) if !d.password_authentication => Some(Finding {
             severity: Severity::Warning,
             message: format!(
                 "sshd refuses passwords ({} sets PasswordAuthentication no): the password will work on the console only",
@@ -174,33 +219,8 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
             ),
             fix: "drop --ssh-pwauth unchanged to let cloud-init enable SSH password login".into(),
         }),
-        _ => {}
+        _ => None,
     }
-    if image.booted_before {
-        findings.push(Finding {
-            severity: Severity::Warning,
-            message: "the image has been booted before (/var/lib/cloud holds instance state): cloud-init will not run set_passwords again for that same instance, only for new ones".into(),
-            fix: "pass --clean-instance-state to clear it, as `cloud-init clean` would".into(),
-        });
-    }
-    if intent.user == "root" {
-        findings.extend(root_findings(image, intent, &merged));
-    }
-    if intent.password
-        && outcome.password_key != Some("password")
-        && merged.get("password").is_some_and(|v| v.is_truthy())
-        && image.default_user == Some(intent.user)
-    {
-        let file = overridden(&["password"]).unwrap_or_else(|| intent.target.to_string());
-        findings.push(Finding {
-            severity: Severity::Warning,
-            message: format!(
-                "{file} still has a top-level `password`, which cloud-init ignores because `chpasswd` lists passwords"
-            ),
-            fix: format!("remove `password` from {file}"),
-        });
-    }
-    (Effective { outcome, set_passwords_runs, sshd: sshd_decision }, findings)
 }
 
 /// What still stops root logging in once its password or keys are set.
