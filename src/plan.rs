@@ -83,22 +83,7 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
     let parsed: Vec<ConfigFile> = facts.files.iter().map(|f| f.parsed.clone()).collect();
     let before = merge::effective(&parsed);
     let default_user = credentials::default_user(&before);
-    let user = match (req.user, &default_user) {
-        (Some(u), _) => u.to_string(),
-        (None, Some(d)) => d.clone(),
-        (None, None) => {
-            return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
-                "the image's cloud-init configuration creates no default user (system_info.default_user); name the user with --user"
-            )))
-        }
-    };
-    let created_by_cloud_init =
-        default_user.as_deref() == Some(user.as_str()) || configured_users(&before).any(|u| u == user);
-    if !created_by_cloud_init && !facts.passwd_users.contains(&user) {
-        return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
-            "user `{user}` exists neither in the image's /etc/passwd nor in its cloud-init `users`"
-        )));
-    }
+    let user = chosen_user(facts, req, default_user.as_deref(), &before)?;
 
     let target_index = facts.files.iter().position(|f| f.path == req.target);
     let old_text = target_index.map(|i| facts.files[i].text.clone());
@@ -109,40 +94,10 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
     let lower = merge::effective(&lower_files);
 
     let is_default_user = default_user.as_deref() == Some(user.as_str());
-    let edit_with = |stored: Option<Stored>| -> Result<(Option<Form>, edit::Edited)> {
-        let (form, mut entries) = match stored.clone() {
-            Some(stored) => {
-                let creq = credentials::Request {
-                    user: &user,
-                    default_user: is_default_user,
-                    stored,
-                    already_set: req.already_set,
-                    expire: req.expire,
-                    ssh_pwauth: req.ssh_pwauth,
-                };
-                let (form, entries) =
-                    credentials::entries(&target_root, &lower, facts.version, &creq).map_err(with_code(BAD_GUEST))?;
-                (Some(form), entries)
-            }
-            None => (None, req.ssh_pwauth.map(|on| ("ssh_pwauth".to_string(), Value::Bool(on))).into_iter().collect()),
-        };
-        if !req.ssh_keys.is_empty() {
-            let account = match &stored {
-                Some(stored) => keys::Account::Password { stored, already_set: req.already_set },
-                None if shadow::account(facts.shadow, &user) == Account::WithPassword => keys::Account::KeepPassword,
-                None => keys::Account::Locked,
-            };
-            entries.extend(
-                keys::entries(&target_root, &lower, &user, is_default_user, req.ssh_keys, account)
-                    .map_err(with_code(BAD_GUEST))?,
-            );
-        }
-        let edited = edit::set_top_level(&base_text, &entries)
-            .with_context(|| format!("editing {} in the guest", req.target))
-            .map_err(with_code(BAD_GUEST))?;
-        Ok((form, edited))
-    };
-    let (form, edited) = edit_with(req.stored.clone())?;
+    let (form, entries) = entries(facts, req, &user, is_default_user, &target_root, &lower)?;
+    let edited = edit::set_top_level(&base_text, &entries)
+        .with_context(|| format!("editing {} in the guest", req.target))
+        .map_err(with_code(BAD_GUEST))?;
 
     let new_parsed = ConfigFile {
         path: req.target.to_string(),
@@ -157,31 +112,7 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
     let mut after: Vec<ConfigFile> = parsed.iter().filter(|f| f.path != req.target).cloned().collect();
     after.push(new_parsed);
     merge::sort_by_priority(&mut after);
-    let is_ours = |stored: &Stored| match (stored, &req.stored) {
-        (Stored::Hash(t), Some(Stored::Hash(_))) | (Stored::Plain(t), Some(Stored::Plain(_))) => {
-            (req.already_set)(t) || Some(stored) == req.stored.as_ref()
-        }
-        _ => false,
-    };
-    let (effective, findings) = checks::check(
-        &checks::Image {
-            files: &after,
-            version: facts.version,
-            default_user: default_user.as_deref(),
-            sshd: facts.sshd,
-            booted_before: facts.booted_before,
-        },
-        &Intent {
-            user: &user,
-            password: req.stored.is_some(),
-            keys: !req.ssh_keys.is_empty(),
-            is_ours: &is_ours,
-            expire: req.expire,
-            ssh_pwauth: req.ssh_pwauth,
-            target: req.target,
-        },
-    );
-    let mut findings = findings;
+    let (effective, mut findings) = check_after(facts, req, &after, default_user.as_deref(), &user);
     let logged = deprecations::logged(&after, facts.version, &|name| shadow::account(facts.shadow, name));
     findings.extend(logged.iter().map(|l| checks::logged_finding(l, facts.version)));
     Ok(Plan {
@@ -198,6 +129,102 @@ pub fn plan(facts: &Facts, req: &Request) -> Result<Plan> {
         logged,
         findings,
     })
+}
+
+/// The user asked for, or cloud-init's default user; one that the image or cloud-init creates.
+fn chosen_user(facts: &Facts, req: &Request, default_user: Option<&str>, before: &yaml11::Mapping) -> Result<String> {
+    let user = match (req.user, default_user) {
+        (Some(u), _) => u.to_string(),
+        (None, Some(d)) => d.to_string(),
+        (None, None) => {
+            return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
+                "the image's cloud-init configuration creates no default user (system_info.default_user); name the user with --user"
+            )))
+        }
+    };
+    let created_by_cloud_init = default_user == Some(user.as_str()) || configured_users(before).any(|u| u == user);
+    if !created_by_cloud_init && !facts.passwd_users.contains(&user) {
+        return Err(with_code(BAD_GUEST)(anyhow::anyhow!(
+            "user `{user}` exists neither in the image's /etc/passwd nor in its cloud-init `users`"
+        )));
+    }
+    Ok(user)
+}
+
+/// A top-level key of the target file and the value it gets.
+type Entry = (String, Value);
+
+/// The top-level entries the target file gets: the password's (or `ssh_pwauth` alone), then the keys'.
+fn entries(
+    facts: &Facts,
+    req: &Request,
+    user: &str,
+    is_default_user: bool,
+    target_root: &yaml11::Mapping,
+    lower: &yaml11::Mapping,
+) -> Result<(Option<Form>, Vec<Entry>)> {
+    let (form, mut entries) = match req.stored.clone() {
+        Some(stored) => {
+            let creq = credentials::Request {
+                user,
+                default_user: is_default_user,
+                stored,
+                already_set: req.already_set,
+                expire: req.expire,
+                ssh_pwauth: req.ssh_pwauth,
+            };
+            let (form, entries) =
+                credentials::entries(target_root, lower, facts.version, &creq).map_err(with_code(BAD_GUEST))?;
+            (Some(form), entries)
+        }
+        None => (None, req.ssh_pwauth.map(|on| ("ssh_pwauth".to_string(), Value::Bool(on))).into_iter().collect()),
+    };
+    if !req.ssh_keys.is_empty() {
+        let account = match &req.stored {
+            Some(stored) => keys::Account::Password { stored, already_set: req.already_set },
+            None if shadow::account(facts.shadow, user) == Account::WithPassword => keys::Account::KeepPassword,
+            None => keys::Account::Locked,
+        };
+        entries.extend(
+            keys::entries(target_root, lower, user, is_default_user, req.ssh_keys, account)
+                .map_err(with_code(BAD_GUEST))?,
+        );
+    }
+    Ok((form, entries))
+}
+
+/// The checks of the login on the files as they will be after the edit.
+fn check_after(
+    facts: &Facts,
+    req: &Request,
+    after: &[ConfigFile],
+    default_user: Option<&str>,
+    user: &str,
+) -> (Effective, Vec<Finding>) {
+    let is_ours = |stored: &Stored| match (stored, &req.stored) {
+        (Stored::Hash(t), Some(Stored::Hash(_))) | (Stored::Plain(t), Some(Stored::Plain(_))) => {
+            (req.already_set)(t) || Some(stored) == req.stored.as_ref()
+        }
+        _ => false,
+    };
+    checks::check(
+        &checks::Image {
+            files: after,
+            version: facts.version,
+            default_user,
+            sshd: facts.sshd,
+            booted_before: facts.booted_before,
+        },
+        &Intent {
+            user,
+            password: req.stored.is_some(),
+            keys: !req.ssh_keys.is_empty(),
+            is_ours: &is_ours,
+            expire: req.expire,
+            ssh_pwauth: req.ssh_pwauth,
+            target: req.target,
+        },
+    )
 }
 
 /// Names of users that cloud-config's `users` creates.
