@@ -5,6 +5,7 @@ pub mod assets;
 pub mod audit;
 pub mod batch;
 pub mod checks;
+pub mod child_fd;
 pub mod cleanup;
 pub mod cli;
 pub mod cloud_config;

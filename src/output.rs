@@ -13,13 +13,12 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+use crate::child_fd;
 use crate::cleanup;
 use crate::hashing::{self, Digests};
 use crate::image_file::{self, Format, ImageInfo};
@@ -64,7 +63,7 @@ pub fn write_image(
     let mut cmd = Command::new("qemu-img");
     // -U: the appliance may still hold the overlay's lock (see `overlay_reader`).
     cmd.args(["convert", "-U", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1", "-c", "-p"]).arg(overlay);
-    let target = inherit(&mut cmd, dest.file());
+    let target = child_fd::inherit(&mut cmd, dest.file());
     cmd.arg(target);
     // With hashing to follow, compressing is the first half of the progress.
     let share = if hash { 0.5 } else { 1.0 };
@@ -75,26 +74,6 @@ pub fn write_image(
     let read = || format!("reading {}", dest.path().display());
     let total = dest.file().metadata().with_context(read)?.len().max(1) as f64;
     hashing::file_digests(dest.file(), dest.path(), &mut |n| progress(50.0 + n as f64 * 50.0 / total)).map(Some)
-}
-
-/// Lets a child about to be spawned inherit `file`, and returns the name under which the child opens
-/// it: `/proc/self/fd/N`, which the kernel resolves to the file behind the descriptor itself, not by
-/// looking a name up again. So qemu-img writes exactly the file cloudimg created, whatever has become
-/// of its name. (The alternative, a path inside a private 0700 directory, would need that directory
-/// on the destination's filesystem for the final rename, hence inside the destination's directory,
-/// whose owner can rename the private directory away and put one of their own in its place.)
-pub fn inherit(cmd: &mut Command, file: &File) -> PathBuf {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl(2) is async-signal-safe, as pre_exec requires, and only changes the child's copy of
-    // the descriptor. std keeps descriptors 0-2 open from the start, so `fd` is not one of the
-    // standard descriptors it replaces in the child before this runs.
-    unsafe {
-        cmd.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
-            -1 => Err(std::io::Error::last_os_error()),
-            _ => Ok(()),
-        });
-    }
-    PathBuf::from(format!("/proc/self/fd/{fd}"))
 }
 
 /// Checks a written image the way Glance's format inspection will (the declared format, standalone:

@@ -191,7 +191,7 @@ impl Export {
     pub fn writable(file: &File, format: Format) -> Result<Export> {
         let mut cmd = Command::new("qemu-nbd");
         cmd.args(["-f", format.as_str(), "--cache=writeback", "--discard=unmap", "--detect-zeroes=unmap"]);
-        let name = crate::output::inherit(&mut cmd, file);
+        let name = crate::child_fd::inherit(&mut cmd, file);
         cmd.arg(name);
         Export::serve(cmd)
     }
