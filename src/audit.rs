@@ -83,7 +83,7 @@ pub struct Login {
 }
 
 pub fn analyse(image: &Image) -> Analysis {
-    let merged = merge::effective(image.files);
+    let login = image.version.as_ref().map(|found| checks::login(image.files, found.version, "", None, image.sshd));
     let mut findings: Vec<Finding> = image
         .version_disagreements
         .iter()
@@ -93,18 +93,18 @@ pub fn analyse(image: &Image) -> Analysis {
             fix: Detection::DISAGREEMENT_FIX.into(),
         })
         .collect();
-    let cloud_init = image.version.clone().map(|found| {
+    let cloud_init = image.version.clone().zip(login.as_ref()).map(|(found, login)| {
         let version = found.version;
-        let default_user = credentials::default_user(&merged);
-        let passwords = configured_passwords(image.files, &merged, version, default_user.as_deref());
-        let outcome = credentials::outcome(&merged, version, "", None);
+        let merged = &login.merged;
+        let default_user = credentials::default_user(merged);
+        let passwords = configured_passwords(image.files, merged, version, default_user.as_deref());
         let logged = deprecations::logged(image.files, version, &|name| shadow::account(image.shadow, name));
         CloudInit {
             version: found,
-            set_passwords_runs: credentials::runs_set_passwords(&merged),
+            set_passwords_runs: login.set_passwords_runs,
             passwords,
-            expire: outcome.expire,
-            ssh_pwauth: outcome.ssh_pwauth,
+            expire: login.outcome.expire,
+            ssh_pwauth: login.outcome.ssh_pwauth,
             disable_root: merged.get("disable_root").is_none_or(credentials::is_true_like),
             degraded: !logged.is_empty() && version >= deprecations::DEGRADES_STATUS,
             logged,
@@ -128,16 +128,11 @@ pub fn analyse(image: &Image) -> Analysis {
             });
         }
     }
-    let ssh_pwauth = cloud_init.as_ref().and_then(|c| c.ssh_pwauth);
-    let sshd = image.sshd.map(|files| {
-        let after = match &image.version {
-            Some(found) => sshd::after_cloud_init(files, ssh_pwauth, found.version),
-            None => files.clone(),
-        };
-        Sshd {
-            password_authentication: sshd::password_authentication(&after),
-            permit_root_login: sshd::permit_root_login(&after),
-        }
+    // Without cloud-init, sshd reads its files as they are.
+    let sshd_after = login.and_then(|l| l.sshd_after).or_else(|| image.sshd.cloned());
+    let sshd = sshd_after.map(|after| Sshd {
+        password_authentication: sshd::password_authentication(&after),
+        permit_root_login: sshd::permit_root_login(&after),
     });
     if image.booted_before {
         findings.push(Finding {
@@ -344,6 +339,56 @@ mod tests {
         let root = password_login(&analyse(&image(&set, Some(&sshd), Some("root:$6$a$b:1::::::\n"))), Some("root"));
         assert!(!root.works);
         assert!(root.reasons[0].contains("PermitRootLogin prohibit-password"), "{:?}", root.reasons);
+    }
+
+    #[test]
+    fn inspect_and_customize_read_the_same_login_from_the_same_files() {
+        let sshd_files: sshd::Files = [
+            (sshd::MAIN_CONFIG.to_string(), format!("{SSHD}PasswordAuthentication no\n")),
+            ("/etc/ssh/sshd_config.d/60-site.conf".to_string(), "PasswordAuthentication no\n".to_string()),
+        ]
+        .into();
+        let variants = [
+            "chpasswd: {expire: false, users: [{name: debian, password: $6$a$b}]}\nssh_pwauth: true\n",
+            "chpasswd: {expire: true}\nssh_pwauth: false\n",
+            "ssh_pwauth: true\n",
+            "password: $6$a$b\n",
+        ];
+        let mut sshd_answers = std::collections::BTreeSet::new();
+        for version in ["22.4.2", "23.4", "26.2"] {
+            for extra in variants {
+                let files = [file("/etc/cloud/cloud.cfg", &format!("{BASE}{extra}"))];
+                for sshd in [None, Some(&sshd_files)] {
+                    let inspected = analyse(&Image { version: Some(found(version)), ..image(&files, sshd, None) });
+                    let (customize_view, _) = checks::check(
+                        &checks::Image {
+                            files: &files,
+                            version: version.parse().unwrap(),
+                            default_user: Some("debian"),
+                            sshd,
+                            booted_before: false,
+                        },
+                        &checks::Intent {
+                            user: "debian",
+                            password: false,
+                            keys: false,
+                            is_ours: &|_| false,
+                            expire: false,
+                            ssh_pwauth: None,
+                            target: "/etc/cloud/cloud.cfg",
+                        },
+                    );
+                    let ci = inspected.cloud_init.as_ref().unwrap();
+                    let case = format!("cloud-init {version}, `{extra}`, sshd {}", sshd.is_some());
+                    assert_eq!(ci.expire, customize_view.outcome.expire, "{case}");
+                    assert_eq!(ci.ssh_pwauth, customize_view.outcome.ssh_pwauth, "{case}");
+                    assert_eq!(ci.set_passwords_runs, customize_view.set_passwords_runs, "{case}");
+                    assert_eq!(inspected.sshd.map(|s| s.password_authentication), customize_view.sshd, "{case}");
+                    sshd_answers.extend(customize_view.sshd.map(|d| d.password_authentication));
+                }
+            }
+        }
+        assert_eq!(sshd_answers.len(), 2, "the cases make sshd both take and refuse passwords");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use crate::cloud_config::credentials::{self, UserOutcome};
 use crate::cloud_config::deprecations;
 use crate::cloud_config::merge::{self, ConfigFile};
 use crate::cloud_config::version::CloudInitVersion;
+use crate::cloud_config::yaml11::Mapping;
 use crate::cloud_config::DROP_IN;
 use crate::sshd;
 
@@ -82,11 +83,45 @@ pub struct Effective {
     pub sshd: Option<sshd::Decision>,
 }
 
-pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
-    let merged = merge::effective(image.files);
-    let outcome = credentials::outcome(&merged, image.version, intent.user, image.default_user);
-    let mut findings = overridden_findings(image, intent, &outcome);
+/// What an instance booted from the files will do about one user's password login: cloud-init's
+/// merged configuration and what it sets, then sshd's configuration as cloud-init leaves it. The one
+/// derivation that `customize`'s checks, `inspect`'s analysis and the shadow route's warning share.
+pub struct Login {
+    pub merged: Mapping,
+    pub outcome: UserOutcome,
+    pub set_passwords_runs: bool,
+    /// sshd's files once cloud-init has applied `ssh_pwauth`; `None` without sshd.
+    pub sshd_after: Option<sshd::Files>,
+}
+
+/// `user` is the one whose password matters (`""`: none; the outcome's `expire` and `ssh_pwauth` do
+/// not depend on it).
+pub fn login(
+    files: &[ConfigFile],
+    version: CloudInitVersion,
+    user: &str,
+    default_user: Option<&str>,
+    sshd: Option<&sshd::Files>,
+) -> Login {
+    let merged = merge::effective(files);
+    let outcome = credentials::outcome(&merged, version, user, default_user);
     let set_passwords_runs = credentials::runs_set_passwords(&merged);
+    let sshd_after = sshd.map(|files| sshd::after_cloud_init(files, outcome.ssh_pwauth, version));
+    Login { merged, outcome, set_passwords_runs, sshd_after }
+}
+
+impl Login {
+    /// sshd's decision about passwords once cloud-init has acted.
+    pub fn sshd_decision(&self) -> Option<sshd::Decision> {
+        self.sshd_after.as_ref().map(sshd::password_authentication)
+    }
+}
+
+pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
+    let login = login(image.files, image.version, intent.user, image.default_user, image.sshd);
+    let sshd_decision = login.sshd_decision();
+    let Login { merged, outcome, set_passwords_runs, .. } = login;
+    let mut findings = overridden_findings(image, intent, &outcome);
     if intent.password && !set_passwords_runs {
         findings.push(Finding {
             severity: Severity::Error,
@@ -95,9 +130,6 @@ pub fn check(image: &Image, intent: &Intent) -> (Effective, Vec<Finding>) {
             fix: "add `- set_passwords` to `cloud_config_modules` in /etc/cloud/cloud.cfg".into(),
         });
     }
-    let sshd_decision = image
-        .sshd
-        .map(|files| sshd::password_authentication(&sshd::after_cloud_init(files, outcome.ssh_pwauth, image.version)));
     findings.extend(sshd_findings(image, intent, &outcome, sshd_decision.as_ref()));
     if image.booted_before {
         findings.push(Finding {
@@ -224,7 +256,7 @@ fn sshd_findings(
 }
 
 /// What still stops root logging in once its password or keys are set.
-fn root_findings(image: &Image, intent: &Intent, merged: &crate::cloud_config::yaml11::Mapping) -> Vec<Finding> {
+fn root_findings(image: &Image, intent: &Intent, merged: &Mapping) -> Vec<Finding> {
     let mut findings = Vec::new();
     if intent.keys && merged.get("disable_root").is_none_or(credentials::is_true_like) {
         findings.push(Finding {

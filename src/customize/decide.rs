@@ -333,8 +333,7 @@ fn cloud_init_undoes_sshd(image: &ImageFacts, sshd_files: &sshd::Files) -> Optio
     let cloud = image.cloud.as_ref()?;
     let version = cloud.version()?;
     let parsed: Vec<_> = cloud.files.iter().map(|f| f.parsed.clone()).collect();
-    let outcome = credentials::outcome(&merged(&cloud.files), version, "", None);
-    let after = sshd::password_authentication(&sshd::after_cloud_init(sshd_files, outcome.ssh_pwauth, version));
+    let after = checks::login(&parsed, version, "", None, Some(sshd_files)).sshd_decision()?;
     if after.password_authentication {
         return None;
     }
