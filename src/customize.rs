@@ -9,30 +9,31 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::accel::Accel;
-use crate::appliance;
-use crate::checks::{Effective, Finding, Severity};
-use crate::cleanup;
+use crate::appliance::accel::Accel;
+use crate::cli::settings::{Customize, Output};
 use crate::cloud_config::credentials::Form;
 use crate::cloud_config::lock;
 use crate::cloud_config::version;
-use crate::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, OUTPUT, USAGE};
+use crate::customize::queue::Queue;
+use crate::guest::config;
+use crate::guest::locate::{self, Root};
+use crate::guest::session;
 use crate::guest::{Drive, Guest};
-use crate::guest_config;
-use crate::image_file::{self, Format, ImageInfo};
-use crate::locate::{self, Root};
-use crate::manifest::{self, Manifest};
-use crate::output;
-use crate::output_queue::Queue;
-use crate::password::Secret;
-use crate::report::{Reporter, Verbosity};
-use crate::settings::{Customize, Output};
-use crate::shadow;
-use crate::upload::{self, Uploaded};
+use crate::image::header::{self, Format, ImageInfo};
+use crate::image::output;
+use crate::login::checks::{Effective, Finding, Severity};
+use crate::login::password::Secret;
+use crate::login::shadow;
+use crate::openstack::manifest::{self, Manifest};
+use crate::openstack::upload::{self, Uploaded};
+use crate::support::cleanup;
+use crate::support::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, OUTPUT, USAGE};
+use crate::support::report::{Reporter, Verbosity};
 
 mod decide;
 mod in_guest;
 mod outputs;
+mod queue;
 
 pub use decide::Route;
 use decide::{decide_credentials, decide_lock, refuse_if_ineffective, ImageFacts, Write};
@@ -230,7 +231,7 @@ fn named(s: &Customize, input: &Path, e: anyhow::Error) -> anyhow::Error {
 /// Checks one input's file and output, takes the in-place lock and creates its overlay.
 fn prepare(s: &Customize, index: usize, input: &Path, work: &Path, report: &Reporter) -> Result<Prepared> {
     report.phase(&format!("Examining {}", input.display()));
-    let info = image_file::inspect(input).map_err(with_code(BAD_INPUT))?;
+    let info = header::inspect(input).map_err(with_code(BAD_INPUT))?;
     report.detail(&format!("{} image, virtual size {} bytes", info.format.as_str(), info.virtual_size));
     let target = match &s.output {
         Output::NewFile { path, format, compress, replace } => Some(Target {
@@ -251,7 +252,7 @@ fn prepare(s: &Customize, index: usize, input: &Path, work: &Path, report: &Repo
                     dest.display()
                 )));
             }
-            crate::settings::check_output_path(input, &dest, *replace)?;
+            crate::cli::settings::check_output_path(input, &dest, *replace)?;
             Some(Target { dest, format, compress: *compress, in_place: false, replace: *replace })
         }
         Output::InPlace { format, compress } => Some(Target {
@@ -301,10 +302,10 @@ fn in_appliance<'scope, 'a: 'scope>(
         .collect();
     let names: Vec<&Path> = group.iter().map(|p| p.input.as_path()).collect();
     let options =
-        appliance::Options { accel: s.accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
-    let shared = match appliance::launch(&drives, &names, &options, report) {
+        session::Options { accel: s.accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
+    let shared = match session::launch(&drives, &names, &options, report) {
         Ok(shared) => shared,
-        Err(e) => return (group.iter().map(|p| (p.index, Err(appliance::copy_error(&e)))).collect(), Vec::new()),
+        Err(e) => return (group.iter().map(|p| (p.index, Err(session::copy_error(&e)))).collect(), Vec::new()),
     };
     let job = |pos: usize, disk: Option<&locate::Disk>| {
         let editing = Instant::now();
@@ -331,7 +332,7 @@ fn in_appliance<'scope, 'a: 'scope>(
     cleanup::fault_point("shut-down");
     if let Err(e) = shut {
         for (_, result) in out.iter_mut().filter(|(_, r)| r.is_ok()) {
-            *result = Err(appliance::copy_error(&e));
+            *result = Err(session::copy_error(&e));
         }
     }
     (out, alone)
@@ -434,7 +435,7 @@ fn write_back(
     }
     let cleaned = s.clean_instance_state && image.booted_before;
     if cleaned {
-        guest_config::clean_instance_state(guest)?;
+        config::clean_instance_state(guest)?;
     }
     if s.trim {
         report.phase(&format!("Trimming free space{of}"));

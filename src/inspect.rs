@@ -7,21 +7,22 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::accel;
-use crate::appliance;
-use crate::audit::{self, Analysis, Login};
-use crate::checks::{self, Finding, Severity};
+use crate::appliance::accel;
 use crate::cli::Requirement;
 use crate::cloud_config::merge::ConfigFile;
 use crate::cloud_config::secrets;
 use crate::cloud_config::version::CloudInitVersion;
-use crate::exit_codes::{code_of, with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, SUCCESS, UNMET};
+use crate::guest::config;
+use crate::guest::locate::{self, Root};
+use crate::guest::session;
 use crate::guest::{Drive, Guest};
-use crate::guest_config;
-use crate::image_file::{self, Format};
-use crate::locate::{self, os_release_field, Root};
-use crate::report::Reporter;
-use crate::shadow;
+use crate::image::header::{self, Format};
+use crate::login::audit::{self, Analysis, Login};
+use crate::login::checks::{self, Finding, Severity};
+use crate::login::shadow;
+use crate::support::exit_codes::{code_of, with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, SUCCESS, UNMET};
+use crate::support::os_release;
+use crate::support::report::Reporter;
 
 pub struct Options {
     pub user: Option<String>,
@@ -116,7 +117,7 @@ pub fn run(images: &[PathBuf], opts: &Options, report: &Reporter) -> Vec<ImageRe
         }
         reports.push(out);
     }
-    let read = match crate::cleanup::work_dir() {
+    let read = match crate::support::cleanup::work_dir() {
         Ok(work) => {
             let mut read = read_guests(images, &openable, opts, work.path(), report);
             let alone = std::mem::take(&mut read.1);
@@ -125,7 +126,7 @@ pub fn run(images: &[PathBuf], opts: &Options, report: &Reporter) -> Vec<ImageRe
             }
             read.0
         }
-        Err(e) => openable.iter().map(|(index, _)| (*index, Err(appliance::copy_error(&e)))).collect(),
+        Err(e) => openable.iter().map(|(index, _)| (*index, Err(session::copy_error(&e)))).collect(),
     };
     for (index, result) in read {
         let out = &mut reports[index];
@@ -167,19 +168,17 @@ fn read_guests(
     let drives: Vec<Drive> =
         group.iter().map(|(index, format)| Drive { path: &images[*index], format: *format, readonly: true }).collect();
     let names: Vec<&Path> = group.iter().map(|(index, _)| images[*index].as_path()).collect();
-    let launch = appliance::Options { accel: opts.accel, timeout: opts.timeout, debug: false, tmpdir };
-    let shared = match appliance::launch(&drives, &names, &launch, report) {
+    let launch = session::Options { accel: opts.accel, timeout: opts.timeout, debug: false, tmpdir };
+    let shared = match session::launch(&drives, &names, &launch, report) {
         Ok(shared) => shared,
-        Err(e) => {
-            return (group.iter().map(|(index, _)| (*index, Err(appliance::copy_error(&e)))).collect(), Vec::new())
-        }
+        Err(e) => return (group.iter().map(|(index, _)| (*index, Err(session::copy_error(&e)))).collect(), Vec::new()),
     };
     let results = shared
         .each(
             group.len(),
             |pos, disk| {
                 report.phase(&format!("Reading the guest in {}", names[pos].display()));
-                let _deadline = crate::cleanup::Deadline::analysis(names[pos], opts.timeout);
+                let _deadline = crate::support::cleanup::Deadline::analysis(names[pos], opts.timeout);
                 read_guest(&shared.guest, disk, opts, report)
             },
             |_, _| {},
@@ -201,12 +200,12 @@ pub fn exit_code(reports: &[ImageReport]) -> i32 {
         .unwrap_or(SUCCESS)
 }
 
-fn file_facts(path: &Path) -> (FileFacts, Option<image_file::ImageInfo>) {
+fn file_facts(path: &Path) -> (FileFacts, Option<header::ImageInfo>) {
     let meta = std::fs::metadata(path).ok();
     let file_size = meta.as_ref().map_or(0, |m| m.len());
     let allocated_bytes = meta.as_ref().map_or(0, |m| m.blocks() * 512);
     let compat = |version: u32| if version >= 3 { "1.1" } else { "0.10" }.to_string();
-    match image_file::inspect(path) {
+    match header::inspect(path) {
         Ok(info) => (
             FileFacts {
                 format: Some(info.format),
@@ -219,7 +218,7 @@ fn file_facts(path: &Path) -> (FileFacts, Option<image_file::ImageInfo>) {
             Some(info),
         ),
         Err(e) => {
-            let basics = image_file::qcow2_basics(path);
+            let basics = header::qcow2_basics(path);
             (
                 FileFacts {
                     format: basics.map(|_| Format::Qcow2),
@@ -260,10 +259,10 @@ fn analyse_guest(
     opts: &Options,
     report: &Reporter,
 ) -> Result<(System, Analysis)> {
-    let os_release = guest_config::os_release(guest)?;
+    let os_release = config::os_release(guest)?;
     let mut exposed = Vec::new();
-    let (files, detection) = if guest_config::has_cloud_init(guest)? {
-        let (files, warnings) = guest_config::read_cloud_files(guest)?;
+    let (files, detection) = if config::has_cloud_init(guest)? {
+        let (files, warnings) = config::read_cloud_files(guest)?;
         warnings.iter().for_each(|w| report.warn(w));
         exposed = files
             .iter()
@@ -272,24 +271,24 @@ fn analyse_guest(
             .collect();
         let files: Vec<ConfigFile> = files.into_iter().map(|f| f.parsed).collect();
         let remount = || locate::mount_root(guest, &root, true, disk).map(drop);
-        let detection = guest_config::cloud_init_version(guest, opts.cloud_init_version, &root.device, remount)?;
+        let detection = config::cloud_init_version(guest, opts.cloud_init_version, &root.device, remount)?;
         if detection.chosen().is_none() {
-            return Err(guest_config::version_unknown(&detection));
+            return Err(config::version_unknown(&detection));
         }
         (files, Some(detection))
     } else {
         (Vec::new(), None)
     };
-    let sshd = guest_config::sshd_files(guest)?;
+    let sshd = config::sshd_files(guest)?;
     // Read, never shown: only each user's state is reported.
-    let shadow_text = guest_config::read_text(guest, shadow::SHADOW)?;
+    let shadow_text = config::read_text(guest, shadow::SHADOW)?;
     let mut analysis = audit::analyse(&audit::Image {
         files: &files,
         version: detection.as_ref().and_then(|d| d.chosen().cloned()),
         version_disagreements: detection.map(|d| d.disagreements()).unwrap_or_default(),
         sshd: sshd.as_ref(),
         shadow: shadow_text.as_deref(),
-        booted_before: guest_config::booted_before(guest)?,
+        booted_before: config::booted_before(guest)?,
         user: opts.user.as_deref(),
     });
     analysis.findings.extend(exposed);
@@ -297,8 +296,8 @@ fn analyse_guest(
         lvm_root: !root.device.starts_with("/dev/sd") && !root.device.starts_with("/dev/vd"),
         root,
         partition_table: None,
-        os_id: os_release_field(&os_release, "ID"),
-        os_version: os_release_field(&os_release, "VERSION_ID"),
+        os_id: os_release::field(&os_release, "ID"),
+        os_version: os_release::field(&os_release, "VERSION_ID"),
     };
     Ok((system, analysis))
 }

@@ -1,41 +1,21 @@
 //! cloudimg: prepare cloud images offline for OpenStack.
-pub mod accel;
+//!
+//! The folders follow a customize run: `cli` (arguments, settings) → `image` (the input's header
+//! checked, the overlay the edits go to) → `appliance` (what libguestfs starts with: accelerator, a
+//! cache this user controls) → `guest` (the launch, the image's root found, its files read) →
+//! `cloud_config` and `login` (pure decisions: what to write, and whether the login will work) →
+//! `image` again (the output written) → `openstack` (the hand-off to Glance). `customize`,
+//! `inspect`, `doctor` and `verify` are the commands; `support` holds what every step uses (exit
+//! codes, reporting, cleanup).
 pub mod appliance;
-pub mod assets;
-pub mod audit;
-pub mod batch;
-pub mod checks;
-pub mod child_fd;
-pub mod cleanup;
 pub mod cli;
 pub mod cloud_config;
 pub mod customize;
 pub mod doctor;
-pub mod exit_codes;
-pub mod fast_boot;
 pub mod guest;
-pub mod guest_config;
-pub mod hashing;
-pub mod image_file;
-pub mod image_writer;
+pub mod image;
 pub mod inspect;
-pub mod locate;
-pub mod manifest;
-pub mod method;
+pub mod login;
 pub mod openstack;
-pub mod output;
-pub mod output_patch;
-pub mod output_queue;
-pub mod overlay_reader;
-pub mod partition_table;
-pub mod password;
-pub mod plan;
-pub mod qcow2_layout;
-pub mod report;
-pub mod rpm_database;
-pub mod settings;
-pub mod shadow;
-pub mod sshd;
-pub mod trusted_dir;
-pub mod upload;
+pub mod support;
 pub mod verify;

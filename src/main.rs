@@ -4,21 +4,21 @@ use std::io::Write;
 
 use clap::Parser;
 
+use cloudimg::cli::settings::Customize;
 use cloudimg::cli::{Cli, Command};
 use cloudimg::customize;
 use cloudimg::doctor;
-use cloudimg::exit_codes;
 use cloudimg::inspect;
-use cloudimg::report::{for_terminal, Reporter, Verbosity};
-use cloudimg::settings::Customize;
-use cloudimg::upload;
+use cloudimg::openstack::upload;
+use cloudimg::support::exit_codes;
+use cloudimg::support::report::{for_terminal, Reporter, Verbosity};
 
 fn main() {
     let cli = Cli::parse();
-    cloudimg::cleanup::install_signal_handler();
+    cloudimg::support::cleanup::install_signal_handler();
     if matches!(cli.command, Command::Customize(_) | Command::Inspect(_) | Command::Upload(_) | Command::Verify(_)) {
         // They hold the password, OS_PASSWORD and the token, or the guests' hashes.
-        cloudimg::password::keep_out_of_core_dumps();
+        cloudimg::login::password::keep_out_of_core_dumps();
     }
     let code = match cli.command {
         Command::Customize(args) => run_customize(*args),
@@ -27,10 +27,10 @@ fn main() {
         Command::Verify(args) => run_verify(args),
         Command::Doctor(args) => run_doctor(&args),
         Command::Completions { shell } => {
-            cloudimg::assets::completions(shell, &mut std::io::stdout());
+            cloudimg::cli::assets::completions(shell, &mut std::io::stdout());
             exit_codes::SUCCESS
         }
-        Command::Manpages { dir } => match cloudimg::assets::manpages(&dir) {
+        Command::Manpages { dir } => match cloudimg::cli::assets::manpages(&dir) {
             Ok(pages) => {
                 pages.iter().for_each(|p| println!("{}", p.display()));
                 exit_codes::SUCCESS
@@ -51,7 +51,7 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
         Ok(results) => results,
         Err(e) => return fail(&e),
     };
-    cloudimg::cleanup::checkpoint();
+    cloudimg::support::cleanup::checkpoint();
     if let [single] = &results[..] {
         return match single {
             Ok((summary, diff)) => {
@@ -93,7 +93,7 @@ fn run_customize(args: cloudimg::cli::CustomizeArgs) -> i32 {
     if settings.json {
         print_json(&entries);
     } else if settings.verbosity > Verbosity::Quiet {
-        let done = if settings.output == cloudimg::settings::Output::DryRun { "checked" } else { "written" };
+        let done = if settings.output == cloudimg::cli::settings::Output::DryRun { "checked" } else { "written" };
         println!(
             "{} of {} images {done}{}",
             results.len() - failed,
@@ -126,7 +126,7 @@ fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {
         timeout: std::time::Duration::from_secs(args.timeout),
     };
     let reports = inspect::run(&args.images, &opts, &report);
-    cloudimg::cleanup::checkpoint();
+    cloudimg::support::cleanup::checkpoint();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
     } else {
@@ -139,7 +139,7 @@ fn run_inspect(args: &cloudimg::cli::InspectArgs) -> i32 {
 
 fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
     let report = Reporter::new(if args.quiet { Verbosity::Quiet } else { Verbosity::Normal }, args.json);
-    let destination = match cloudimg::settings::glance_destination(args.glance) {
+    let destination = match cloudimg::cli::settings::glance_destination(args.glance) {
         Ok(destination) => destination,
         Err(e) => return fail(&e),
     };
@@ -159,7 +159,7 @@ fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
             Ok((serde_json::to_value(&uploaded)?, upload::render(&uploaded)))
         }
     });
-    cloudimg::cleanup::checkpoint();
+    cloudimg::support::cleanup::checkpoint();
     match result {
         Ok((json, text)) => {
             if args.json {
@@ -174,7 +174,7 @@ fn run_upload(args: cloudimg::cli::UploadArgs) -> i32 {
 }
 
 fn run_verify(args: cloudimg::cli::VerifyArgs) -> i32 {
-    let settings = match cloudimg::settings::Verify::from_args(args) {
+    let settings = match cloudimg::cli::settings::Verify::from_args(args) {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
@@ -183,7 +183,7 @@ fn run_verify(args: cloudimg::cli::VerifyArgs) -> i32 {
         Ok(verdict) => verdict,
         Err(e) => return fail(&e),
     };
-    cloudimg::cleanup::checkpoint();
+    cloudimg::support::cleanup::checkpoint();
     if settings.json {
         print_json(&verdict);
     } else {
@@ -273,7 +273,7 @@ fn print_summary(summary: &customize::Summary, diff: &str) {
 }
 
 fn fail(error: &anyhow::Error) -> i32 {
-    cloudimg::cleanup::checkpoint();
+    cloudimg::support::cleanup::checkpoint();
     eprintln!("cloudimg: error: {}", for_terminal(&format!("{error:#}")));
     exit_codes::code_of(error)
 }

@@ -48,7 +48,7 @@ fn doctor_builds_and_starts_the_appliance_here() {
             .unwrap_or_else(|| panic!("{launch}"));
         let dir = std::path::Path::new(dir.trim());
         let kernel = std::fs::File::open(dir.join("kernel")).unwrap();
-        assert!(cloudimg::fast_boot::has_pvh_entry(kernel).unwrap(), "{launch}");
+        assert!(cloudimg::appliance::fast_boot::has_pvh_entry(kernel).unwrap(), "{launch}");
         let meta = |p: &std::path::Path| std::fs::metadata(p).unwrap();
         let cache = dir.parent().and_then(|base| base.parent()).unwrap();
         let source = cache.join(format!(".guestfs-{}", meta(dir).uid())).join("appliance.d");
@@ -87,7 +87,7 @@ fn each_broken_setting_fails_its_check_with_the_command_that_fixes_it() {
 
     // --accel kvm fails exactly where the host cannot run KVM.
     let (code, report, _) = doctor(&["--quick", "--accel", "kvm"], &[]);
-    let kvm_unusable = cloudimg::accel::HostKvm::probe().problem().is_some();
+    let kvm_unusable = cloudimg::appliance::accel::HostKvm::probe().problem().is_some();
     assert_eq!(code, Some(if kvm_unusable { 6 } else { 0 }), "{report:#}");
     assert_eq!(check(&report, "kvm")["status"], if kvm_unusable { "fail" } else { "ok" });
 

@@ -5,9 +5,9 @@ mod common;
 
 use cloudimg::cloud_config::credentials::Stored;
 use cloudimg::cloud_config::{CLOUD_CFG, DROP_IN};
-use cloudimg::guest_config::{parse_file, CloudFile};
-use cloudimg::password::{self, Secret};
-use cloudimg::plan::{plan, Facts, Plan, Request};
+use cloudimg::cloud_config::{parse_file, CloudFile};
+use cloudimg::login::password::{self, Secret};
+use cloudimg::login::plan::{plan, Facts, Plan, Request};
 use serde_json::{json, Value};
 
 const FIXED_HASH: &str =

@@ -7,7 +7,7 @@ mod common;
 
 use cloudimg::cloud_config::edit::set_top_level;
 use cloudimg::cloud_config::yaml11::{self, Mapping, Value};
-use cloudimg::image_file::{classify, Format};
+use cloudimg::image::header::{classify, Format};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};

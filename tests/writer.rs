@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cloudimg::image_file::Format;
-use cloudimg::output::{self, Pending};
+use cloudimg::image::header::Format;
+use cloudimg::image::output::{self, Pending};
 
 const MIB: u64 = 1 << 20;
 
@@ -145,7 +145,7 @@ fn holds_run(path: &Path, byte: u8, len: usize) -> bool {
 /// (qemu-img check), keep the input's holes, and keep none of the data the edits zeroed in the file.
 #[test]
 fn an_inputs_copy_with_the_edits_written_in_reads_back_as_the_overlay() {
-    use cloudimg::output_patch::Copied;
+    use cloudimg::image::patch::Copied;
     let dir = tempfile::tempdir().unwrap();
     let (plain_base, plain_overlay) = images(dir.path(), false);
     let (compressed_base, compressed_overlay) = images(dir.path(), true);

@@ -2,13 +2,17 @@
 
 use std::path::PathBuf;
 
+use clap::builder::PossibleValue;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::accel;
-use crate::exit_codes;
-use crate::image_file::Format;
+use crate::appliance::accel;
+use crate::image::header::Format;
+use crate::login::method::Method;
+use crate::support::exit_codes;
 
+pub mod assets;
 mod help;
+pub mod settings;
 mod verify;
 use help::{CUSTOMIZE_EXAMPLES, DOCTOR_HELP, INSPECT_HELP, UPLOAD_EXAMPLES};
 pub use verify::VerifyArgs;
@@ -259,16 +263,23 @@ pub enum SshPwauth {
     Unchanged,
 }
 
-/// How the password gets into the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// cloud-init sets it at first boot (cloud.cfg or --drop-in)
-    CloudInit,
-    /// Write the hash into /etc/shadow now, and enable password login in sshd's configuration
-    Shadow,
-    /// cloud-init where it will work, else /etc/shadow; the choice and the reason are printed
-    Auto,
+/// `--method`'s values; the type is the decision's own ([`Method`]).
+impl ValueEnum for Method {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Method::CloudInit, Method::Shadow, Method::Auto]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Method::CloudInit => {
+                PossibleValue::new("cloud-init").help("cloud-init sets it at first boot (cloud.cfg or --drop-in)")
+            }
+            Method::Shadow => PossibleValue::new("shadow")
+                .help("Write the hash into /etc/shadow now, and enable password login in sshd's configuration"),
+            Method::Auto => PossibleValue::new("auto")
+                .help("cloud-init where it will work, else /etc/shadow; the choice and the reason are printed"),
+        })
+    }
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args};
 
-use crate::accel;
+use crate::appliance::accel;
 
 pub const VERIFY_HELP: &str = "\
 Boots a throw-away copy-on-write overlay of IMAGE (IMAGE itself is opened read-only) under qemu:

@@ -7,20 +7,20 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
-use crate::checks::{self, Effective, Finding, Severity};
-use crate::cli::Method;
+use crate::cli::settings::Customize;
 use crate::cloud_config::credentials::{self, Form, Stored};
 use crate::cloud_config::lock;
 use crate::cloud_config::version::{self, CloudInitVersion};
-use crate::exit_codes::{with_code, BAD_GUEST, INEFFECTIVE, USAGE};
-use crate::guest_config;
-use crate::method;
-use crate::password::{self, Secret};
-use crate::plan::{self, Facts, Request};
-use crate::report::Reporter;
-use crate::settings::Customize;
-use crate::shadow;
-use crate::sshd;
+use crate::guest::config;
+use crate::login::checks::{self, Effective, Finding, Severity};
+use crate::login::method;
+use crate::login::method::Method;
+use crate::login::password::{self, Secret};
+use crate::login::plan::{self, Facts, Request};
+use crate::login::shadow;
+use crate::login::sshd;
+use crate::support::exit_codes::{with_code, BAD_GUEST, INEFFECTIVE, USAGE};
+use crate::support::report::Reporter;
 
 /// One change to a guest file.
 pub(super) struct Write {
@@ -76,7 +76,7 @@ pub(super) struct Decision {
 pub(super) struct ImageFacts {
     /// `None` without /etc/cloud/cloud.cfg.
     pub(super) cloud: Option<CloudFacts>,
-    pub(super) sshd: Option<crate::sshd::Files>,
+    pub(super) sshd: Option<crate::login::sshd::Files>,
     pub(super) booted_before: bool,
     pub(super) passwd_users: Vec<String>,
     pub(super) shadow: Option<String>,
@@ -89,7 +89,7 @@ pub(super) struct ImageFacts {
 }
 
 pub(super) struct CloudFacts {
-    pub(super) files: Vec<guest_config::CloudFile>,
+    pub(super) files: Vec<crate::cloud_config::CloudFile>,
     /// The version from --cloud-init-version or the image, and every source asked.
     pub(super) detection: version::Detection,
 }
@@ -140,7 +140,7 @@ pub(super) fn decide_credentials(
     }
 }
 
-pub(super) fn merged(files: &[guest_config::CloudFile]) -> crate::cloud_config::yaml11::Mapping {
+pub(super) fn merged(files: &[crate::cloud_config::CloudFile]) -> crate::cloud_config::yaml11::Mapping {
     let parsed: Vec<_> = files.iter().map(|f| f.parsed.clone()).collect();
     crate::cloud_config::merge::effective(&parsed)
 }
@@ -152,7 +152,7 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
             crate::cloud_config::CLOUD_CFG
         ))
     })?;
-    let version = cloud.version().ok_or_else(|| guest_config::version_unknown(&cloud.detection))?;
+    let version = cloud.version().ok_or_else(|| config::version_unknown(&cloud.detection))?;
     let stored = secret.map(|secret| {
         if s.plaintext {
             Stored::Plain(secret.expose().to_string())
@@ -485,7 +485,7 @@ mod tests {
         journal.record(CLOUD_CFG, Some(ORIGINAL), WRITTEN);
         ImageFacts {
             cloud: Some(CloudFacts {
-                files: vec![guest_config::parse_file(CLOUD_CFG, cloud_cfg.to_string()).unwrap()],
+                files: vec![crate::cloud_config::parse_file(CLOUD_CFG, cloud_cfg.to_string()).unwrap()],
                 detection: version::Detection::default(),
             }),
             sshd: None,

@@ -3,16 +3,17 @@
 use anyhow::Result;
 
 use super::decide::{merged, CloudFacts, ImageFacts, Write};
+use crate::cli::settings::Customize;
 use crate::cloud_config::credentials;
 use crate::cloud_config::lock;
-use crate::exit_codes::{with_code, BAD_GUEST};
+use crate::guest::config;
+use crate::guest::locate::{self, Root};
 use crate::guest::Guest;
-use crate::guest_config;
-use crate::locate::{self, Root};
-use crate::manifest::GuestFacts;
-use crate::report::Reporter;
-use crate::settings::Customize;
-use crate::shadow;
+use crate::login::shadow;
+use crate::openstack::manifest::GuestFacts;
+use crate::support::exit_codes::{with_code, BAD_GUEST};
+use crate::support::os_release;
+use crate::support::report::Reporter;
 
 /// The root as it is mounted, so that it can be mounted again the same way.
 pub(super) struct Mounted<'a> {
@@ -22,11 +23,11 @@ pub(super) struct Mounted<'a> {
 }
 
 pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report: &Reporter) -> Result<ImageFacts> {
-    let cloud = if guest_config::has_cloud_init(guest).map_err(with_code(BAD_GUEST))? {
-        let (files, read_warnings) = guest_config::read_cloud_files(guest).map_err(with_code(BAD_GUEST))?;
+    let cloud = if config::has_cloud_init(guest).map_err(with_code(BAD_GUEST))? {
+        let (files, read_warnings) = config::read_cloud_files(guest).map_err(with_code(BAD_GUEST))?;
         read_warnings.iter().for_each(|w| report.warn(w));
         let remount = || locate::mount_root(guest, mounted.root, mounted.readonly, mounted.disk).map(drop);
-        let detection = guest_config::cloud_init_version(guest, s.cloud_init_version, &mounted.root.device, remount)
+        let detection = config::cloud_init_version(guest, s.cloud_init_version, &mounted.root.device, remount)
             .map_err(with_code(BAD_GUEST))?;
         match detection.chosen() {
             Some(found) => report.detail(&format!("cloud-init {found}; {} configuration files", files.len())),
@@ -37,7 +38,7 @@ pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report
         report.detail("no cloud-init in the image");
         None
     };
-    let read = |path: &str| guest_config::read_text(guest, path).map_err(with_code(BAD_GUEST));
+    let read = |path: &str| config::read_text(guest, path).map_err(with_code(BAD_GUEST));
     let mut journal = None;
     let mut journal_files = Vec::new();
     for path in lock::JOURNALS {
@@ -50,12 +51,12 @@ pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report
     }
     Ok(ImageFacts {
         cloud,
-        sshd: guest_config::sshd_files(guest).map_err(with_code(BAD_GUEST))?,
-        booted_before: guest_config::booted_before(guest).map_err(with_code(BAD_GUEST))?,
-        passwd_users: guest_config::passwd_users(guest).map_err(with_code(BAD_GUEST))?,
+        sshd: config::sshd_files(guest).map_err(with_code(BAD_GUEST))?,
+        booted_before: config::booted_before(guest).map_err(with_code(BAD_GUEST))?,
+        passwd_users: config::passwd_users(guest).map_err(with_code(BAD_GUEST))?,
         // Only the shadow route needs it; a run that cannot read it fails there, not here.
         shadow: read(shadow::SHADOW).ok().flatten(),
-        os_release: guest_config::os_release(guest).map_err(with_code(BAD_GUEST))?,
+        os_release: config::os_release(guest).map_err(with_code(BAD_GUEST))?,
         login_defs: read(shadow::LOGIN_DEFS).ok().flatten(),
         journal,
         journal_files,
@@ -66,13 +67,13 @@ pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report
 pub(super) fn guest_facts(guest: &Guest, image: &ImageFacts, disk: &str) -> Result<GuestFacts> {
     let table = guest.partition_table(disk)?;
     Ok(GuestFacts {
-        os_id: locate::os_release_field(&image.os_release, "ID"),
-        os_version: locate::os_release_field(&image.os_release, "VERSION_ID"),
+        os_id: os_release::field(&image.os_release, "ID"),
+        os_version: os_release::field(&image.os_release, "VERSION_ID"),
         admin_user: image.cloud.as_ref().and_then(|c| credentials::default_user(&merged(&c.files))),
         guest_agent: guest.exists("/usr/bin/qemu-ga")? || guest.exists("/usr/sbin/qemu-ga")?,
         partition_table: table.as_ref().map(|t| t.kind.to_string()),
         gpt_types: table.map(|t| t.gpt_types).unwrap_or_default(),
-        architecture: guest_config::architecture(guest)?,
+        architecture: config::architecture(guest)?,
     })
 }
 

@@ -11,17 +11,17 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use super::{sweep, ImageResult, Prepared, Summary, Target};
-use crate::cleanup;
-use crate::exit_codes::{self, with_code, OUTPUT, UPLOAD};
-use crate::hashing::{self, Digests};
-use crate::image_file::ImageInfo;
-use crate::manifest::{self, Manifest};
-use crate::output::{self, Created, Pending};
-use crate::output_patch::{self, Copied, Edits};
-use crate::password::{self, Secret, Source};
-use crate::report::Reporter;
-use crate::settings::{Customize, ManifestRequest};
-use crate::upload::{self, Connection};
+use crate::cli::settings::{Customize, ManifestRequest};
+use crate::image::hashing::{self, Digests};
+use crate::image::header::ImageInfo;
+use crate::image::output::{self, Created, Pending};
+use crate::image::patch::{self, Copied, Edits};
+use crate::login::password::{self, Secret, Source};
+use crate::openstack::manifest::{self, Manifest};
+use crate::openstack::upload::{self, Connection};
+use crate::support::cleanup;
+use crate::support::exit_codes::{self, with_code, OUTPUT, UPLOAD};
+use crate::support::report::Reporter;
 
 /// One output written, checked and flushed under its temporary name.
 pub(super) struct Converted {
@@ -31,16 +31,12 @@ pub(super) struct Converted {
 }
 
 /// Copies the input of `p` beside its destination ahead of the edits, when the edits can then be
-/// written into the copy (see [`output_patch`]): the output keeps the input's format and is not
+/// written into the copy (see [`patch`]): the output keeps the input's format and is not
 /// compressed, and the input file is a sound, valid output itself. `None` when the output is to be written
 /// afresh instead. Runs on the output writer thread while the appliance starts.
 pub(super) fn copy_ahead(s: &Customize, p: &Prepared, report: &Reporter) -> Option<Result<Copied>> {
     let target = p.target.as_ref()?;
-    if target.format != p.info.format
-        || target.compress
-        || !p.info.copyable
-        || !output_patch::sound(&p.input, p.info.format)
-    {
+    if target.format != p.info.format || target.compress || !p.info.copyable || !patch::sound(&p.input, p.info.format) {
         return None;
     }
     report.phase(&format!("Copying {} beside {}", p.input.display(), target.dest.display()));
@@ -73,7 +69,7 @@ pub(super) fn convert(
     {
         None => write_checked(s, p, report),
         Some(Err(e)) => Err(e),
-        Some(Ok((edits, copied))) if edits.zeroed() > output_patch::MOST_ZEROED => {
+        Some(Ok((edits, copied))) if edits.zeroed() > patch::MOST_ZEROED => {
             report.detail(&format!(
                 "the edits zeroed {:.0} MiB of the input's data: writing the output afresh, as small as its data",
                 edits.zeroed() as f64 / f64::from(1 << 20)

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 
-use crate::accel::{self, Accel, HostKvm, KvmDevice, Requested};
-use crate::cleanup::{self, Watchdog};
+use crate::appliance::accel::{self, Accel, HostKvm, KvmDevice, Requested};
+use crate::appliance::trusted_dir::Distrust;
 use crate::guest::{self, Drive, Guest, LaunchOptions, Setup};
-use crate::image_file::Format;
-use crate::trusted_dir::Distrust;
+use crate::image::header::Format;
+use crate::support::cleanup::{self, Watchdog};
 
 mod appliance;
 mod verify_boot;
@@ -84,7 +84,7 @@ pub fn run(opts: &Options, mut show: impl FnMut(&Check)) -> Report {
         show(&check);
         checks.push(check);
     };
-    record(user_check(crate::trusted_dir::effective_uid(), container_hint()), &mut checks);
+    record(user_check(crate::support::identity::effective_uid(), container_hint()), &mut checks);
     let setup = guest::setup();
     record(libguestfs_check(&setup), &mut checks);
     let setup = setup.ok();
@@ -297,7 +297,7 @@ fn kvm_check(requested: Requested, host: &HostKvm) -> Check {
 /// Whether libguestfs's cache and cloudimg's fast-boot copy beside it are this user's alone: anyone who
 /// could write there could choose the appliance cloudimg boots.
 fn cache_trust_check(cachedir: &Path) -> Check {
-    let checked = crate::fast_boot::check_cache(cachedir).and_then(|cache| cache.fast_boot_dir().map(drop));
+    let checked = crate::appliance::fast_boot::check_cache(cachedir).and_then(|cache| cache.fast_boot_dir().map(drop));
     cache_trust_verdict(cachedir, checked)
 }
 
@@ -309,7 +309,7 @@ fn cache_trust_verdict(cachedir: &Path, checked: Result<(), Distrust>) -> Check 
             Status::Ok,
             format!(
                 "{} and the fast-boot copy are this user's alone",
-                crate::fast_boot::libguestfs_cache(cachedir).display()
+                crate::appliance::fast_boot::libguestfs_cache(cachedir).display()
             ),
         ),
         Err(why) => Check::new(
@@ -324,7 +324,7 @@ fn cache_trust_verdict(cachedir: &Path, checked: Result<(), Distrust>) -> Check 
 /// Builds (or finds up to date) the supermin appliance with the same command libguestfs runs, so that
 /// a failure shows supermin's own message, and the launch after it measures only the launch.
 fn build_check(setup: &Setup, timeout: Duration) -> Check {
-    let cache = match crate::fast_boot::create_cache(Path::new(&setup.cachedir)) {
+    let cache = match crate::appliance::fast_boot::create_cache(Path::new(&setup.cachedir)) {
         Ok(cache) => cache,
         Err(why) => {
             return Check::new("appliance", Status::Fail, format!("not built: {why}")).fix(why.fix);

@@ -7,14 +7,19 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use guestfs::{AddDriveOptArgs, CreateFlags, Handle};
 
-use crate::accel::Accel;
-use crate::cleanup::Watchdog;
-use crate::exit_codes::{with_code, APPLIANCE};
-use crate::fast_boot;
-use crate::image_file::Format;
-use crate::partition_table;
+use crate::appliance::accel::Accel;
+use crate::appliance::fast_boot;
+use crate::image::header::Format;
+use crate::support::cleanup::Watchdog;
+use crate::support::exit_codes::{with_code, APPLIANCE};
 
+pub mod batch;
+pub mod config;
 mod files;
+pub mod locate;
+pub mod partition_table;
+pub mod rpm_database;
+pub mod session;
 
 const S_IFMT: i64 = 0o170000;
 const S_IFREG: i64 = 0o100000;
@@ -172,7 +177,7 @@ impl Guest {
     fn bounded<T>(&self, what: &str, call: impl FnOnce(&Handle) -> Result<T, guestfs::Error>) -> Result<T> {
         let dog = Watchdog::arm(self.timeout);
         let result = call(&self.g);
-        crate::cleanup::checkpoint();
+        crate::support::cleanup::checkpoint();
         if dog.fired() {
             let err = anyhow!("{what} did not finish within {} s and was stopped", self.timeout.as_secs());
             return Err(with_code(APPLIANCE)(err));
@@ -295,7 +300,7 @@ impl Guest {
             let options = guestfs::FstrimOptArgs { offset: None, length: None, minimumfreeextent: Some(64 << 10) };
             match self.bounded(&format!("trimming free space on {mountpoint}"), |g| g.fstrim(&mountpoint, options)) {
                 Ok(()) => {}
-                Err(e) if crate::exit_codes::code_of(&e) == APPLIANCE => return Err(e),
+                Err(e) if crate::support::exit_codes::code_of(&e) == APPLIANCE => return Err(e),
                 Err(e) => untrimmed.push(format!("{e:#}")),
             }
         }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::cloud_config::yaml11::{self, Mapping, Value};
-use crate::password::Secret;
+use crate::login::password::Secret;
 
 /// The `auth_type` values cloudimg speaks (keystoneauth's names).
 pub const AUTH_TYPES: &str = "password, v3password, v3applicationcredential, token, v3token";

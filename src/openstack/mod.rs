@@ -4,6 +4,8 @@
 pub mod credentials;
 pub mod glance;
 pub mod keystone;
+pub mod manifest;
+pub mod upload;
 
 use std::io::Read;
 use std::time::Duration;

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::verdict::BootPath;
-use crate::accel::Accel;
-use crate::partition_table::Table;
+use crate::appliance::accel::Accel;
+use crate::guest::partition_table::Table;
 
 /// The boot path a disk allows: UEFI when it can only boot that way (as the manifest's
 /// `hw_firmware_type` says), BIOS when its MBR starts a bootloader, else none of its own.
 pub fn choose(table: Option<&Table>) -> BootPath {
     match table {
-        Some(t) if crate::manifest::uefi_only(Some(t.kind), &t.gpt_types) => BootPath::Uefi,
+        Some(t) if crate::openstack::manifest::uefi_only(Some(t.kind), &t.gpt_types) => BootPath::Uefi,
         Some(t) if t.bios_boot => BootPath::Bios,
         _ => BootPath::DirectKernel,
     }
@@ -123,7 +123,7 @@ impl Vm {
         let err = File::create_new(stderr).with_context(|| format!("creating {}", stderr.display()))?;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(qemu_args(plan)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).process_group(0);
-        crate::cleanup::die_with_parent(&mut cmd);
+        crate::support::cleanup::die_with_parent(&mut cmd);
         let child = cmd.spawn().context("starting qemu-system-x86_64 (Debian: apt-get install qemu-system-x86)")?;
         Ok(Vm {
             child,

@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 
 use super::boot::{self, DirectKernel};
 use super::verdict::{tail, BootPath};
+use crate::appliance::fast_boot;
 use crate::cloud_config::{credentials, merge};
 use crate::guest::Guest;
-use crate::{fast_boot, guest_config, locate};
+use crate::guest::{config, locate};
 
 /// A kernel or initrd larger than this is not one (a hostile image could name a huge file).
 const MAX_BOOT_FILE: i64 = 512 << 20;
@@ -34,8 +35,8 @@ pub fn read_before(guest: &Guest, dir: &Path, decompress: bool) -> Result<Before
     let path = boot::choose(table.as_ref());
     let root = locate::find_root(guest, None, None)?;
     locate::mount_root(guest, &root, true, None)?;
-    let default_user = if guest_config::has_cloud_init(guest)? {
-        let (files, _) = guest_config::read_cloud_files(guest)?;
+    let default_user = if config::has_cloud_init(guest)? {
+        let (files, _) = config::read_cloud_files(guest)?;
         let parsed: Vec<_> = files.into_iter().map(|f| f.parsed).collect();
         credentials::default_user(&merge::effective(&parsed))
     } else {
@@ -45,7 +46,7 @@ pub fn read_before(guest: &Guest, dir: &Path, decompress: bool) -> Result<Before
         BootPath::DirectKernel => Some(direct_kernel(guest, dir, decompress)?),
         _ => None,
     };
-    let instance_id = guest_config::read_text(guest, INSTANCE_ID)?.and_then(|t| plain_instance_id(&t));
+    let instance_id = config::read_text(guest, INSTANCE_ID)?.and_then(|t| plain_instance_id(&t));
     Ok(Before { path, default_user, direct, instance_id })
 }
 
@@ -60,7 +61,7 @@ fn plain_instance_id(text: &str) -> Option<String> {
 }
 
 fn direct_kernel(guest: &Guest, dir: &Path, decompress: bool) -> Result<DirectKernel> {
-    let fstab = guest_config::read_text(guest, "/etc/fstab")?.unwrap_or_default();
+    let fstab = config::read_text(guest, "/etc/fstab")?.unwrap_or_default();
     let root = locate::fstab_entries(&fstab)
         .into_iter()
         .find(|e| e.mountpoint == "/")

@@ -13,16 +13,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::accel::{self, Accel, HostKvm};
-use crate::appliance;
-use crate::cleanup::{self, WorkDir};
-use crate::exit_codes::{with_code, BAD_GUEST, BAD_INPUT, NO_BOOT, USAGE};
+use crate::appliance::accel::{self, Accel, HostKvm};
+use crate::cli::settings::Verify;
+use crate::guest::session;
 use crate::guest::Drive;
-use crate::image_file::{self, Format};
-use crate::output;
-use crate::password::Secret;
-use crate::report::Reporter;
-use crate::settings::Verify;
+use crate::image::header::{self, Format};
+use crate::image::output;
+use crate::login::password::Secret;
+use crate::support::cleanup::{self, WorkDir};
+use crate::support::exit_codes::{with_code, BAD_GUEST, BAD_INPUT, NO_BOOT, USAGE};
+use crate::support::report::Reporter;
 use boot::{Plan, Vm};
 use ssh::{Attempt, Auth};
 use verdict::{BootPath, Login, Verdict};
@@ -48,7 +48,7 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
 /// [`run`] with the password already read (`customize --verify` has it).
 pub fn run_with(s: &Verify, secret: Option<&Secret>, report: &Reporter) -> Result<Verdict> {
     let started = Instant::now();
-    let info = image_file::inspect(&s.image).map_err(with_code(BAD_INPUT))?;
+    let info = header::inspect(&s.image).map_err(with_code(BAD_INPUT))?;
     let (accel, _) = accel::choose(s.accel, &HostKvm::probe()).map_err(with_code(USAGE))?;
     let limit = s.timeout.unwrap_or(if accel == Accel::Kvm { KVM_TIMEOUT } else { TCG_TIMEOUT });
     let work = cleanup::work_dir()?;
@@ -151,13 +151,13 @@ pub fn output(
         image: format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()).into(),
         name: dest.display().to_string(),
         user: expected.user,
-        credential: crate::settings::Credential { password: None, key: None },
+        credential: crate::cli::settings::Credential { password: None, key: None },
         timeout: None,
         accel: expected.accel,
         same_instance: expected.same_instance,
         keep_disk: None,
         json: false,
-        verbosity: crate::report::Verbosity::Normal,
+        verbosity: crate::support::report::Verbosity::Normal,
     };
     let v = run_with(&s, Some(expected.secret), report)?;
     match &v.failure {
@@ -168,7 +168,7 @@ pub fn output(
             v.user
         ))),
         Some(why) => {
-            eprint!("{}", crate::report::for_terminal(&verdict::render(&v)));
+            eprint!("{}", crate::support::report::for_terminal(&verdict::render(&v)));
             Ok(Err(Failed { why: why.clone(), code: v.exit_code() }))
         }
     }
@@ -178,8 +178,8 @@ pub fn output(
 fn read_image(s: &Verify, work: &WorkDir, format: Format, limit: Duration, report: &Reporter) -> Result<image::Before> {
     report.phase("Reading the boot path from the image");
     let drives = [Drive { path: &s.image, format, readonly: true }];
-    let opts = appliance::Options { accel: s.accel, timeout: limit, debug: false, tmpdir: work.path() };
-    let shared = appliance::launch(&drives, &[&s.image], &opts, report)?;
+    let opts = session::Options { accel: s.accel, timeout: limit, debug: false, tmpdir: work.path() };
+    let shared = session::launch(&drives, &[&s.image], &opts, report)?;
     cleanup::checkpoint();
     let decompress = shared.accel == Accel::Tcg;
     let before = image::read_before(&shared.guest, work.path(), decompress)
@@ -305,11 +305,11 @@ fn wrong_password() -> Secret {
 
 /// Writes the instance's disk (the overlay over the image) as a standalone qcow2 at `dest`.
 fn keep_disk(overlay: &Path, image: &Path, dest: &Path) -> Result<()> {
-    let pending = output::Pending::beside(dest).map_err(with_code(crate::exit_codes::OUTPUT))?;
+    let pending = output::Pending::beside(dest).map_err(with_code(crate::support::exit_codes::OUTPUT))?;
     output::write_image(overlay, image, Format::Qcow2, false, &pending, false, &mut |_| {})
-        .map_err(with_code(crate::exit_codes::OUTPUT))?;
+        .map_err(with_code(crate::support::exit_codes::OUTPUT))?;
     cleanup::checkpoint();
-    pending.commit(output::default_file_mode(), None, false).map_err(with_code(crate::exit_codes::OUTPUT))?;
+    pending.commit(output::default_file_mode(), None, false).map_err(with_code(crate::support::exit_codes::OUTPUT))?;
     cleanup::written(dest);
     Ok(())
 }
@@ -319,8 +319,8 @@ fn keep_disk(overlay: &Path, image: &Path, dest: &Path) -> Result<()> {
 fn read_logs(v: &mut Verdict, overlay: &Path, work: &WorkDir, s: &Verify, limit: Duration, report: &Reporter) {
     report.phase("Reading cloud-init's and sshd's logs from the instance's disk");
     let drives = [Drive { path: overlay, format: Format::Qcow2, readonly: true }];
-    let opts = appliance::Options { accel: s.accel, timeout: limit, debug: false, tmpdir: work.path() };
-    let read = appliance::launch(&drives, &[overlay], &opts, report).and_then(|shared| {
+    let opts = session::Options { accel: s.accel, timeout: limit, debug: false, tmpdir: work.path() };
+    let read = session::launch(&drives, &[overlay], &opts, report).and_then(|shared| {
         let logs = image::read_logs(&shared.guest);
         let _ = shared.guest.shutdown();
         logs

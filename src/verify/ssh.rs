@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::password::Secret;
+use crate::login::password::Secret;
 
 /// How the client proves who it is.
 pub enum Auth<'a> {

@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use crate::accel::Accel;
-use crate::exit_codes;
+use crate::appliance::accel::Accel;
+use crate::support::exit_codes;
 
 /// What `cloud-init status --long` said, parsed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

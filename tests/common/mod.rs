@@ -218,9 +218,12 @@ pub fn fixtures() -> &'static Fixtures {
 
 /// The accelerator the tests' own handles use: the same choice the tool makes.
 pub fn force_tcg() -> bool {
-    let (accel, _) =
-        cloudimg::accel::choose(cloudimg::accel::Requested::Auto, &cloudimg::accel::HostKvm::probe()).unwrap();
-    accel == cloudimg::accel::Accel::Tcg
+    let (accel, _) = cloudimg::appliance::accel::choose(
+        cloudimg::appliance::accel::Requested::Auto,
+        &cloudimg::appliance::accel::HostKvm::probe(),
+    )
+    .unwrap();
+    accel == cloudimg::appliance::accel::Accel::Tcg
 }
 
 fn handle() -> Handle {
@@ -642,7 +645,7 @@ fn hard_link_tarball() -> tempfile::TempDir {
 /// at `/`, then the appliance is shut down so that every write reaches the file.
 pub fn edit_image(image: &Path, device: &str, edit: impl FnOnce(&Handle)) {
     let g = handle();
-    let format = cloudimg::image_file::inspect(image).unwrap().format.as_str();
+    let format = cloudimg::image::header::inspect(image).unwrap().format.as_str();
     g.add_drive(image.to_str().unwrap(), cloudimg::guest::drive_options(format, false)).unwrap();
     g.launch().expect("launching the appliance that edits a test image");
     g.mount(device, "/").unwrap_or_else(|e| panic!("mounting {device}: {e:?}"));
@@ -661,7 +664,7 @@ impl ReadBack {
     pub fn open(images: &[&Path]) -> ReadBack {
         let g = handle();
         for image in images {
-            let format = cloudimg::image_file::inspect(image).unwrap().format.as_str();
+            let format = cloudimg::image::header::inspect(image).unwrap().format.as_str();
             g.add_drive(image.to_str().unwrap(), cloudimg::guest::drive_options(format, true)).unwrap();
         }
         g.launch().expect("launching the read-back appliance");

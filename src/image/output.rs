@@ -18,11 +18,11 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::child_fd;
-use crate::cleanup;
-use crate::hashing::{self, Digests};
-use crate::image_file::{self, Format, ImageInfo};
-use crate::image_writer;
+use crate::image::hashing::{self, Digests};
+use crate::image::header::{self, Format, ImageInfo};
+use crate::image::writer;
+use crate::support::child_fd;
+use crate::support::cleanup;
 
 /// Creates `overlay`, a qcow2 whose backing file is `input` with its format stated, so that neither
 /// qemu nor libguestfs probes it and the input is only ever opened read-only.
@@ -40,7 +40,7 @@ pub fn create_overlay(input: &Path, format: Format, overlay: &Path) -> Result<()
 
 /// Writes the overlay's contents (`input` plus edits) through `dest` as a standalone image, telling
 /// `progress` the percentage done; returns the file's digests when `hash` is set. Uncompressed images
-/// are written by cloudimg in one pass that hashes as it writes ([`image_writer`]); a compressed
+/// are written by cloudimg in one pass that hashes as it writes ([`writer`]); a compressed
 /// qcow2 is qemu-img's (its tables depend on the compressed sizes, so they cannot precede the data in
 /// a one-pass file) and is read once more to be hashed.
 pub fn write_image(
@@ -56,7 +56,7 @@ pub fn write_image(
     if !(compress && format == Format::Qcow2) {
         cleanup::fault_point("converting");
         let digests =
-            image_writer::write(overlay, input, format, (dest.file(), dest.path()), hash, progress).context(what)?;
+            writer::write(overlay, input, format, (dest.file(), dest.path()), hash, progress).context(what)?;
         cleanup::checkpoint();
         return Ok(digests);
     }
@@ -80,7 +80,7 @@ pub fn write_image(
 /// no backing or data file, no unknown qcow2 features, qcow2 compat 1.1, the input's virtual size),
 /// reading it through its descriptor.
 pub fn check_written(dest: &Pending, format: Format, virtual_size: u64) -> Result<ImageInfo> {
-    let info = image_file::inspect_file(dest.file(), dest.path())?;
+    let info = header::inspect_file(dest.file(), dest.path())?;
     verify_written(&info, format, virtual_size)?;
     Ok(info)
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha_crypt::{PasswordHasher, PasswordVerifier, ShaCrypt};
 
-use crate::output::Created;
+use crate::image::output::Created;
 
 /// A password that cannot be displayed or debug-printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub enum Source {
 }
 
 impl Source {
-    /// Obtains the password. For a random one, the caller shows or saves it with [`reveal_random`].
+    /// Obtains the password. For a random one, the caller shows or saves it (customize's `reveal_random_password`).
     pub fn read(&self) -> Result<Secret> {
         match self {
             Source::File(path) => {

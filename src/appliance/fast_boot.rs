@@ -23,7 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
 use object::read::ReadCache;
 
-use crate::trusted_dir::{Dir, Distrust, FileId};
+use crate::appliance::trusted_dir::{Dir, Distrust, FileId};
 
 /// Set to 1 to always launch libguestfs's own appliance.
 pub const OPT_OUT_VARIABLE: &str = "CLOUDIMG_STOCK_APPLIANCE";
@@ -148,11 +148,11 @@ pub fn create_cache(cachedir: &Path) -> Result<PathBuf, Distrust> {
 }
 
 fn libguestfs_cache_name() -> String {
-    format!(".guestfs-{}", crate::trusted_dir::effective_uid())
+    format!(".guestfs-{}", crate::support::identity::effective_uid())
 }
 
 fn fast_boot_name() -> String {
-    format!("cloudimg-appliance-{}", crate::trusted_dir::effective_uid())
+    format!("cloudimg-appliance-{}", crate::support::identity::effective_uid())
 }
 
 /// `packages_changed`: when the host's package database last changed, if known.
@@ -493,7 +493,7 @@ mod tests {
         assert!(err(make(empty.path(), Some(SystemTime::UNIX_EPOCH))).contains("not built its appliance yet"));
         let (no_pvh, _) = cache_with_appliance(&elf_with_note(b"Xen", 17));
         assert!(err(make(no_pvh.path(), Some(SystemTime::UNIX_EPOCH))).contains("no PVH entry point"));
-        let base = no_pvh.path().join(format!("cloudimg-appliance-{}", crate::trusted_dir::effective_uid()));
+        let base = no_pvh.path().join(format!("cloudimg-appliance-{}", crate::support::identity::effective_uid()));
         assert_eq!(fs::read_dir(base).unwrap().count(), 0, "nothing half-made is left");
     }
 
@@ -522,7 +522,7 @@ mod tests {
 
     #[test]
     fn an_appliance_someone_else_planted_is_not_booted_from() {
-        if crate::trusted_dir::effective_uid() != 0 {
+        if crate::support::identity::effective_uid() != 0 {
             return; // only root can give files away
         }
         let (cache, source) = cache_with_appliance(&elf_with_note(b"Xen", 18));

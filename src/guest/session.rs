@@ -1,4 +1,4 @@
-//! One appliance launch for one or several images, shared by `customize` and `inspect`: the
+//! One appliance session for one or several images, shared by `customize` and `inspect`: the
 //! accelerator chosen, the appliance started, its filesystems sorted to their images, and a job run
 //! on each image that can share it.
 
@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::accel::{self, Accel, HostKvm};
-use crate::batch::{self, Split};
-use crate::cleanup;
-use crate::exit_codes::{code_of, with_code, APPLIANCE};
+use crate::appliance::accel::{self, Accel, HostKvm};
+use crate::guest::batch::{self, Split};
+use crate::guest::locate::Disk;
 use crate::guest::{Drive, Guest, LaunchOptions};
-use crate::locate::Disk;
-use crate::report::Reporter;
+use crate::support::cleanup;
+use crate::support::exit_codes::{code_of, with_code, APPLIANCE};
+use crate::support::report::Reporter;
 
 /// How to launch.
 pub struct Options<'a> {

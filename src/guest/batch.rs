@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
+use crate::guest::locate::Disk;
 use crate::guest::Guest;
-use crate::locate::Disk;
 
 /// The disks of a shared appliance, and the images (by position) that need one of their own, with why.
 pub struct Split {

@@ -3,17 +3,17 @@
 
 use anyhow::{Context, Result};
 
-use crate::checks::{self, Effective, Finding, Intent};
 use crate::cloud_config::credentials::{self, Form, Stored};
 use crate::cloud_config::deprecations::{self, Account};
 use crate::cloud_config::merge::{self, ConfigFile};
 use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::yaml11::Value;
+use crate::cloud_config::CloudFile;
 use crate::cloud_config::{edit, keys, secrets, yaml11};
-use crate::exit_codes::{with_code, BAD_GUEST};
-use crate::guest_config::CloudFile;
-use crate::shadow;
-use crate::sshd;
+use crate::login::checks::{self, Effective, Finding, Intent};
+use crate::login::shadow;
+use crate::login::sshd;
+use crate::support::exit_codes::{with_code, BAD_GUEST};
 
 /// What was read from the image.
 pub struct Facts<'a> {
@@ -243,8 +243,8 @@ fn configured_users(cfg: &yaml11::Mapping) -> impl Iterator<Item = String> + '_ 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cloud_config::parse_file;
     use crate::cloud_config::{CLOUD_CFG, DROP_IN};
-    use crate::guest_config::parse_file;
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcBP2Hlv715+49uDDvU+ZdmzRat/4M9S78A5XhQM7FV alice@laptop";
     /// `ops` exists with a password, `nopw` exists locked, `alice` is new.

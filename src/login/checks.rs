@@ -7,7 +7,7 @@ use crate::cloud_config::merge::{self, ConfigFile};
 use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::yaml11::Mapping;
 use crate::cloud_config::DROP_IN;
-use crate::sshd;
+use crate::login::sshd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

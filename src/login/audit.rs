@@ -2,14 +2,14 @@
 //! configuration for every user it names, sshd's decision after cloud-init acts, `/etc/shadow`, and
 //! the findings worth reporting. Pure: `inspect` and `customize` feed it what they read.
 
-use crate::checks::{self, Finding, Severity};
 use crate::cloud_config::credentials;
 use crate::cloud_config::deprecations;
 use crate::cloud_config::merge::{self, ConfigFile};
 use crate::cloud_config::version::{CloudInitVersion, Detection, Found};
 use crate::cloud_config::yaml11::{Mapping, Value};
-use crate::shadow;
-use crate::sshd;
+use crate::login::checks::{self, Finding, Severity};
+use crate::login::shadow;
+use crate::login::sshd;
 
 /// What the image holds, as read.
 pub struct Image<'a> {

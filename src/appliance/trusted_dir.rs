@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
+use crate::support::identity::effective_uid;
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
@@ -171,12 +172,6 @@ impl Dir {
         let target = rustix::fs::readlinkat(self.fd.as_fd(), name, Vec::new()).ok()?;
         Some(PathBuf::from(target.to_string_lossy().into_owned()))
     }
-}
-
-/// The user whose files cloudimg trusts and creates (root when run through sudo).
-pub(crate) fn effective_uid() -> u32 {
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 fn whoami() -> String {

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::hashing::Digests;
+use crate::image::hashing::Digests;
 
 /// A step taken on another image of the same name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

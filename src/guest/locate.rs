@@ -6,6 +6,7 @@
 use anyhow::{bail, Context, Result};
 
 use crate::guest::Guest;
+use crate::support::os_release;
 
 /// Filesystem types a Linux root can have.
 const ROOT_TYPES: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs"];
@@ -74,15 +75,7 @@ fn looks_like_root(guest: &Guest) -> Result<bool> {
 fn os_name(guest: &Guest) -> Option<String> {
     let text =
         ["/etc/os-release", "/usr/lib/os-release"].iter().find_map(|p| guest.read_config_file(p).ok().flatten())?;
-    os_release_field(&String::from_utf8_lossy(&text), "PRETTY_NAME")
-}
-
-/// A field of an os-release file, unquoted.
-pub fn os_release_field(text: &str, field: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let value = line.strip_prefix(field)?.strip_prefix('=')?;
-        Some(value.trim().trim_matches('"').trim_matches('\'').to_string())
-    })
+    os_release::field(&String::from_utf8_lossy(&text), "PRETTY_NAME")
 }
 
 /// Picks the root: the only one, or the one the user named with `--root`.
@@ -345,7 +338,7 @@ mod tests {
         assert_eq!(lvm_path_from_mapper("a--b-c--d").as_deref(), Some("/dev/a-b/c-d"));
         assert_eq!(lvm_path_from_mapper("nodash"), None);
         assert_eq!(
-            os_release_field("NAME=x\nPRETTY_NAME=\"Ubuntu 24.04 LTS\"\n", "PRETTY_NAME").as_deref(),
+            os_release::field("NAME=x\nPRETTY_NAME=\"Ubuntu 24.04 LTS\"\n", "PRETTY_NAME").as_deref(),
             Some("Ubuntu 24.04 LTS")
         );
     }

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 
 use crate::cloud_config::deprecations::Account;
-use crate::locate::os_release_field;
+use crate::support::os_release;
 
 pub const SHADOW: &str = "/etc/shadow";
 pub const LOGIN_DEFS: &str = "/etc/login.defs";
@@ -30,8 +30,8 @@ impl Algorithm {
 /// Ubuntu 20.04+ (libxcrypt), or wherever `login.defs` asks for it; SHA-512 everywhere else, which
 /// every glibc since 2.7 reads.
 pub fn default_algorithm(os_release: &str, login_defs: Option<&str>) -> (Algorithm, String) {
-    let id = os_release_field(os_release, "ID").unwrap_or_default();
-    let version = os_release_field(os_release, "VERSION_ID").unwrap_or_default();
+    let id = os_release::field(os_release, "ID").unwrap_or_default();
+    let version = os_release::field(os_release, "VERSION_ID").unwrap_or_default();
     let at_least = |wanted: (u32, u32)| {
         let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
         (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= wanted

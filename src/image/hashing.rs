@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use anyhow::{Context, Result};
 use sha2::Digest;
 
-/// Bytes handed to the hashing threads at a time; with [`QUEUE`] it bounds the memory in flight.
+/// Bytes handed to the hashing threads at a time; with the channel's depth (`QUEUE`) it bounds the memory in flight.
 pub const CHUNK: usize = 1 << 20;
 const QUEUE: usize = 2;
 

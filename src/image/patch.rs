@@ -2,7 +2,7 @@
 //! (`ImageInfo::copyable`): the input file is copied beside the destination while the appliance
 //! starts, when the disk has nothing else to do, and once the image's edits are done only what they
 //! changed is written into the copy, through a qemu-nbd serving it, so that qemu keeps the qcow2
-//! tables right. Writing the output afresh (`image_writer`) reads and writes the whole disk after the
+//! tables right. Writing the output afresh (`writer`) reads and writes the whole disk after the
 //! edits; this leaves a few MiB for then.
 //!
 //! What the edits changed is what the working overlay holds itself (depth 0 in qemu's map): its data,
@@ -17,10 +17,10 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::hashing::CHUNK;
-use crate::image_file::{self, Format};
-use crate::output::Pending;
-use crate::overlay_reader::{self, Export, Extent, Source};
+use crate::image::hashing::CHUNK;
+use crate::image::header::{self, Format};
+use crate::image::output::Pending;
+use crate::image::overlay_reader::{self, Export, Extent, Source};
 
 /// The input copied into the output's temporary file, with the input's map as it was copied.
 pub struct Copied {
@@ -43,7 +43,7 @@ pub fn sound(input: &Path, format: Format) -> bool {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    crate::cleanup::die_with_parent(&mut cmd);
+    crate::support::cleanup::die_with_parent(&mut cmd);
     cmd.status().is_ok_and(|status| status.success())
 }
 
@@ -52,7 +52,7 @@ impl Copied {
     /// gets the percentage done.
     pub fn make(input: &Path, format: Format, pending: Pending, progress: &mut dyn FnMut(f64)) -> Result<Copied> {
         let (_, input_map) = overlay_reader::map(input, format)?;
-        let source = image_file::open(input)?;
+        let source = header::open(input)?;
         let bytes = copy_data(&source, pending.file(), progress)
             .with_context(|| format!("copying {} to {}", input.display(), pending.path().display()))?;
         pending.flush()?;

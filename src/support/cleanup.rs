@@ -32,7 +32,7 @@ pub fn install_signal_handler() {
         if let Some(undo) = ON_INTERRUPT.lock().unwrap_or_else(|e| e.into_inner()).take() {
             undo();
         }
-        end_run("interrupted", crate::exit_codes::INTERRUPTED);
+        end_run("interrupted", crate::support::exit_codes::INTERRUPTED);
     });
 }
 
@@ -251,7 +251,7 @@ fn claim(parent: &File, name: &OsStr) -> Option<(OwnedFd, bool)> {
         opened => opened.ok()?,
     };
     let meta = File::from(fd.try_clone().ok()?).metadata().ok()?;
-    if meta.uid() != crate::trusted_dir::effective_uid() {
+    if meta.uid() != crate::support::identity::effective_uid() {
         return None;
     }
     rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive).ok()?;
@@ -353,7 +353,7 @@ impl Drop for Watchdog {
 /// Bounds host-side work over one image's data (reading, parsing and checking what it holds), which no
 /// appliance call's watchdog bounds: a hostile configuration could keep a loop busy for hours. If the
 /// work is not done within its limit, the run is stopped as a signal would stop it (children killed,
-/// temporaries removed), with `why` and [`crate::exit_codes::BAD_GUEST`]: a computation cannot be cut
+/// temporaries removed), with `why` and [`crate::support::exit_codes::BAD_GUEST`]: a computation cannot be cut
 /// short safely from outside, so the whole process ends.
 pub struct Deadline {
     disarm: Option<mpsc::Sender<()>>,
@@ -369,7 +369,7 @@ impl Deadline {
             if wait.recv_timeout(end.saturating_duration_since(std::time::Instant::now()))
                 == Err(RecvTimeoutError::Timeout)
             {
-                end_run(&why, crate::exit_codes::BAD_GUEST);
+                end_run(&why, crate::support::exit_codes::BAD_GUEST);
             }
         });
         Deadline { disarm: Some(disarm), thread: Some(thread) }
@@ -449,7 +449,7 @@ mod tests {
 
     #[test]
     fn a_leftover_someone_else_owns_is_not_ours_to_remove() {
-        if crate::trusted_dir::effective_uid() != 0 {
+        if crate::support::identity::effective_uid() != 0 {
             return; // only root can give a file away
         }
         let dir = tempfile::tempdir().unwrap();

@@ -28,7 +28,7 @@ pub fn manpages(dir: &Path) -> Result<Vec<PathBuf>> {
         let path = dir.join(format!("{name}.1"));
         let mut page = Vec::new();
         clap_mangen::Man::new(command).render(&mut page).with_context(|| format!("rendering {name}.1"))?;
-        crate::output::write_small_file(&path, &page)?;
+        crate::image::output::write_small_file(&path, &page)?;
         written.push(path);
     }
     Ok(written)

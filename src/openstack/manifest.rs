@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::hashing::Digests;
-use crate::image_file::ImageInfo;
+use crate::image::hashing::Digests;
+use crate::image::header::ImageInfo;
 
 const GIB: u64 = 1 << 30;
 const EFI_SYSTEM: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
@@ -313,7 +313,7 @@ mod tests {
 
     #[test]
     fn a_manifest_round_trips_through_json() {
-        use crate::image_file::Format;
+        use crate::image::header::Format;
         let info =
             ImageInfo { format: Format::Raw, virtual_size: GIB, file_size: GIB, qcow2_version: None, copyable: true };
         let m =

@@ -6,17 +6,18 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
-use crate::accel;
-use crate::cli::{CustomizeArgs, GlanceArgs, ImportMethodArg, Method, SshPwauth, VerifyArgs};
+use crate::appliance::accel;
+use crate::cli::{CustomizeArgs, GlanceArgs, ImportMethodArg, SshPwauth, VerifyArgs};
 use crate::cloud_config::keys;
 use crate::cloud_config::version::CloudInitVersion;
 use crate::cloud_config::{CLOUD_CFG, DROP_IN};
-use crate::exit_codes::{with_code, BAD_INPUT, OUTPUT, USAGE};
-use crate::image_file::Format;
-use crate::output;
-use crate::password::{Secret, Source};
-use crate::report::Verbosity;
-use crate::upload::{Destination, ImportMethod, Request};
+use crate::image::header::Format;
+use crate::image::output;
+use crate::login::method::Method;
+use crate::login::password::{Secret, Source};
+use crate::openstack::upload::{Destination, ImportMethod, Request};
+use crate::support::exit_codes::{with_code, BAD_INPUT, OUTPUT, USAGE};
+use crate::support::report::Verbosity;
 
 /// Where the result goes.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,7 +117,7 @@ pub struct Customize {
     /// Boot each output and prove the login before it is renamed into place.
     pub verify: bool,
     /// A failed verification keeps the image beside the output name
-    /// ([`crate::output::failed_name`]).
+    /// ([`crate::image::output::failed_name`]).
     pub keep_failed_verification: bool,
     pub root: Option<String>,
     pub cloud_init_version: Option<CloudInitVersion>,
@@ -399,7 +400,7 @@ pub fn check_output_path(input: &std::path::Path, path: &std::path::Path, force:
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
-    use crate::exit_codes::code_of;
+    use crate::support::exit_codes::code_of;
     use clap::Parser;
 
     fn settings(args: &[&str]) -> Result<Customize> {

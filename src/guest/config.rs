@@ -3,22 +3,13 @@
 
 use anyhow::{Context, Result};
 
-use crate::cloud_config::merge::{self, ConfigFile};
+use crate::cloud_config::merge;
 use crate::cloud_config::version::{self, CloudInitVersion, Detection, Source, VersionPy};
-use crate::cloud_config::{yaml11, CLOUD_CFG, CLOUD_CFG_D};
-use crate::exit_codes::{with_code, BAD_GUEST};
+use crate::cloud_config::{parse_file, CloudFile, CLOUD_CFG, CLOUD_CFG_D};
+use crate::guest::rpm_database;
 use crate::guest::Guest;
-use crate::rpm_database;
-use crate::sshd;
-
-/// One cloud-init file as text and as parsed.
-pub struct CloudFile {
-    pub path: String,
-    pub text: String,
-    pub parsed: ConfigFile,
-    /// Its permission bits in the guest (`None` for text that was not read from one).
-    pub mode: Option<u32>,
-}
+use crate::login::sshd;
+use crate::support::exit_codes::{with_code, BAD_GUEST};
 
 /// `cloud.cfg` and the drop-ins cloud-init reads, from lowest to highest priority, plus warnings about
 /// drop-ins that cloudimg cannot see into.
@@ -100,18 +91,6 @@ fn read_text_with_mode(guest: &Guest, path: &str) -> Result<TextFile> {
     let Some((bytes, mode)) = guest.read_config_file_with_mode(path)? else { return Ok(None) };
     let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{path} in the guest is not UTF-8 text"))?;
     Ok(Some((text, mode)))
-}
-
-/// Parses a cloud-init file read from the guest (or an empty new drop-in).
-pub fn parse_file(path: &str, text: String) -> Result<CloudFile> {
-    let doc =
-        yaml11::parse(&text).with_context(|| format!("reading {path} in the guest")).map_err(with_code(BAD_GUEST))?;
-    Ok(CloudFile {
-        path: path.to_string(),
-        parsed: ConfigFile { path: path.to_string(), root: doc.root },
-        text,
-        mode: None,
-    })
 }
 
 /// Where Python packages are installed: the distribution's directories (`/usr/lib/python3/dist-packages`,
@@ -256,7 +235,7 @@ fn read_rpm_database(
             }
         }
         // The guest is mounted again even when inspection fails; an appliance that died is not a miss.
-        Err(e) if crate::exit_codes::code_of(&e) == crate::exit_codes::APPLIANCE => return Err(e),
+        Err(e) if crate::support::exit_codes::code_of(&e) == crate::support::exit_codes::APPLIANCE => return Err(e),
         Err(e) => detection.miss(format!("the rpm database: {e:#}")),
     }
     Ok(())
@@ -333,7 +312,7 @@ pub fn architecture(guest: &Guest) -> Result<Option<&'static str>> {
         let paths = if pattern.contains('*') { guest.glob(pattern)? } else { vec![pattern.to_string()] };
         for path in paths.iter().take(MAX_LOADERS) {
             let header = guest.read_head(path, 64).unwrap_or_default();
-            if let Some(architecture) = header.as_deref().and_then(crate::manifest::elf_architecture) {
+            if let Some(architecture) = header.as_deref().and_then(crate::openstack::manifest::elf_architecture) {
                 return Ok(Some(architecture));
             }
         }

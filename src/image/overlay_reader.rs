@@ -6,10 +6,10 @@
 //! The overlay is read while the appliance that edited it may still run (editing the next image of a
 //! batch) and hold qemu's lock on it, so it is opened with force-share. That is safe because the
 //! overlay is cloudimg's own file, complete once the image's filesystems are unmounted (see
-//! `appliance::Shared::each`), and the appliance writes nothing more to it.
+//! `session::Shared::each`), and the appliance writes nothing more to it.
 //!
 //! The same qemu-nbd, serving an output for writing, applies the edits to a copy of the input (see
-//! `output_patch`).
+//! `patch`).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cleanup;
-use crate::image_file::Format;
+use crate::image::header::Format;
+use crate::support::cleanup;
 
 /// How long qemu-nbd may take to open the overlay and listen.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -161,7 +161,7 @@ impl<'de> serde::de::Visitor<'de> for MapVisitor {
 }
 
 /// An NBD export served by a qemu-nbd child that ends with it: the overlay read-only (to decode what
-/// only qemu can), or an output being patched (see `output_patch`).
+/// only qemu can), or an output being patched (see `patch`).
 pub struct Export {
     client: nbd::client::NbdClient<UnixStream>,
     /// The same connection, for the disconnect request the client library cannot send.
@@ -191,7 +191,7 @@ impl Export {
     pub fn writable(file: &File, format: Format) -> Result<Export> {
         let mut cmd = Command::new("qemu-nbd");
         cmd.args(["-f", format.as_str(), "--cache=writeback", "--discard=unmap", "--detect-zeroes=unmap"]);
-        let name = crate::child_fd::inherit(&mut cmd, file);
+        let name = crate::support::child_fd::inherit(&mut cmd, file);
         cmd.arg(name);
         Export::serve(cmd)
     }

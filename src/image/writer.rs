@@ -1,7 +1,7 @@
 //! Writes the output image in one front-to-back pass over the guest's data, hashing the bytes as they
 //! go to the file. qemu-img convert cannot do this: it writes qcow2 data first and rewrites the tables
 //! at the front afterwards, and refuses a pipe as its output, so its output must be read again to be
-//! hashed. Here the qcow2 layout is planned up front ([`crate::qcow2_layout`]), the data is read on
+//! hashed. Here the qcow2 layout is planned up front ([`crate::image::qcow2_layout`]), the data is read on
 //! one thread (plain clusters straight from the overlay or the input where qemu located them,
 //! compressed ones through qemu-nbd), and written (and handed to the hashing threads) on another.
 
@@ -14,10 +14,10 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 
-use crate::hashing::{Digests, Hashing, CHUNK};
-use crate::image_file::Format;
-use crate::overlay_reader::{self, Export, Extent, Source};
-use crate::qcow2_layout::{Layout, CLUSTER};
+use crate::image::hashing::{Digests, Hashing, CHUNK};
+use crate::image::header::Format;
+use crate::image::overlay_reader::{self, Export, Extent, Source};
+use crate::image::qcow2_layout::{Layout, CLUSTER};
 
 /// Reads in flight between the reading and the writing thread.
 const READ_AHEAD: usize = 4;

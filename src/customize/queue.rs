@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::cleanup;
+use crate::support::cleanup;
 
 /// Jobs handed to one writer thread, and their results in the order the jobs were submitted.
 pub struct Queue<'scope, J, R> {

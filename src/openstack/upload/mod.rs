@@ -13,16 +13,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::cleanup;
-use crate::exit_codes::{with_code, BAD_INPUT, UPLOAD, USAGE};
-use crate::hashing::{self, Digests, HashingReader};
-use crate::image_file;
-use crate::manifest::{self, Manifest};
+use crate::image::hashing::{self, Digests, HashingReader};
+use crate::image::header;
 use crate::openstack::credentials::{self, Credentials};
 use crate::openstack::glance::{Glance, Member, NewImage, Offer};
 use crate::openstack::keystone::{self, Session};
+use crate::openstack::manifest::{self, Manifest};
 use crate::openstack::{error_text, Http};
-use crate::report::Reporter;
+use crate::support::cleanup;
+use crate::support::exit_codes::{with_code, BAD_INPUT, UPLOAD, USAGE};
+use crate::support::report::Reporter;
 
 mod previous;
 mod render;
@@ -171,8 +171,8 @@ pub fn resolve_credentials(cloud: Option<&str>) -> Result<Credentials> {
 }
 
 /// Reads the file's facts and checks them against the manifest, before anything is sent.
-fn local_facts(opts: &Options, file: &File, report: &Reporter) -> Result<(image_file::ImageInfo, String)> {
-    let info = image_file::inspect_file(file, &opts.image)
+fn local_facts(opts: &Options, file: &File, report: &Reporter) -> Result<(header::ImageInfo, String)> {
+    let info = header::inspect_file(file, &opts.image)
         .context("Glance refuses such files too")
         .map_err(with_code(BAD_INPUT))?;
     if let Some(m) = &opts.manifest {
@@ -218,7 +218,7 @@ pub fn connect(creds: &Credentials, report: &Reporter) -> Result<Connection> {
 
 /// What the cloud offers and holds, read before anything is changed.
 struct Survey {
-    info: image_file::ImageInfo,
+    info: header::ImageInfo,
     disk_format: String,
     route: Route,
     previous: Vec<Value>,
@@ -264,7 +264,7 @@ fn survey(opts: &Options, file: &File, glance: &Glance, report: &Reporter) -> Re
 fn open<'a>(opts: &'a Options, opened: &'a mut Option<File>) -> Result<&'a File> {
     match &opts.file {
         Some(file) => Ok(file),
-        None => Ok(opened.insert(image_file::open(&opts.image).map_err(with_code(BAD_INPUT))?)),
+        None => Ok(opened.insert(header::open(&opts.image).map_err(with_code(BAD_INPUT))?)),
     }
 }
 

@@ -3,8 +3,19 @@
 
 use anyhow::{bail, Result};
 
-use crate::cli::Method;
 use crate::cloud_config::version::CloudInitVersion;
+
+/// How the password gets into the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// cloud-init sets it at first boot (cloud.cfg or --drop-in).
+    CloudInit,
+    /// The hash goes into /etc/shadow now, and sshd's configuration takes passwords.
+    Shadow,
+    /// cloud-init where it will work, else /etc/shadow.
+    Auto,
+}
 
 /// What decides the method.
 #[derive(Debug, Clone, Copy)]
