@@ -4,8 +4,8 @@
 mod common;
 
 use cloudimg::cloud_config::credentials::Stored;
-use cloudimg::cloud_config::{CLOUD_CFG, DROP_IN};
 use cloudimg::cloud_config::{parse_file, CloudFile};
+use cloudimg::cloud_config::{CLOUD_CFG, DROP_IN};
 use cloudimg::login::password::{self, Secret};
 use cloudimg::login::plan::{plan, Facts, Plan, Request};
 use serde_json::{json, Value};
