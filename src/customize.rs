@@ -37,7 +37,7 @@ mod queue;
 
 pub use decide::Route;
 use decide::{decide_credentials, decide_lock, refuse_if_ineffective, ImageFacts, Write};
-use in_guest::{apply, guest_facts, read_image, Mounted};
+use in_guest::{apply, guest_facts, read_image};
 
 /// What happened, for the human summary and for `--json`.
 #[derive(Debug, serde::Serialize)]
@@ -360,7 +360,7 @@ fn image_job(
     }
 
     report.phase(&format!("Reading the image's configuration{of}"));
-    let image = read_image(guest, s, &Mounted { root: &root, readonly: dry_run, disk }, report)?;
+    let image = read_image(guest, s, &locate::Mounted { root: &root, readonly: dry_run, disk }, report)?;
     let facts =
         guest_facts(guest, &image, disk.map_or("/dev/sda", |d| d.device.as_str())).map_err(with_code(BAD_GUEST))?;
     let mut decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret, report)? };

@@ -12,7 +12,7 @@ use crate::cli::Requirement;
 use crate::cloud_config::merge::ConfigFile;
 use crate::cloud_config::secrets;
 use crate::cloud_config::version::CloudInitVersion;
-use crate::guest::config;
+use crate::guest::config::{self, CloudInit};
 use crate::guest::locate::{self, Root};
 use crate::guest::session;
 use crate::guest::{Drive, Guest};
@@ -259,36 +259,31 @@ fn analyse_guest(
     opts: &Options,
     report: &Reporter,
 ) -> Result<(System, Analysis)> {
-    let os_release = config::os_release(guest)?;
-    let mut exposed = Vec::new();
-    let (files, detection) = if config::has_cloud_init(guest)? {
-        let (files, warnings) = config::read_cloud_files(guest)?;
-        warnings.iter().for_each(|w| report.warn(w));
-        exposed = files
-            .iter()
-            .filter(|f| secrets::holds_secret(&f.parsed.root))
-            .filter_map(|f| checks::readable_password_finding(&f.path, f.mode?))
-            .collect();
-        let files: Vec<ConfigFile> = files.into_iter().map(|f| f.parsed).collect();
-        let remount = || locate::mount_root(guest, &root, true, disk).map(drop);
-        let detection = config::cloud_init_version(guest, opts.cloud_init_version, &root.device, remount)?;
-        if detection.chosen().is_none() {
-            return Err(config::version_unknown(&detection));
+    let mounted = locate::Mounted { root: &root, readonly: true, disk };
+    let sources = config::read_login_sources(guest, &mounted, opts.cloud_init_version, report)?;
+    let (files, detection, exposed) = match sources.cloud_init {
+        Some(CloudInit { detection, .. }) if detection.chosen().is_none() => {
+            return Err(config::version_unknown(&detection))
         }
-        (files, Some(detection))
-    } else {
-        (Vec::new(), None)
+        Some(CloudInit { files, detection }) => {
+            let exposed: Vec<Finding> = files
+                .iter()
+                .filter(|f| secrets::holds_secret(&f.parsed.root))
+                .filter_map(|f| checks::readable_password_finding(&f.path, f.mode?))
+                .collect();
+            (files.into_iter().map(|f| f.parsed).collect::<Vec<ConfigFile>>(), Some(detection), exposed)
+        }
+        None => (Vec::new(), None, Vec::new()),
     };
-    let sshd = config::sshd_files(guest)?;
     // Read, never shown: only each user's state is reported.
     let shadow_text = config::read_text(guest, shadow::SHADOW)?;
     let mut analysis = audit::analyse(&audit::Image {
         files: &files,
         version: detection.as_ref().and_then(|d| d.chosen().cloned()),
         version_disagreements: detection.map(|d| d.disagreements()).unwrap_or_default(),
-        sshd: sshd.as_ref(),
+        sshd: sources.sshd.as_ref(),
         shadow: shadow_text.as_deref(),
-        booted_before: config::booted_before(guest)?,
+        booted_before: sources.booted_before,
         user: opts.user.as_deref(),
     });
     analysis.findings.extend(exposed);
@@ -296,8 +291,8 @@ fn analyse_guest(
         lvm_root: !root.device.starts_with("/dev/sd") && !root.device.starts_with("/dev/vd"),
         root,
         partition_table: None,
-        os_id: os_release::field(&os_release, "ID"),
-        os_version: os_release::field(&os_release, "VERSION_ID"),
+        os_id: os_release::field(&sources.os_release, "ID"),
+        os_version: os_release::field(&sources.os_release, "VERSION_ID"),
     };
     Ok((system, analysis))
 }

@@ -10,8 +10,7 @@ use anyhow::Result;
 use crate::cli::settings::Customize;
 use crate::cloud_config::credentials::{self, Form, Stored};
 use crate::cloud_config::lock;
-use crate::cloud_config::version::{self, CloudInitVersion};
-use crate::guest::config;
+use crate::guest::config::{self, CloudInit};
 use crate::login::checks::{self, Effective, Finding, Severity};
 use crate::login::method;
 use crate::login::method::Method;
@@ -75,7 +74,7 @@ pub(super) struct Decision {
 /// What the decisions need from the mounted guest.
 pub(super) struct ImageFacts {
     /// `None` without /etc/cloud/cloud.cfg.
-    pub(super) cloud: Option<CloudFacts>,
+    pub(super) cloud: Option<CloudInit>,
     pub(super) sshd: Option<crate::login::sshd::Files>,
     pub(super) booted_before: bool,
     pub(super) passwd_users: Vec<String>,
@@ -86,19 +85,6 @@ pub(super) struct ImageFacts {
     pub(super) journal: Option<lock::Journal>,
     /// Which of [`lock::JOURNALS`] the image holds.
     pub(super) journal_files: Vec<&'static str>,
-}
-
-pub(super) struct CloudFacts {
-    pub(super) files: Vec<crate::cloud_config::CloudFile>,
-    /// The version from --cloud-init-version or the image, and every source asked.
-    pub(super) detection: version::Detection,
-}
-
-impl CloudFacts {
-    /// `None` when no source gave it.
-    pub(super) fn version(&self) -> Option<CloudInitVersion> {
-        self.detection.chosen().map(|found| found.version)
-    }
 }
 
 /// A password and/or keys, by the method chosen.
@@ -484,9 +470,9 @@ mod tests {
         let mut journal = lock::Journal::default();
         journal.record(CLOUD_CFG, Some(ORIGINAL), WRITTEN);
         ImageFacts {
-            cloud: Some(CloudFacts {
+            cloud: Some(CloudInit {
                 files: vec![crate::cloud_config::parse_file(CLOUD_CFG, cloud_cfg.to_string()).unwrap()],
-                detection: version::Detection::default(),
+                detection: crate::cloud_config::version::Detection::default(),
             }),
             sshd: None,
             booted_before: false,

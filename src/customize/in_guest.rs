@@ -2,12 +2,12 @@
 
 use anyhow::Result;
 
-use super::decide::{merged, CloudFacts, ImageFacts, Write};
+use super::decide::{merged, ImageFacts, Write};
 use crate::cli::settings::Customize;
 use crate::cloud_config::credentials;
 use crate::cloud_config::lock;
 use crate::guest::config;
-use crate::guest::locate::{self, Root};
+use crate::guest::locate::Mounted;
 use crate::guest::Guest;
 use crate::login::shadow;
 use crate::openstack::manifest::GuestFacts;
@@ -15,29 +15,16 @@ use crate::support::exit_codes::{with_code, BAD_GUEST};
 use crate::support::os_release;
 use crate::support::report::Reporter;
 
-/// The root as it is mounted, so that it can be mounted again the same way.
-pub(super) struct Mounted<'a> {
-    pub(super) root: &'a Root,
-    pub(super) readonly: bool,
-    pub(super) disk: Option<&'a locate::Disk>,
-}
-
 pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report: &Reporter) -> Result<ImageFacts> {
-    let cloud = if config::has_cloud_init(guest).map_err(with_code(BAD_GUEST))? {
-        let (files, read_warnings) = config::read_cloud_files(guest).map_err(with_code(BAD_GUEST))?;
-        read_warnings.iter().for_each(|w| report.warn(w));
-        let remount = || locate::mount_root(guest, mounted.root, mounted.readonly, mounted.disk).map(drop);
-        let detection = config::cloud_init_version(guest, s.cloud_init_version, &mounted.root.device, remount)
-            .map_err(with_code(BAD_GUEST))?;
-        match detection.chosen() {
-            Some(found) => report.detail(&format!("cloud-init {found}; {} configuration files", files.len())),
-            None => report.detail(&format!("cloud-init of unknown version: {}", detection.failure())),
-        }
-        Some(CloudFacts { files, detection })
-    } else {
-        report.detail("no cloud-init in the image");
-        None
-    };
+    let sources = config::read_login_sources(guest, mounted, s.cloud_init_version, report)?;
+    match sources.cloud_init.as_ref().map(|c| (c.detection.chosen(), c.files.len())) {
+        Some((Some(found), files)) => report.detail(&format!("cloud-init {found}; {files} configuration files")),
+        Some((None, _)) => report.detail(&format!(
+            "cloud-init of unknown version: {}",
+            sources.cloud_init.as_ref().expect("matched").detection.failure()
+        )),
+        None => report.detail("no cloud-init in the image"),
+    }
     let read = |path: &str| config::read_text(guest, path).map_err(with_code(BAD_GUEST));
     let mut journal = None;
     let mut journal_files = Vec::new();
@@ -50,13 +37,13 @@ pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report
         }
     }
     Ok(ImageFacts {
-        cloud,
-        sshd: config::sshd_files(guest).map_err(with_code(BAD_GUEST))?,
-        booted_before: config::booted_before(guest).map_err(with_code(BAD_GUEST))?,
+        cloud: sources.cloud_init,
+        sshd: sources.sshd,
+        booted_before: sources.booted_before,
         passwd_users: config::passwd_users(guest).map_err(with_code(BAD_GUEST))?,
         // Only the shadow route needs it; a run that cannot read it fails there, not here.
         shadow: read(shadow::SHADOW).ok().flatten(),
-        os_release: config::os_release(guest).map_err(with_code(BAD_GUEST))?,
+        os_release: sources.os_release,
         login_defs: read(shadow::LOGIN_DEFS).ok().flatten(),
         journal,
         journal_files,

@@ -6,10 +6,65 @@ use anyhow::{Context, Result};
 use crate::cloud_config::merge;
 use crate::cloud_config::version::{self, CloudInitVersion, Detection, Source, VersionPy};
 use crate::cloud_config::{parse_file, CloudFile, CLOUD_CFG, CLOUD_CFG_D};
+use crate::guest::locate::{self, Mounted};
 use crate::guest::rpm_database;
 use crate::guest::Guest;
 use crate::login::sshd;
 use crate::support::exit_codes::{with_code, BAD_GUEST};
+use crate::support::report::Reporter;
+
+/// cloud-init's files and the version they are read for.
+pub struct CloudInit {
+    pub files: Vec<CloudFile>,
+    /// The version from --cloud-init-version or the image, and every source asked.
+    pub detection: Detection,
+}
+
+impl CloudInit {
+    /// `None` when no source gave it.
+    pub fn version(&self) -> Option<CloudInitVersion> {
+        self.detection.chosen().map(|found| found.version)
+    }
+}
+
+/// What decides whether a password login works, as read from the mounted guest: the one reader that
+/// `inspect` and `customize` share.
+pub struct LoginSources {
+    /// `None` when the image has no cloud-init.
+    pub cloud_init: Option<CloudInit>,
+    pub sshd: Option<sshd::Files>,
+    /// cloud-init has run in this image (instance state under /var/lib/cloud).
+    pub booted_before: bool,
+    pub os_release: String,
+}
+
+/// Reads [`LoginSources`]; `given` is `--cloud-init-version`. Warnings about files cloudimg cannot
+/// see into go to `report`.
+pub fn read_login_sources(
+    guest: &Guest,
+    mounted: &Mounted,
+    given: Option<CloudInitVersion>,
+    report: &Reporter,
+) -> Result<LoginSources> {
+    let read = || -> Result<LoginSources> {
+        let cloud_init = if has_cloud_init(guest)? {
+            let (files, warnings) = read_cloud_files(guest)?;
+            warnings.iter().for_each(|w| report.warn(w));
+            let remount = || locate::mount_root(guest, mounted.root, mounted.readonly, mounted.disk).map(drop);
+            let detection = cloud_init_version(guest, given, &mounted.root.device, remount)?;
+            Some(CloudInit { files, detection })
+        } else {
+            None
+        };
+        Ok(LoginSources {
+            cloud_init,
+            sshd: sshd_files(guest)?,
+            booted_before: booted_before(guest)?,
+            os_release: os_release(guest)?,
+        })
+    };
+    read().map_err(with_code(BAD_GUEST))
+}
 
 /// `cloud.cfg` and the drop-ins cloud-init reads, from lowest to highest priority, plus warnings about
 /// drop-ins that cloudimg cannot see into.

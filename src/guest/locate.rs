@@ -78,6 +78,13 @@ fn os_name(guest: &Guest) -> Option<String> {
     os_release::field(&String::from_utf8_lossy(&text), "PRETTY_NAME")
 }
 
+/// The root as it is mounted, so that it can be mounted again the same way.
+pub struct Mounted<'a> {
+    pub root: &'a Root,
+    pub readonly: bool,
+    pub disk: Option<&'a Disk>,
+}
+
 /// Picks the root: the only one, or the one the user named with `--root`.
 fn choose_root(roots: Vec<Root>, named: Option<&str>) -> Result<Root> {
     let listing = || {
