@@ -97,11 +97,18 @@ pub(super) fn decide_credentials(
     let default_user = image.cloud.as_ref().and_then(|c| credentials::default_user(&merged(&c.files)));
     let user = s.user.clone().or(default_user.clone());
     let in_shadow = |u: &str| image.shadow.as_deref().is_some_and(|t| shadow::state(t, u) != shadow::State::Missing);
+    // The login as cloud-init would leave it, derived as customize's checks and inspect derive it;
+    // without a known version there is none, and the method cannot be cloud-init anyway.
+    let login = image.cloud.as_ref().and_then(|c| {
+        let files: Vec<_> = c.files.iter().map(|f| f.parsed.clone()).collect();
+        let user = user.as_deref().unwrap_or("");
+        Some(checks::login(&files, c.version()?, user, default_user.as_deref(), image.sshd.as_ref()))
+    });
     let facts = method::Facts {
         cloud_init: image.cloud.is_some(),
         version: image.cloud.as_ref().and_then(|c| c.version()),
         plaintext: s.plaintext,
-        set_passwords_runs: image.cloud.as_ref().is_some_and(|c| credentials::runs_set_passwords(&merged(&c.files))),
+        set_passwords_runs: login.is_some_and(|l| l.set_passwords_runs),
         booted_before: image.booted_before && !s.clean_instance_state,
         user_in_shadow: user.as_deref().is_some_and(in_shadow),
     };
