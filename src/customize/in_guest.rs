@@ -17,12 +17,11 @@ use crate::support::report::Reporter;
 
 pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report: &Reporter) -> Result<ImageFacts> {
     let sources = config::read_login_sources(guest, mounted, s.cloud_init_version, report)?;
-    match sources.cloud_init.as_ref().map(|c| (c.detection.chosen(), c.files.len())) {
-        Some((Some(found), files)) => report.detail(&format!("cloud-init {found}; {files} configuration files")),
-        Some((None, _)) => report.detail(&format!(
-            "cloud-init of unknown version: {}",
-            sources.cloud_init.as_ref().expect("matched").detection.failure()
-        )),
+    match &sources.cloud_init {
+        Some(c) => match c.detection.chosen() {
+            Some(found) => report.detail(&format!("cloud-init {found}; {} configuration files", c.files.len())),
+            None => report.detail(&format!("cloud-init of unknown version: {}", c.detection.failure())),
+        },
         None => report.detail("no cloud-init in the image"),
     }
     let read = |path: &str| config::read_text(guest, path).map_err(with_code(BAD_GUEST));
