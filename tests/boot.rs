@@ -14,8 +14,9 @@
 //!   through OVMF; its `--drop-in` image gets extlinux, and boots through SeaBIOS.
 //!
 //! Slow (minutes), so ignored by plain `cargo test`; run with
-//! `cargo test --locked --test boot -- --ignored --nocapture`. The suites run side by side; at most
-//! `CLOUDIMG_BOOT_VMS` (default 2) VMs or cloudimg runs use the CPU at once.
+//! `cargo test --locked --test boot -- --ignored --nocapture --test-threads 4`. The suites, and each
+//! suite's independent boots, run side by side; at most `CLOUDIMG_BOOT_VMS` (default 2) VMs or
+//! cloudimg runs use the CPU at once.
 
 mod common;
 
@@ -215,10 +216,7 @@ fn judge(verdicts: &[(&Verified, Result<String, String>)]) {
 
 /// A libguestfs handle launched on the qcow2 `disk`, writable.
 fn launched_on(disk: &Path) -> guestfs::Handle {
-    let g = guestfs::Handle::create().unwrap();
-    if common::force_tcg() {
-        g.set_backend_setting("force_tcg", "1").unwrap();
-    }
+    let g = common::handle();
     g.add_drive(disk.to_str().unwrap(), cloudimg::guest::drive_options("qcow2", false)).unwrap();
     g.launch().unwrap();
     g
@@ -305,19 +303,20 @@ fn with_overriding_drop_in(image: &Image, dest: &Path) {
     g.shutdown().unwrap();
 }
 
-/// Writes the password file and the default and `--drop-in` customizations of `image`.
-fn customized(image: &Image, tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
+/// The password file of a suite's runs, in `tmp`.
+fn password_file(tmp: &Path) -> PathBuf {
     let pw = tmp.join("pw");
     std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
-    let (default_out, drop_in_out) = (tmp.join("default.qcow2"), tmp.join("drop-in.qcow2"));
+    pw
+}
+
+/// `image` customized with the password in `pw` (and `extra`) into `out`.
+fn customized(image: &Image, pw: &Path, out: &Path, extra: &[&str]) {
     let original = image.qcow2();
-    for (out, extra) in [(&default_out, None), (&drop_in_out, Some("--drop-in"))] {
-        let mut args = vec!["customize", original.to_str().unwrap(), "-o", out.to_str().unwrap()];
-        args.extend(["--password-file", pw.to_str().unwrap()]);
-        args.extend(extra);
-        eprint!("{}", text(&customize(&args).stdout));
-    }
-    (pw, default_out, drop_in_out)
+    let mut args = vec!["customize", original.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    args.extend(["--password-file", pw.to_str().unwrap()]);
+    args.extend(extra);
+    eprint!("{}", text(&customize(&args).stdout));
 }
 
 #[test]
@@ -327,14 +326,25 @@ fn trixie_cloud_init_25_accepts_the_password_despite_the_sshd_drop_in() {
     let started = Instant::now();
     eprintln!("boot: trixie: cloud-init {}", image.cloud_init_version());
     let tmp = tempfile::tempdir().unwrap();
-    let (pw, default_out, drop_in_out) = customized(&image, tmp.path());
+    let pw = password_file(tmp.path());
     let pw_args = ["--password-file", pw.to_str().unwrap()];
     // Each image gets a bootloader: the default one GRUB for UEFI, to boot through OVMF; the drop-in
     // one extlinux, to boot through SeaBIOS.
-    install_grub_efi(&default_out, tmp.path());
-    install_extlinux(&drop_in_out);
-    let default = verify(&image, "default-uefi", &default_out, &pw_args);
-    let drop_in = verify(&image, "drop-in-extlinux", &drop_in_out, &pw_args);
+    let (default, drop_in) = std::thread::scope(|s| {
+        let default = s.spawn(|| {
+            let out = tmp.path().join("default.qcow2");
+            customized(&image, &pw, &out, &[]);
+            install_grub_efi(&out, tmp.path());
+            verify(&image, "default-uefi", &out, &pw_args)
+        });
+        let drop_in = s.spawn(|| {
+            let out = tmp.path().join("drop-in.qcow2");
+            customized(&image, &pw, &out, &["--drop-in"]);
+            install_extlinux(&out);
+            verify(&image, "drop-in-extlinux", &out, &pw_args)
+        });
+        (default.join().unwrap(), drop_in.join().unwrap())
+    });
     judge(&[
         (&default, accepted(&default, "debian", false, "uefi")),
         (&drop_in, accepted(&drop_in, "debian", false, "bios")),
@@ -349,40 +359,47 @@ fn bookworm_cloud_init_22_accepts_the_password_and_a_booted_disk_is_reset_throug
     let started = Instant::now();
     eprintln!("boot: bookworm: cloud-init {}", image.cloud_init_version());
     let tmp = tempfile::tempdir().unwrap();
-    let (pw, default_out, drop_in_out) = customized(&image, tmp.path());
+    let pw = password_file(tmp.path());
     let pw_args = ["--password-file", pw.to_str().unwrap()];
-    let default = verify(&image, "default", &default_out, &pw_args);
-    let drop_in = verify(&image, "drop-in", &drop_in_out, &pw_args);
-    // The unmodified image's instance: cloud-init creates `debian` with a locked password and will not
-    // run set_passwords again for this instance. Its disk is kept.
-    let booted_disk = tmp.path().join("booted.qcow2");
-    let keep = [&pw_args[..], &["--keep-disk", booted_disk.to_str().unwrap()]].concat();
-    let unmodified = verify(&image, "unmodified", &image.qcow2(), &keep);
-    judge(&[
-        (&default, accepted(&default, "debian", false, "direct-kernel")),
-        (&drop_in, accepted(&drop_in, "debian", false, "direct-kernel")),
-        (&unmodified, refused(&unmodified)),
-    ]);
-
-    // `--method auto` must choose /etc/shadow for that disk, and the same instance, booted again,
-    // must accept the password.
-    let reset = tmp.path().join("reset.qcow2");
-    let args = [
-        "customize",
-        booted_disk.to_str().unwrap(),
-        "-o",
-        reset.to_str().unwrap(),
-        "--password-file",
-        pw.to_str().unwrap(),
-        "--method",
-        "auto",
-    ];
-    let said = text(&customize(&args).stdout);
-    eprint!("{said}");
-    assert!(said.contains("Method: /etc/shadow, because the disk was booted before"), "{said}");
-    let again = verify(&image, "shadow-reset", &reset, &[&pw_args[..], &["--same-instance"]].concat());
-    judge(&[(&again, accepted(&again, "debian", false, "direct-kernel"))]);
-    eprintln!("boot: bookworm: shadow reset verified after {:.0} s", started.elapsed().as_secs_f64());
+    std::thread::scope(|s| {
+        // The longest chain starts first. The unmodified image's instance: cloud-init creates `debian`
+        // with a locked password and will not run set_passwords again for this instance. Its disk is
+        // kept; `--method auto` must choose /etc/shadow for it, and the same instance, booted again,
+        // must accept the password.
+        s.spawn(|| {
+            let booted_disk = tmp.path().join("booted.qcow2");
+            let keep = [&pw_args[..], &["--keep-disk", booted_disk.to_str().unwrap()]].concat();
+            let unmodified = verify(&image, "unmodified", &image.qcow2(), &keep);
+            judge(&[(&unmodified, refused(&unmodified))]);
+            let reset = tmp.path().join("reset.qcow2");
+            let args = [
+                "customize",
+                booted_disk.to_str().unwrap(),
+                "-o",
+                reset.to_str().unwrap(),
+                "--password-file",
+                pw.to_str().unwrap(),
+                "--method",
+                "auto",
+            ];
+            let said = text(&customize(&args).stdout);
+            eprint!("{said}");
+            assert!(said.contains("Method: /etc/shadow, because the disk was booted before"), "{said}");
+            let again = verify(&image, "shadow-reset", &reset, &[&pw_args[..], &["--same-instance"]].concat());
+            judge(&[(&again, accepted(&again, "debian", false, "direct-kernel"))]);
+        });
+        let boots = [("default", &[][..]), ("drop-in", &["--drop-in"][..])].map(|(name, extra)| {
+            let (image, tmp, pw, pw_args) = (&image, tmp.path(), &pw, &pw_args);
+            s.spawn(move || {
+                let out = tmp.join(format!("{name}.qcow2"));
+                customized(image, pw, &out, extra);
+                verify(image, name, &out, pw_args)
+            })
+        });
+        let verified: Vec<Verified> = boots.into_iter().map(|b| b.join().unwrap()).collect();
+        judge(&verified.iter().map(|v| (v, accepted(v, "debian", false, "direct-kernel"))).collect::<Vec<_>>());
+    });
+    eprintln!("boot: bookworm: all verdicts after {:.0} s", started.elapsed().as_secs_f64());
 }
 
 #[test]
@@ -392,7 +409,7 @@ fn sid_cloud_init_26_accepts_passwords_and_a_key_for_the_default_user_and_anothe
     let started = Instant::now();
     eprintln!("boot: sid: cloud-init {}", image.cloud_init_version());
     let tmp = tempfile::tempdir().unwrap();
-    let (pw, default_out, drop_in_out) = customized(&image, tmp.path());
+    let pw = password_file(tmp.path());
     // The --drop-in image also gives `ops` (an account with no password) a password and a key.
     let (ops_pw, key) = (tmp.path().join("ops-pw"), tmp.path().join("key"));
     std::fs::write(&ops_pw, format!("{OPS_PASSWORD}\n")).unwrap();
@@ -403,55 +420,68 @@ fn sid_cloud_init_26_accepts_passwords_and_a_key_for_the_default_user_and_anothe
         .unwrap();
     assert!(keygen.status.success(), "ssh-keygen: {}", text(&keygen.stderr));
     let pub_key = key.with_extension("pub");
-    let args = [
-        "customize",
-        drop_in_out.to_str().unwrap(),
-        "--in-place",
-        "--drop-in",
-        "--user",
-        "ops",
-        "--password-file",
-        ops_pw.to_str().unwrap(),
-        "--ssh-key",
-        pub_key.to_str().unwrap(),
-    ];
-    eprint!("{}", text(&customize(&args).stdout));
-    let default = verify(&image, "default", &default_out, &["--password-file", pw.to_str().unwrap()]);
-    // `ops` with its password, then with its key, in one boot.
-    let ops_args =
-        ["--user", "ops", "--password-file", ops_pw.to_str().unwrap(), "--ssh-key-file", key.to_str().unwrap()];
-    let ops = verify(&image, "drop-in-and-ops", &drop_in_out, &ops_args);
-    judge(&[
-        (&default, accepted(&default, "debian", false, "direct-kernel")),
-        (&ops, accepted(&ops, "ops", true, "direct-kernel")),
-    ]);
-
-    // `customize --verify`, told to write a configuration that a drop-in overrides
-    // (--allow-ineffective): the boot refuses the password, and nothing is left under the output name.
-    let overridden = tmp.path().join("overridden.qcow2");
-    with_overriding_drop_in(&image, &overridden);
-    let out_path = tmp.path().join("out.qcow2");
-    let args = [
-        "customize",
-        overridden.to_str().unwrap(),
-        "-o",
-        out_path.to_str().unwrap(),
-        "--password-file",
-        pw.to_str().unwrap(),
-        "--allow-ineffective",
-        "--verify",
-    ];
-    let result = {
-        let _slot = Slot::take();
-        cloudimg(&args, None, &[])
-    };
-    let stderr = text(&result.stderr);
-    eprintln!("boot: sid/customize --verify, overridden: exit {:?}", result.status.code());
-    assert_eq!(result.status.code(), Some(REFUSED), "{stderr}");
-    assert!(stderr.contains("nothing was written under that name"), "{stderr}");
-    assert!(!out_path.exists(), "out.qcow2 must not exist after a failed verification");
-    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert!(!left.iter().any(|n| n.to_string_lossy().contains("out.qcow2")), "{left:?}");
+    std::thread::scope(|s| {
+        // `customize --verify`, told to write a configuration that a drop-in overrides
+        // (--allow-ineffective): the boot refuses the password, and nothing is left under the output
+        // name.
+        s.spawn(|| {
+            let overridden = tmp.path().join("overridden.qcow2");
+            with_overriding_drop_in(&image, &overridden);
+            let out_path = tmp.path().join("out.qcow2");
+            let args = [
+                "customize",
+                overridden.to_str().unwrap(),
+                "-o",
+                out_path.to_str().unwrap(),
+                "--password-file",
+                pw.to_str().unwrap(),
+                "--allow-ineffective",
+                "--verify",
+            ];
+            let result = {
+                let _slot = Slot::take();
+                cloudimg(&args, None, &[])
+            };
+            let stderr = text(&result.stderr);
+            eprintln!("boot: sid/customize --verify, overridden: exit {:?}", result.status.code());
+            assert_eq!(result.status.code(), Some(REFUSED), "{stderr}");
+            assert!(stderr.contains("nothing was written under that name"), "{stderr}");
+            assert!(!out_path.exists(), "out.qcow2 must not exist after a failed verification");
+            let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+            assert!(!left.iter().any(|n| n.to_string_lossy().contains("out.qcow2")), "{left:?}");
+        });
+        let default = s.spawn(|| {
+            let out = tmp.path().join("default.qcow2");
+            customized(&image, &pw, &out, &[]);
+            verify(&image, "default", &out, &["--password-file", pw.to_str().unwrap()])
+        });
+        // `ops` with its password, then with its key, in one boot.
+        let ops = s.spawn(|| {
+            let out = tmp.path().join("drop-in.qcow2");
+            customized(&image, &pw, &out, &["--drop-in"]);
+            let args = [
+                "customize",
+                out.to_str().unwrap(),
+                "--in-place",
+                "--drop-in",
+                "--user",
+                "ops",
+                "--password-file",
+                ops_pw.to_str().unwrap(),
+                "--ssh-key",
+                pub_key.to_str().unwrap(),
+            ];
+            eprint!("{}", text(&customize(&args).stdout));
+            let ops_args =
+                ["--user", "ops", "--password-file", ops_pw.to_str().unwrap(), "--ssh-key-file", key.to_str().unwrap()];
+            verify(&image, "drop-in-and-ops", &out, &ops_args)
+        });
+        let (default, ops) = (default.join().unwrap(), ops.join().unwrap());
+        judge(&[
+            (&default, accepted(&default, "debian", false, "direct-kernel")),
+            (&ops, accepted(&ops, "ops", true, "direct-kernel")),
+        ]);
+    });
     eprintln!("boot: sid: all verdicts after {:.0} s", started.elapsed().as_secs_f64());
 }
 
