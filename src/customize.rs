@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 
 use crate::appliance::accel::Accel;
 use crate::cli::settings::{Customize, Output};
-use crate::cloud_config::credentials::Form;
 use crate::cloud_config::lock;
 use crate::cloud_config::version;
 use crate::customize::queue::Queue;
@@ -21,9 +20,8 @@ use crate::guest::session;
 use crate::guest::{Drive, Guest};
 use crate::image::header::{self, Format, ImageInfo};
 use crate::image::output;
-use crate::login::checks::{Effective, Finding, Severity};
+use crate::login::checks::{Finding, Severity};
 use crate::login::password::Secret;
-use crate::login::shadow;
 use crate::openstack::manifest::{self, Manifest};
 use crate::openstack::upload::{self, Uploaded};
 use crate::support::cleanup;
@@ -35,8 +33,8 @@ mod in_guest;
 mod outputs;
 mod queue;
 
-pub use decide::Route;
 use decide::{decide_credentials, decide_lock, refuse_if_ineffective, ImageFacts, Write};
+pub use decide::{Decided, Route};
 use in_guest::{apply, guest_facts, read_image};
 
 /// What happened, for the human summary and for `--json`.
@@ -54,25 +52,9 @@ pub struct Summary {
     pub cloud_init_version: Option<String>,
     /// Where that version was read (`source`, `path`, and the version as written there).
     pub cloud_init_version_source: Option<version::Found>,
-    /// `cloud-init`, `shadow`, or `lock` in JSON.
-    pub method: Route,
-    pub method_reason: String,
-    /// `None` for --lock.
-    pub user: Option<String>,
-    /// The cloud-config form of the password; `None` without one or with --method shadow.
-    pub form: Option<Form>,
-    /// The main file written.
-    pub file: String,
-    /// Every guest file written or removed.
-    pub files_changed: Vec<String>,
-    pub changed: bool,
-    pub changed_keys: Vec<String>,
-    /// `yescrypt` or `sha512` with --method shadow.
-    pub shadow_algorithm: Option<shadow::Algorithm>,
-    /// cloud-init's view after the edit (`None` without cloud-init).
-    pub effective: Option<Effective>,
-    pub findings: Vec<Finding>,
-    pub notes: Vec<String>,
+    /// The method, the user, what changes, and what the checks found.
+    #[serde(flatten)]
+    pub decided: Decided,
     pub instance_state_cleaned: bool,
     /// Glance properties read from the image (os_distro, os_version, os_admin_user, ...).
     pub properties: BTreeMap<String, String>,
@@ -99,8 +81,26 @@ enum WriterJob<'a> {
 /// The output writer: jobs in, (index, written output) out for each `Write`.
 type Writer<'scope, 'a> = Queue<'scope, WriterJob<'a>, Option<(usize, Result<outputs::Converted>)>>;
 
-/// The writer's outputs by image index.
-type Written = BTreeMap<usize, Result<outputs::Converted>>;
+/// One image after its appliance: its summary and masked diff (or why its edit failed), and, unless
+/// the run is a dry run or the edit failed, what the output writer made of it.
+struct Edited<'a> {
+    image: &'a Prepared,
+    result: ImageResult,
+    converted: Option<Result<outputs::Converted>>,
+}
+
+/// One image's final result.
+struct Outcome<'a> {
+    image: &'a Prepared,
+    result: ImageResult,
+}
+
+/// What one appliance launch did: the images it edited, and those it could not serve safely (copies
+/// of another), which need a launch of their own.
+struct Round<'a> {
+    edited: Vec<Edited<'a>>,
+    alone: Vec<&'a Prepared>,
+}
 
 /// One input, checked and ready to be attached.
 struct Prepared {
@@ -144,43 +144,41 @@ pub fn run(s: &Customize, report: &Reporter) -> Result<Vec<ImageResult>> {
             Err(e) => results[index] = Some(Err(named(s, input, e))),
         }
     }
-    let (edited, mut converted) = edit_all(s, &ready, secret.as_ref(), work.path(), report)?;
-    let by_index = |index: usize| ready.iter().find(|p| p.index == index).expect("a prepared image");
     let mut done = Vec::new();
-    for (index, result) in edited {
+    for Edited { image, result, converted } in edit_all(s, &ready, secret.as_ref(), work.path(), report)? {
         match result {
             Ok((mut summary, diff)) if s.output == Output::DryRun => {
                 summary.elapsed_seconds = report.elapsed_secs();
-                results[index] = Some(Ok((summary, diff)));
+                results[image.index] = Some(Ok((summary, diff)));
             }
             Ok((summary, diff)) => {
                 // An image whose filesystems would not unmount was never handed to the writer.
-                let output = converted.remove(&index).unwrap_or_else(|| {
+                let output = converted.unwrap_or_else(|| {
                     Err(with_code(APPLIANCE)(anyhow::anyhow!(
                         "unmounting the image's filesystems failed, so its output was not written"
                     )))
                 });
-                done.push((by_index(index), summary, diff, output));
+                done.push(outputs::Finished { image, summary, diff, output });
             }
-            Err(e) => results[index] = Some(Err(named(s, &s.inputs[index], e))),
+            Err(e) => results[image.index] = Some(Err(named(s, &image.input, e))),
         }
     }
-    for (index, result) in outputs::produce_outputs(s, done, secret.as_ref(), glance.as_ref(), report)? {
-        results[index] = Some(result.map_err(|e| named(s, &s.inputs[index], e)));
+    for Outcome { image, result } in outputs::produce_outputs(s, done, secret.as_ref(), glance.as_ref(), report)? {
+        results[image.index] = Some(result.map_err(|e| named(s, &image.input, e)));
     }
     report.detail(&format!("time per phase: {}", report.phase_totals()));
     Ok(results.into_iter().map(|r| r.expect("every input has a result")).collect())
 }
 
-/// The edits of every image, sorted by index, and the outputs of those that were edited (not for a
-/// dry run), written by the output writer while the appliance goes on with the next image.
-fn edit_all(
+/// The edits of every image, in input order, each with its output when it was edited (not for a dry
+/// run), written by the output writer while the appliance goes on with the next image.
+fn edit_all<'a>(
     s: &Customize,
-    ready: &[Prepared],
+    ready: &'a [Prepared],
     secret: Option<&Secret>,
     work: &Path,
     report: &Reporter,
-) -> Result<(Vec<(usize, ImageResult)>, Written)> {
+) -> Result<Vec<Edited<'a>>> {
     std::thread::scope(|scope| {
         let mut writer = match s.output {
             Output::DryRun => None,
@@ -204,18 +202,20 @@ fn edit_all(
             ready.iter().for_each(|p| writer.submit(WriterJob::CopyAhead(p)));
         }
         let all: Vec<&Prepared> = ready.iter().collect();
-        let (mut edited, alone) = in_appliance(s, &all, secret, work, writer.as_mut(), report);
-        for index in alone {
-            let solo = [&ready[ready.iter().position(|p| p.index == index).expect("a prepared image")]];
-            edited.extend(in_appliance(s, &solo, secret, work, writer.as_mut(), report).0);
+        let Round { mut edited, alone } = in_appliance(s, &all, secret, work, writer.as_mut(), report);
+        for image in alone {
+            edited.extend(in_appliance(s, &[image], secret, work, writer.as_mut(), report).edited);
         }
-        edited.sort_by_key(|(index, _)| *index);
-        let Some(writer) = writer else { return Ok((edited, BTreeMap::new())) };
+        edited.sort_by_key(|e| e.image.index);
+        let Some(writer) = writer else { return Ok(edited) };
         // What is left to wait for once the last appliance is gone: the serial tail of the run.
         let waiting = Instant::now();
-        let converted = writer.finish().into_iter().flatten().collect();
+        let mut converted: BTreeMap<usize, _> = writer.finish().into_iter().flatten().collect();
         report.took("waiting for the writer", waiting);
-        Ok((edited, converted))
+        for e in &mut edited {
+            e.converted = converted.remove(&e.image.index);
+        }
+        Ok(edited)
     })
 }
 
@@ -231,7 +231,7 @@ fn named(s: &Customize, input: &Path, e: anyhow::Error) -> anyhow::Error {
 /// Checks one input's file and output, takes the in-place lock and creates its overlay.
 fn prepare(s: &Customize, index: usize, input: &Path, work: &Path, report: &Reporter) -> Result<Prepared> {
     report.phase(&format!("Examining {}", input.display()));
-    let info = header::inspect(input).map_err(with_code(BAD_INPUT))?;
+    let info = header::inspect(input)?;
     report.detail(&format!("{} image, virtual size {} bytes", info.format.as_str(), info.virtual_size));
     let target = match &s.output {
         Output::NewFile { path, format, compress, replace } => Some(Target {
@@ -280,8 +280,7 @@ fn prepare(s: &Customize, index: usize, input: &Path, work: &Path, report: &Repo
 }
 
 /// Edits the images of `group` in one appliance, handing each one to `writer` as soon as its
-/// filesystems are unmounted. Returns each edited image's result, and the images the appliance could
-/// not serve safely (copies of another), which need one of their own.
+/// filesystems are unmounted.
 fn in_appliance<'scope, 'a: 'scope>(
     s: &Customize,
     group: &[&'a Prepared],
@@ -289,9 +288,10 @@ fn in_appliance<'scope, 'a: 'scope>(
     tmpdir: &Path,
     mut writer: Option<&mut Writer<'scope, 'a>>,
     report: &Reporter,
-) -> (Vec<(usize, ImageResult)>, Vec<usize>) {
+) -> Round<'a> {
+    let edited = |image: &'a Prepared, result: ImageResult| Edited { image, result, converted: None };
     if group.is_empty() {
-        return (Vec::new(), Vec::new());
+        return Round { edited: Vec::new(), alone: Vec::new() };
     }
     let drives: Vec<Drive> = group
         .iter()
@@ -305,7 +305,10 @@ fn in_appliance<'scope, 'a: 'scope>(
         session::Options { accel: s.accel, timeout: s.timeout, debug: s.verbosity == Verbosity::Debug, tmpdir };
     let shared = match session::launch(&drives, &names, &options, report) {
         Ok(shared) => shared,
-        Err(e) => return (group.iter().map(|p| (p.index, Err(session::copy_error(&e)))).collect(), Vec::new()),
+        Err(e) => {
+            let failed = group.iter().map(|p| edited(p, Err(session::copy_error(&e)))).collect();
+            return Round { edited: failed, alone: Vec::new() };
+        }
     };
     let job = |pos: usize, disk: Option<&locate::Disk>| {
         let editing = Instant::now();
@@ -319,11 +322,11 @@ fn in_appliance<'scope, 'a: 'scope>(
             writer.submit(WriterJob::Write(group[pos]));
         }
     };
-    let mut out: Vec<(usize, ImageResult)> =
-        shared.each(group.len(), job, unmounted).into_iter().map(|(pos, result)| (group[pos].index, result)).collect();
-    let alone = shared.alone().into_iter().map(|pos| group[pos].index).collect();
+    let mut out: Vec<Edited> =
+        shared.each(group.len(), job, unmounted).into_iter().map(|(pos, result)| edited(group[pos], result)).collect();
+    let alone = shared.alone().into_iter().map(|pos| group[pos]).collect();
     if s.output == Output::DryRun {
-        return (out, alone);
+        return Round { edited: out, alone };
     }
     cleanup::fault_point("edited");
     let shutting = Instant::now();
@@ -331,11 +334,11 @@ fn in_appliance<'scope, 'a: 'scope>(
     report.took("shutdown", shutting);
     cleanup::fault_point("shut-down");
     if let Err(e) = shut {
-        for (_, result) in out.iter_mut().filter(|(_, r)| r.is_ok()) {
-            *result = Err(session::copy_error(&e));
+        for edit in out.iter_mut().filter(|edit| edit.result.is_ok()) {
+            edit.result = Err(session::copy_error(&e));
         }
     }
-    (out, alone)
+    Round { edited: out, alone }
 }
 
 /// Everything for one image inside the appliance: its root, its configuration, the decision, the writes.
@@ -353,9 +356,9 @@ fn image_job(
     let deadline = cleanup::Deadline::analysis(&p.input, s.timeout);
     cleanup::fault_point("analysing");
     report.phase(&format!("Finding the root filesystem{of}"));
-    let root = locate::find_root(guest, s.root.as_deref(), disk).map_err(with_code(BAD_GUEST))?;
+    let root = locate::find_root(guest, s.root.as_deref(), disk)?;
     report.detail(&format!("root {} ({}), {}", root.device, root.fs_type, root.os.as_deref().unwrap_or("unknown OS")));
-    for note in locate::mount_root(guest, &root, dry_run, disk).map_err(with_code(BAD_GUEST))? {
+    for note in locate::mount_root(guest, &root, dry_run, disk)? {
         report.warn(&note);
     }
 
@@ -365,15 +368,15 @@ fn image_job(
         guest_facts(guest, &image, disk.map_or("/dev/sda", |d| d.device.as_str())).map_err(with_code(BAD_GUEST))?;
     let mut decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret, report)? };
     let disagreements = image.cloud.iter().flat_map(|c| c.detection.disagreements());
-    decision.findings.extend(disagreements.map(|message| Finding {
+    decision.decided.findings.extend(disagreements.map(|message| Finding {
         severity: Severity::Warning,
         message,
         fix: version::Detection::DISAGREEMENT_FIX.into(),
     }));
-    report.detail(&format!("method {}: {}", decision.method, decision.method_reason));
-    refuse_if_ineffective(&decision.findings, s.allow_ineffective, report)?;
+    report.detail(&format!("method {}: {}", decision.decided.method, decision.decided.method_reason));
+    refuse_if_ineffective(&decision.decided.findings, s.allow_ineffective, report)?;
     drop(deadline);
-    decision.notes.iter().for_each(|n| report.detail(n));
+    decision.decided.notes.iter().for_each(|n| report.detail(n));
 
     let mut summary = Summary {
         input: p.input.clone(),
@@ -385,18 +388,7 @@ fn image_job(
         root,
         cloud_init_version: image.cloud.as_ref().and_then(|c| c.version()).map(|v| v.to_string()),
         cloud_init_version_source: image.cloud.as_ref().and_then(|c| c.detection.chosen().cloned()),
-        method: decision.method,
-        method_reason: decision.method_reason,
-        user: decision.user,
-        form: decision.form,
-        file: decision.file,
-        files_changed: decision.writes.iter().map(|w| w.path.clone()).collect(),
-        changed: !decision.writes.is_empty(),
-        changed_keys: decision.changed_keys,
-        shadow_algorithm: decision.shadow_algorithm,
-        effective: decision.effective,
-        findings: decision.findings,
-        notes: decision.notes,
+        decided: decision.decided,
         instance_state_cleaned: false,
         properties: manifest::properties(&facts),
         openstack_command: None,

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::appliance::accel;
-use crate::cli::Requirement;
 use crate::cloud_config::merge::ConfigFile;
 use crate::cloud_config::secrets;
 use crate::cloud_config::version::CloudInitVersion;
@@ -23,6 +22,28 @@ use crate::login::shadow;
 use crate::support::exit_codes::{code_of, with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, SUCCESS, UNMET};
 use crate::support::os_release;
 use crate::support::report::Reporter;
+
+/// A condition `inspect --require` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Requirement {
+    PasswordLogin,
+    NoPlaintext,
+    Standalone,
+    NotBooted,
+}
+
+impl Requirement {
+    /// Its name on the command line and in unmet-requirement messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Requirement::PasswordLogin => "password-login",
+            Requirement::NoPlaintext => "no-plaintext",
+            Requirement::Standalone => "standalone",
+            Requirement::NotBooted => "not-booted",
+        }
+    }
+}
 
 pub struct Options {
     pub user: Option<String>,
@@ -241,10 +262,10 @@ fn read_guest(
     opts: &Options,
     report: &Reporter,
 ) -> Result<(System, Analysis)> {
-    let root = locate::find_root(guest, opts.root.as_deref(), disk).map_err(with_code(BAD_GUEST))?;
+    let root = locate::find_root(guest, opts.root.as_deref(), disk)?;
     let device = disk.map_or("/dev/sda", |d| d.device.as_str());
-    let partition_table = guest.partition_table(device).map_err(with_code(BAD_GUEST))?.map(|t| t.kind.to_string());
-    for note in locate::mount_root(guest, &root, true, disk).map_err(with_code(BAD_GUEST))? {
+    let partition_table = guest.partition_table(device)?.map(|t| t.kind.to_string());
+    for note in locate::mount_root(guest, &root, true, disk)? {
         report.warn(&note);
     }
     analyse_guest(guest, root, disk, opts, report)
@@ -330,8 +351,7 @@ fn unmet(r: &ImageReport, required: &[Requirement]) -> Vec<String> {
                     None => Some(not_read()),
                 },
             };
-            let name = clap::ValueEnum::to_possible_value(req).expect("no skipped values").get_name().to_string();
-            reason.map(|why| format!("{name}: {why}"))
+            reason.map(|why| format!("{}: {why}", req.name()))
         })
         .collect()
 }

@@ -233,30 +233,31 @@ fn print_summary(summary: &customize::Summary, diff: &str) {
     let mut out = String::new();
     if summary.dry_run {
         if diff.is_empty() {
-            out += &format!("{} already has these settings; nothing would change.\n", summary.file);
+            out += &format!("{} already has these settings; nothing would change.\n", summary.decided.file);
         } else {
             out += diff;
         }
-    } else if !summary.changed {
-        out += &format!("{} already had these settings; the output has the same configuration.\n", summary.file);
+    } else if !summary.decided.changed {
+        out +=
+            &format!("{} already had these settings; the output has the same configuration.\n", summary.decided.file);
     }
-    for note in &summary.notes {
+    for note in &summary.decided.notes {
         out += &format!("{note}\n");
     }
-    let user = summary.user.as_deref().unwrap_or("-");
-    out += &match (&summary.effective, summary.method) {
+    let user = summary.decided.user.as_deref().unwrap_or("-");
+    out += &match (&summary.decided.effective, summary.decided.method) {
         (Some(e), _) => format!(
             "user {user}: password ({}) via {}, expire {}, ssh_pwauth {}, sshd PasswordAuthentication {}\n",
             e.outcome.password_kind,
-            summary.form.map_or("nothing (no password given)", |f| f.describe()),
+            summary.decided.form.map_or("nothing (no password given)", |f| f.describe()),
             e.outcome.expire,
             e.outcome.ssh_pwauth.map_or("unchanged".to_string(), |b| b.to_string()),
             e.sshd.as_ref().map_or("n/a (no sshd)", |d| if d.password_authentication { "yes" } else { "no" }),
         ),
         (None, customize::Route::Shadow) => format!(
             "user {user}: password set in /etc/shadow ({} hash) because {}\n",
-            summary.shadow_algorithm.map_or("", |a| a.name()),
-            summary.method_reason
+            summary.decided.shadow_algorithm.map_or("", |a| a.name()),
+            summary.decided.method_reason
         ),
         _ => "locked: no password is set by cloud-init's configuration\n".to_string(),
     };

@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 
 /// What the user asked for on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Requested {
     /// KVM when the host can really use it, else TCG.

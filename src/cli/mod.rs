@@ -7,6 +7,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::appliance::accel;
 use crate::image::header::Format;
+use crate::inspect::Requirement;
 use crate::login::method::Method;
 use crate::support::exit_codes;
 
@@ -77,20 +78,6 @@ pub struct DoctorArgs {
     /// Give up on the appliance build or launch after this many seconds
     #[arg(long, default_value_t = 300, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
-}
-
-/// A condition `inspect --require` checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Requirement {
-    /// A new instance accepts an SSH password login for the user (--user, else the default user)
-    PasswordLogin,
-    /// No password is stored in plaintext in cloud-init's configuration
-    NoPlaintext,
-    /// The file is a standalone qcow2 or raw image (no backing or external data file)
-    Standalone,
-    /// The image carries no cloud-init instance state from an earlier boot
-    NotBooted,
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +248,50 @@ pub enum SshPwauth {
     False,
     /// Leave the image's setting alone
     Unchanged,
+}
+
+// The domain's enums are named for the command line here, so that clap stays in `cli/`.
+
+impl ValueEnum for Requirement {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Requirement::PasswordLogin, Requirement::NoPlaintext, Requirement::Standalone, Requirement::NotBooted]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let help = match self {
+            Requirement::PasswordLogin => {
+                "A new instance accepts an SSH password login for the user (--user, else the default user)"
+            }
+            Requirement::NoPlaintext => "No password is stored in plaintext in cloud-init's configuration",
+            Requirement::Standalone => "The file is a standalone qcow2 or raw image (no backing or external data file)",
+            Requirement::NotBooted => "The image carries no cloud-init instance state from an earlier boot",
+        };
+        Some(PossibleValue::new(self.name()).help(help))
+    }
+}
+
+impl ValueEnum for accel::Requested {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[accel::Requested::Auto, accel::Requested::Kvm, accel::Requested::Tcg]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            accel::Requested::Auto => PossibleValue::new("auto").help("KVM when the host can really use it, else TCG"),
+            accel::Requested::Kvm => PossibleValue::new("kvm").help("KVM; fail when it is not usable"),
+            accel::Requested::Tcg => PossibleValue::new("tcg").help("Software emulation (slower, works everywhere)"),
+        })
+    }
+}
+
+impl ValueEnum for Format {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Format::Qcow2, Format::Raw]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.as_str()))
+    }
 }
 
 /// `--method`'s values; the type is the decision's own ([`Method`]).

@@ -54,21 +54,64 @@ impl std::fmt::Display for Route {
     }
 }
 
-/// What a job decided, before anything is written.
+/// What a job decided, as the summary and `--json` report it.
+#[derive(Debug, serde::Serialize)]
+pub struct Decided {
+    /// `cloud-init`, `shadow`, or `lock` in JSON.
+    pub method: Route,
+    pub method_reason: String,
+    /// `None` for --lock.
+    pub user: Option<String>,
+    /// The cloud-config form of the password; `None` without one or with --method shadow.
+    pub form: Option<Form>,
+    /// The main file written.
+    pub file: String,
+    /// Every guest file written or removed.
+    pub files_changed: Vec<String>,
+    pub changed: bool,
+    pub changed_keys: Vec<String>,
+    /// `yescrypt` or `sha512` with --method shadow.
+    pub shadow_algorithm: Option<shadow::Algorithm>,
+    /// cloud-init's view after the edit (`None` without cloud-init).
+    pub effective: Option<Effective>,
+    pub findings: Vec<Finding>,
+    pub notes: Vec<String>,
+}
+
+/// What a job decided, before anything is written: the report, the writes, and the diff.
 pub(super) struct Decision {
-    pub(super) method: Route,
-    pub(super) method_reason: String,
-    pub(super) user: Option<String>,
-    pub(super) form: Option<Form>,
-    pub(super) file: String,
+    pub(super) decided: Decided,
     pub(super) writes: Vec<Write>,
-    pub(super) changed_keys: Vec<String>,
-    pub(super) shadow_algorithm: Option<shadow::Algorithm>,
-    pub(super) effective: Option<Effective>,
-    pub(super) findings: Vec<Finding>,
-    pub(super) notes: Vec<String>,
     /// What a dry run shows: a diff with the secret masked.
     pub(super) diff: String,
+}
+
+impl Decided {
+    /// A decision to write `file` by `method`, with nothing found, noted or changed yet.
+    fn new(method: Route, method_reason: String, user: Option<String>, file: String) -> Decided {
+        Decided {
+            method,
+            method_reason,
+            user,
+            form: None,
+            file,
+            files_changed: Vec::new(),
+            changed: false,
+            changed_keys: Vec::new(),
+            shadow_algorithm: None,
+            effective: None,
+            findings: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+}
+
+impl Decision {
+    /// `decided`, reporting the files `writes` change.
+    fn new(decided: Decided, writes: Vec<Write>, diff: String) -> Decision {
+        let files_changed = writes.iter().map(|w| w.path.clone()).collect();
+        Decision { decided: Decided { files_changed, changed: !writes.is_empty(), ..decided }, writes, diff }
+    }
 }
 
 /// What the decisions need from the mounted guest.
@@ -203,20 +246,14 @@ fn decide_cloud_init(s: &Customize, image: &ImageFacts, secret: Option<&Secret>,
         .then(|| cloud.files.iter().find(|f| f.path == plan.target)?.mode)
         .flatten()
         .and_then(|mode| checks::readable_password_finding(&plan.target, mode));
-    Ok(Decision {
-        method: Route::CloudInit,
-        method_reason: reason,
-        user: Some(plan.user.clone()),
+    let decided = Decided {
         form: plan.form,
-        file: plan.target.clone(),
-        writes,
         changed_keys: plan.changed_keys.clone(),
-        shadow_algorithm: None,
         effective: Some(plan.effective.clone()),
         findings: plan.findings.iter().cloned().chain(comparer.findings()).chain(exposed).collect(),
-        notes: Vec::new(),
-        diff: plan.masked_diff(),
-    })
+        ..Decided::new(Route::CloudInit, reason, Some(plan.user.clone()), plan.target.clone())
+    };
+    Ok(Decision::new(decided, writes, plan.masked_diff()))
 }
 
 fn decide_shadow(
@@ -282,20 +319,13 @@ fn decide_shadow(
             algorithm.name()
         );
     }
-    Ok(Decision {
-        method: Route::Shadow,
-        method_reason: reason,
-        user: Some(user),
-        form: None,
-        file: shadow::SHADOW.into(),
-        changed_keys: Vec::new(),
-        writes,
+    let decided = Decided {
         shadow_algorithm: Some(algorithm),
-        effective: None,
         findings,
         notes,
-        diff,
-    })
+        ..Decided::new(Route::Shadow, reason, Some(user), shadow::SHADOW.into())
+    };
+    Ok(Decision::new(decided, writes, diff))
 }
 
 /// /etc/shadow with a new hash for `user`, unless the one there already stands for the password.
@@ -385,20 +415,13 @@ pub(super) fn decide_lock(image: &ImageFacts) -> Result<Decision> {
         })
         .map(|(path, content)| Write { path, content, private: false, like: crate::cloud_config::CLOUD_CFG })
         .collect();
-    Ok(Decision {
-        method: Route::Lock,
-        method_reason: "--lock".into(),
-        user: None,
-        form: None,
-        file: crate::cloud_config::CLOUD_CFG.into(),
-        changed_keys: Vec::new(),
-        writes,
-        shadow_algorithm: None,
-        effective: None,
+    let diff = notes.iter().map(|n| format!("{n}\n")).collect();
+    let decided = Decided {
         findings,
-        diff: notes.iter().map(|n| format!("{n}\n")).collect(),
         notes,
-    })
+        ..Decided::new(Route::Lock, "--lock".into(), None, crate::cloud_config::CLOUD_CFG.into())
+    };
+    Ok(Decision::new(decided, writes, diff))
 }
 
 /// Whether existing stored values already stand for the password, in the requested kind; each value
@@ -511,7 +534,11 @@ mod tests {
             let mut expected = vec![(CLOUD_CFG, Some(ORIGINAL))];
             expected.extend(kept.iter().map(|path| (*path, None)));
             assert_eq!(writes(&decision), expected, "journal kept at {kept:?}");
-            assert!(decision.notes.iter().any(|n| n.contains("restored as it was")), "{:?}", decision.notes);
+            assert!(
+                decision.decided.notes.iter().any(|n| n.contains("restored as it was")),
+                "{:?}",
+                decision.decided.notes
+            );
         }
     }
 
@@ -529,7 +556,8 @@ mod tests {
     fn lock_names_the_journal_it_read_when_a_file_changed_since() {
         let changed = format!("{WRITTEN}# edited by hand\n");
         let decision = decide_lock(&image(&changed, &[lock::OLD_JOURNAL])).unwrap();
-        let finding = decision.findings.iter().find(|f| f.message.contains("changed after cloudimg wrote it")).unwrap();
+        let finding =
+            decision.decided.findings.iter().find(|f| f.message.contains("changed after cloudimg wrote it")).unwrap();
         assert!(finding.fix.contains(lock::OLD_JOURNAL), "{}", finding.fix);
         assert!(writes(&decision).contains(&(lock::OLD_JOURNAL, None)));
     }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::{sweep, ImageResult, Prepared, Summary, Target};
+use super::{sweep, Outcome, Prepared, Summary, Target};
 use crate::cli::settings::{Customize, ManifestRequest};
 use crate::image::hashing::{self, Digests};
 use crate::image::header::ImageInfo;
@@ -65,8 +65,7 @@ pub(super) fn convert(
     report: &Reporter,
 ) -> Result<Converted> {
     let overlay = p.overlay.as_deref().expect("a real run has overlays");
-    let converted = match ahead.map(|copied| copied.and_then(|c| Ok((c.edits(overlay).map_err(with_code(OUTPUT))?, c))))
-    {
+    let converted = match ahead.map(|copied| copied.and_then(|c| Ok((c.edits(overlay)?, c)))) {
         None => write_checked(s, p, report),
         Some(Err(e)) => Err(e),
         Some(Ok((edits, copied))) if edits.zeroed() > patch::MOST_ZEROED => {
@@ -80,7 +79,8 @@ pub(super) fn convert(
         Some(Ok((edits, copied))) => patch_checked(s, p, copied, edits, report),
     };
     cleanup::fault_point("converted");
-    converted
+    // Whatever failed here, it is the output that could not be written (exit status 7).
+    converted.map_err(with_code(OUTPUT))
 }
 
 fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Converted> {
@@ -88,7 +88,7 @@ fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Conve
     let overlay = p.overlay.as_deref().expect("a real run has overlays");
     report.phase(&format!("Writing the {} image {}", target.format.as_str(), target.dest.display()));
     let started = Instant::now();
-    let pending = Pending::beside(&target.dest).map_err(with_code(OUTPUT))?;
+    let pending = Pending::beside(&target.dest)?;
     sweep(pending.dir(), cleanup::PARTIAL_MARKER, report);
     let mut progress = report.progress(&progress_label(s, "writing", target));
     let digests = output::write_image(
@@ -99,17 +99,15 @@ fn write_checked(s: &Customize, p: &Prepared, report: &Reporter) -> Result<Conve
         &pending,
         s.hash_while_writing(),
         &mut |percent| progress.set(percent),
-    )
-    .map_err(with_code(OUTPUT))?;
+    )?;
     drop(progress);
     let written = output::check_written(&pending, target.format, p.info.virtual_size)
-        .with_context(|| format!("checking the new image for {}", target.dest.display()))
-        .map_err(with_code(OUTPUT))?;
+        .with_context(|| format!("checking the new image for {}", target.dest.display()))?;
     let wrote = report.took("writing", started);
     // Flushed as soon as it is whole, while the appliance works on: only the last output's flush is
     // left for the end of the run.
     let flushing = Instant::now();
-    pending.flush().map_err(with_code(OUTPUT))?;
+    pending.flush()?;
     let flushed = report.took("flushing", flushing);
     report.detail(&format!("wrote {} in {wrote:.1} s, flushed it in {flushed:.1} s", target.dest.display()));
     Ok(Converted { pending, written, digests })
@@ -124,13 +122,11 @@ fn patch_checked(s: &Customize, p: &Prepared, copied: Copied, edits: Edits, repo
     cleanup::fault_point("converting");
     let bytes = copied
         .apply(edits, overlay, target.format)
-        .with_context(|| format!("writing the edits into {}", copied.pending.path().display()))
-        .map_err(with_code(OUTPUT))?;
+        .with_context(|| format!("writing the edits into {}", copied.pending.path().display()))?;
     cleanup::checkpoint();
     let Copied { pending, .. } = copied;
     let written = output::check_written(&pending, target.format, p.info.virtual_size)
-        .with_context(|| format!("checking the new image for {}", target.dest.display()))
-        .map_err(with_code(OUTPUT))?;
+        .with_context(|| format!("checking the new image for {}", target.dest.display()))?;
     let wrote = report.took("writing", started);
     let digests = match s.hash_while_writing() {
         false => None,
@@ -139,14 +135,13 @@ fn patch_checked(s: &Customize, p: &Prepared, copied: Copied, edits: Edits, repo
             let total = written.file_size.max(1) as f64;
             let mut progress = report.progress(&progress_label(s, "writing", target));
             let digests =
-                hashing::file_digests(pending.file(), pending.path(), &mut |n| progress.set(n as f64 * 100.0 / total))
-                    .map_err(with_code(OUTPUT))?;
+                hashing::file_digests(pending.file(), pending.path(), &mut |n| progress.set(n as f64 * 100.0 / total))?;
             report.took("hashing", hashing);
             Some(digests)
         }
     };
     let flushing = Instant::now();
-    pending.flush().map_err(with_code(OUTPUT))?;
+    pending.flush()?;
     let flushed = report.took("flushing", flushing);
     report.detail(&format!(
         "wrote {:.1} MiB of edits into {} in {wrote:.1} s, flushed it in {flushed:.1} s",
@@ -183,12 +178,12 @@ fn verify_converted(
     let expected = crate::verify::Expected {
         user: s.user.clone(),
         secret,
-        same_instance: summary.method == super::Route::Shadow,
+        same_instance: summary.decided.method == super::Route::Shadow,
         accel: s.accel,
     };
     let failure = match crate::verify::output(c.pending.file(), &target.dest, expected, report) {
         Ok(Ok(note)) => {
-            summary.notes.push(note);
+            summary.decided.notes.push(note);
             return Ok(c);
         }
         Ok(Err(failed)) => with_code(failed.code)(anyhow::anyhow!("{}", failed.why)),
@@ -213,21 +208,29 @@ fn verify_converted(
     )))
 }
 
+/// An edited image and what the output writer made of it.
+pub(super) struct Finished<'a> {
+    pub(super) image: &'a Prepared,
+    pub(super) summary: Summary,
+    pub(super) diff: String,
+    pub(super) output: Result<Converted>,
+}
+
 /// Renames each converted output into place (or over the input, in place), in order, then writes
 /// its manifest and uploads it. Returns each image's result.
-pub(super) fn produce_outputs(
+pub(super) fn produce_outputs<'a>(
     s: &Customize,
-    edited: Vec<(&Prepared, Summary, String, Result<Converted>)>,
+    finished: Vec<Finished<'a>>,
     secret: Option<&Secret>,
     glance: Option<&Connection>,
     report: &Reporter,
-) -> Result<Vec<(usize, ImageResult)>> {
+) -> Result<Vec<Outcome<'a>>> {
     let mut results = Vec::new();
     let mut converted = Vec::new();
-    for (p, mut summary, diff, result) in edited {
-        match result.and_then(|c| verify_converted(s, p, secret, &mut summary, c, report)) {
-            Ok(c) => converted.push((p, summary, diff, c)),
-            Err(e) => results.push((p.index, Err(e))),
+    for Finished { image, mut summary, diff, output } in finished {
+        match output.and_then(|c| verify_converted(s, image, secret, &mut summary, c, report)) {
+            Ok(c) => converted.push((image, summary, diff, c)),
+            Err(e) => results.push(Outcome { image, result: Err(e) }),
         }
     }
     if converted.is_empty() {
@@ -241,7 +244,6 @@ pub(super) fn produce_outputs(
     cleanup::checkpoint();
     let mut committed = 0;
     for (p, mut summary, diff, Converted { pending, written, digests }) in converted {
-        let index = p.index;
         let target = p.target.clone().expect("a real run has targets");
         // In place, the new file takes the input's mode and owner, read from the input's descriptor.
         let like_input = match (&p.lock, target.in_place) {
@@ -255,7 +257,7 @@ pub(super) fn produce_outputs(
         let file = match like_input.and_then(|(mode, owner)| pending.commit(mode, owner, target.replace)) {
             Ok(file) => file,
             Err(e) => {
-                results.push((index, Err(with_code(OUTPUT)(e))));
+                results.push(Outcome { image: p, result: Err(with_code(OUTPUT)(e)) });
                 continue;
             }
         };
@@ -275,7 +277,7 @@ pub(super) fn produce_outputs(
             digests.map(|digests| Manifest::new(&target.dest, &written, digests, summary.properties.clone()));
         let result = finish_output(s, &mut summary, (&target.dest, file, &written), &name, glance, report);
         summary.elapsed_seconds = report.elapsed_secs();
-        results.push((index, result.map(|()| (summary, diff))));
+        results.push(Outcome { image: p, result: result.map(|()| (summary, diff)) });
     }
     if committed == 0 {
         if let Some(saved) = saved_password {

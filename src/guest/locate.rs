@@ -6,6 +6,7 @@
 use anyhow::{bail, Context, Result};
 
 use crate::guest::Guest;
+use crate::support::exit_codes::{with_code, BAD_GUEST};
 use crate::support::os_release;
 
 /// Filesystem types a Linux root can have.
@@ -29,7 +30,12 @@ pub struct Disk {
 }
 
 /// Finds the root: the only one, or the one named with `--root`; with `disk`, among its filesystems.
+/// A guest without a usable root is a bad guest (exit status 4).
 pub fn find_root(guest: &Guest, named: Option<&str>, disk: Option<&Disk>) -> Result<Root> {
+    search_root(guest, named, disk).map_err(with_code(BAD_GUEST))
+}
+
+fn search_root(guest: &Guest, named: Option<&str>, disk: Option<&Disk>) -> Result<Root> {
     if let Some(disk) = disk {
         return choose_root(roots_among(guest, disk.filesystems.clone())?, named);
     }
@@ -113,8 +119,12 @@ fn choose_root(roots: Vec<Root>, named: Option<&str>) -> Result<Root> {
 
 /// Mounts the chosen root at `/`, then `/usr` and `/var` when fstab puts them elsewhere (on `disk`,
 /// when several images share the appliance). A spec that cannot be resolved leaves its mountpoint
-/// unmounted, with a note; one that names a filesystem outside `disk` is an error.
+/// unmounted, with a note; one that names a filesystem outside `disk` is an error (exit status 4).
 pub fn mount_root(guest: &Guest, root: &Root, readonly: bool, disk: Option<&Disk>) -> Result<Vec<String>> {
+    mount_with_fstab(guest, root, readonly, disk).map_err(with_code(BAD_GUEST))
+}
+
+fn mount_with_fstab(guest: &Guest, root: &Root, readonly: bool, disk: Option<&Disk>) -> Result<Vec<String>> {
     guest.mount(&root.device, &root.fs_type, "/", readonly)?;
     let mut notes = Vec::new();
     let Some(fstab) = guest.read_config_file("/etc/fstab")? else {

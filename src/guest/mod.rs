@@ -11,7 +11,7 @@ use crate::appliance::accel::Accel;
 use crate::appliance::fast_boot;
 use crate::image::header::Format;
 use crate::support::cleanup::Watchdog;
-use crate::support::exit_codes::{with_code, APPLIANCE};
+use crate::support::exit_codes::{with_code, APPLIANCE, BAD_GUEST};
 
 pub mod batch;
 pub mod config;
@@ -273,13 +273,17 @@ impl Guest {
     }
 
     /// The partition table of `disk`, read from its first sectors; `None` for a disk without one.
+    /// A disk that cannot be read is a bad guest (exit status 4).
     pub fn partition_table(&self, disk: &str) -> Result<Option<partition_table::Table>> {
-        let head = self.pread(disk, partition_table::HEAD, 0)?;
-        let entries = match partition_table::gpt_entries_at(&head) {
-            Some((offset, len)) if offset + len as u64 > head.len() as u64 => Some(self.pread(disk, len, offset)?),
-            _ => None,
+        let read = || {
+            let head = self.pread(disk, partition_table::HEAD, 0)?;
+            let entries = match partition_table::gpt_entries_at(&head) {
+                Some((offset, len)) if offset + len as u64 > head.len() as u64 => Some(self.pread(disk, len, offset)?),
+                _ => None,
+            };
+            Ok(partition_table::parse(&head, entries.as_deref()))
         };
-        Ok(partition_table::parse(&head, entries.as_deref()))
+        read().map_err(with_code(BAD_GUEST))
     }
 
     fn pread(&self, device: &str, len: usize, offset: u64) -> Result<Vec<u8>> {

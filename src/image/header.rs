@@ -12,8 +12,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::support::exit_codes::{with_code, BAD_INPUT};
+
 /// A disk image format we pass to libguestfs and qemu-img explicitly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Qcow2,
@@ -62,9 +64,10 @@ const HEADER_READ: usize = 2 << 20;
 /// of the disk (zeros included: MD5 and SHA-512 cannot skip them), at a few hundred MB/s.
 pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
-/// Opens nothing but the file itself: reads its first bytes and decides.
+/// Opens nothing but the file itself: reads its first bytes and decides. An input that is refused
+/// here is refused before opening (exit status 3).
 pub fn inspect(path: &Path) -> Result<ImageInfo> {
-    inspect_file(&open(path)?, path)
+    open(path).and_then(|file| inspect_file(&file, path)).map_err(with_code(BAD_INPUT))
 }
 
 /// Opens an image file for reading, after looking at what the name refers to: opening a FIFO would

@@ -21,7 +21,7 @@ use crate::image::header::{self, Format};
 use crate::image::output;
 use crate::login::password::Secret;
 use crate::support::cleanup::{self, WorkDir};
-use crate::support::exit_codes::{with_code, BAD_GUEST, BAD_INPUT, NO_BOOT, USAGE};
+use crate::support::exit_codes::{with_code, BAD_GUEST, NO_BOOT, USAGE};
 use crate::support::report::Reporter;
 use boot::{Plan, Vm};
 use ssh::{Attempt, Auth};
@@ -48,7 +48,7 @@ pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
 /// [`run`] with the password already read (`customize --verify` has it).
 pub fn run_with(s: &Verify, secret: Option<&Secret>, report: &Reporter) -> Result<Verdict> {
     let started = Instant::now();
-    let info = header::inspect(&s.image).map_err(with_code(BAD_INPUT))?;
+    let info = header::inspect(&s.image)?;
     let (accel, _) = accel::choose(s.accel, &HostKvm::probe()).map_err(with_code(USAGE))?;
     let limit = s.timeout.unwrap_or(if accel == Accel::Kvm { KVM_TIMEOUT } else { TCG_TIMEOUT });
     let work = cleanup::work_dir()?;
