@@ -3,7 +3,10 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Output;
+use std::sync::OnceLock;
 
 use common::{cloudimg, file_text, fixtures, p, pyyaml, sha256, system_crypt_verifies, text, ReadBack};
 use serde_json::Value;
@@ -12,42 +15,125 @@ const PASSWORD: &str = "Tr0ub4dor &3: 'x'";
 const KEY1: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcBP2Hlv715+49uDDvU+ZdmzRat/4M9S78A5XhQM7FV alice@laptop";
 const KEY2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMbfnvdnQIN2a637fGdm4Bqj5r2dtoJsjAWxYyxmm6t1 bob";
 
-fn run(args: &[&str]) -> std::process::Output {
+fn run(args: &[&str]) -> Output {
     cloudimg(args, None, &[])
 }
 
-fn ok(out: std::process::Output, what: &str) -> std::process::Output {
+fn ok(out: Output, what: &str) -> Output {
     assert!(out.status.success(), "{what}: {:?}\n{}\n{}", out.status, text(&out.stdout), text(&out.stderr));
     out
 }
 
-fn json(out: &std::process::Output) -> Value {
+fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
 }
 
-#[test]
-fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
-    let fx = fixtures();
-    let tmp = tempfile::tempdir().unwrap();
-    let t = |name: &str| tmp.path().join(name);
-    std::fs::write(t("pw"), format!("{PASSWORD}\n")).unwrap();
-    std::fs::write(t("k1.pub"), format!("{KEY1}\n")).unwrap();
-    std::fs::write(t("pw2"), "a second password\n").unwrap();
-    std::fs::write(t("k2.pub"), format!("# team keys\n{KEY1}\n{KEY2}\n")).unwrap();
-    let (debian, rocky) = (fx.image("debian-ext4"), fx.image("rocky-lvm-xfs"));
-    let sums = (sha256(&debian), sha256(&rocky));
-    let overlay = t("overlay.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&debian)
-        .arg(&overlay)
-        .status()
-        .unwrap();
-    assert!(made.success());
+/// Files read back from the images of the keys-then-lock scenario, by path.
+type Files = BTreeMap<String, Option<Vec<u8>>>;
 
-    let audit = run(&["inspect", p(&debian), p(&rocky), p(&overlay), "--json"]);
-    assert_eq!(audit.status.code(), Some(3), "a refused file: {}", text(&audit.stderr));
-    let reports = json(&audit);
+const JOURNAL: &str = "/etc/cloud/cloudimg-undo.json";
+const OLD_JOURNAL: &str = "/etc/cloud/cloudimg/undo.json";
+const OLD_JOURNAL_DIR: &str = "/etc/cloud/cloudimg";
+
+/// One run of the scenario the tests below share: `inspect` of the Debian and Rocky guests and of an
+/// overlay backed by the Debian one; `customize` with a password and keys; `--lock` of that output;
+/// the same with the journal moved to where an earlier cloudimg kept it, then a new password over that
+/// journal; `inspect --require` of the keyed and locked images; then the written images read back.
+struct KeysThenLock {
+    audit: Output,
+    /// sha256 of the Debian and Rocky guests before and after `inspect`.
+    sums_before: (String, String),
+    sums_after: (String, String),
+    keyed: Output,
+    lock: Output,
+    lock_old: Output,
+    gate: Output,
+    /// cloud.cfg, the journal, its old place and old directory, in the original Debian guest and in
+    /// each output.
+    original: Files,
+    keyed_files: Files,
+    locked: Files,
+    locked_old: Files,
+    rekeyed: Files,
+    /// (mode, uid, gid) of the journal in the keyed and in the re-keyed image.
+    journal_owner_mode: [(i64, i64, i64); 2],
+}
+
+impl KeysThenLock {
+    fn run() -> KeysThenLock {
+        let fx = fixtures();
+        let tmp = tempfile::tempdir().unwrap();
+        let names = ["pw", "k1.pub", "pw2", "k2.pub", "overlay.qcow2", "keys.qcow2", "locked.qcow2"];
+        let [pw, k1, pw2, k2, overlay, keys, locked] = names.map(|name| tmp.path().join(name));
+        let names = ["old-journal.qcow2", "locked-old.qcow2", "rekeyed.qcow2"];
+        let [old_journal, locked_old, rekeyed] = names.map(|name| tmp.path().join(name));
+        std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+        std::fs::write(&k1, format!("{KEY1}\n")).unwrap();
+        std::fs::write(&pw2, "a second password\n").unwrap();
+        std::fs::write(&k2, format!("# team keys\n{KEY1}\n{KEY2}\n")).unwrap();
+        let (debian, rocky) = (fx.image("debian-ext4"), fx.image("rocky-lvm-xfs"));
+        let sums_before = (sha256(&debian), sha256(&rocky));
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&debian)
+            .arg(&overlay)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let audit = run(&["inspect", p(&debian), p(&rocky), p(&overlay), "--json"]);
+        let sums_after = (sha256(&debian), sha256(&rocky));
+
+        let with_keys = ["customize", p(&debian), "-o", p(&keys), "--password-file", p(&pw)];
+        let keyed =
+            ok(run(&[&with_keys[..], &["--ssh-key", p(&k1), "--ssh-key", p(&k2)]].concat()), "customize with keys");
+        let lock = ok(run(&["customize", p(&keys), "-o", p(&locked), "--lock"]), "lock");
+        // An image customized by a cloudimg that kept its journal in a directory of its own.
+        std::fs::copy(&keys, &old_journal).unwrap();
+        common::edit_image(&old_journal, "/dev/sda1", |g| {
+            g.mkdir(OLD_JOURNAL_DIR).unwrap();
+            g.mv(JOURNAL, OLD_JOURNAL).unwrap();
+        });
+        let lock_old = ok(
+            run(&["customize", p(&old_journal), "-o", p(&locked_old), "--lock"]),
+            "lock with the journal in its old place",
+        );
+        ok(
+            run(&["customize", p(&old_journal), "-o", p(&rekeyed), "--password-file", p(&pw2)]),
+            "a new password with the journal in its old place",
+        );
+        let require = ["--require", "password-login", "--require", "no-plaintext", "--json"];
+        let gate = run(&[&["inspect", p(&keys), p(&locked)][..], &require].concat());
+
+        let paths = ["/etc/cloud/cloud.cfg", JOURNAL, OLD_JOURNAL, OLD_JOURNAL_DIR];
+        let back = ReadBack::open(&[&debian, &keys, &locked, &locked_old, &rekeyed]);
+        KeysThenLock {
+            audit,
+            sums_before,
+            sums_after,
+            keyed,
+            lock,
+            lock_old,
+            gate,
+            original: back.read("/dev/sda1", "", &paths),
+            keyed_files: back.read("/dev/sdb1", "", &paths),
+            locked: back.read("/dev/sdc1", "", &paths),
+            locked_old: back.read("/dev/sdd1", "", &paths),
+            rekeyed: back.read("/dev/sde1", "", &paths),
+            journal_owner_mode: ["/dev/sdb1", "/dev/sde1"].map(|device| back.owner_mode(device, "", JOURNAL)),
+        }
+    }
+}
+
+fn keys_then_lock() -> &'static KeysThenLock {
+    static SCENARIO: OnceLock<Result<KeysThenLock, String>> = OnceLock::new();
+    common::shared(&SCENARIO, KeysThenLock::run)
+}
+
+#[test]
+fn inspect_reads_each_guest_refuses_a_backed_overlay_and_changes_nothing() {
+    let sc = keys_then_lock();
+    assert_eq!(sc.audit.status.code(), Some(3), "a refused file: {}", text(&sc.audit.stderr));
+    let reports = json(&sc.audit);
     let d = &reports[0];
     assert_eq!(d["system"]["os_id"], "debian");
     assert_eq!(d["file"]["compat"], "1.1");
@@ -71,59 +157,55 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
     assert!(o["file"]["refused"].as_str().unwrap().contains("backing file"), "{o}");
     assert_eq!(o["findings"][0]["severity"], "security");
     assert!(o["analysis"].is_null());
-    assert_eq!((sha256(&debian), sha256(&rocky)), sums, "inspect must not change an image");
+    assert_eq!(sc.sums_after, sc.sums_before, "inspect must not change an image");
+}
 
-    let keyed = ok(
-        run(&[
-            "customize",
-            p(&debian),
-            "-o",
-            p(&t("keys.qcow2")),
-            "--password-file",
-            p(&t("pw")),
-            "--ssh-key",
-            p(&t("k1.pub")),
-            "--ssh-key",
-            p(&t("k2.pub")),
-        ]),
-        "customize with keys",
-    );
-    // Not a terminal: the progress comes as plain lines, one per quarter. A qcow2 compat 1.1 input
-    // with a qcow2 output is copied ahead (then only the edits are written), so the long step is the
-    // copy.
-    let progress: Vec<String> =
-        text(&keyed.stdout).lines().filter(|l| l.contains("copying: ")).map(|l| l.trim().to_string()).collect();
-    assert_eq!(progress.last().map(String::as_str), Some("copying: 100%"), "{}", text(&keyed.stdout));
-    let lock = ok(run(&["customize", p(&t("keys.qcow2")), "-o", p(&t("locked.qcow2")), "--lock"]), "lock");
-    assert!(text(&lock.stdout).contains("restored as it was before cloudimg changed it"), "{}", text(&lock.stdout));
-    // An image customized by a cloudimg that kept its journal in a directory of its own.
-    std::fs::copy(t("keys.qcow2"), t("old-journal.qcow2")).unwrap();
-    common::edit_image(&t("old-journal.qcow2"), "/dev/sda1", |g| {
-        g.mkdir("/etc/cloud/cloudimg").unwrap();
-        g.mv("/etc/cloud/cloudimg-undo.json", "/etc/cloud/cloudimg/undo.json").unwrap();
-    });
-    let lock = ok(
-        run(&["customize", p(&t("old-journal.qcow2")), "-o", p(&t("locked-old.qcow2")), "--lock"]),
-        "lock with the journal in its old place",
-    );
-    assert!(text(&lock.stdout).contains("restored as it was before cloudimg changed it"), "{}", text(&lock.stdout));
-    ok(
-        run(&["customize", p(&t("old-journal.qcow2")), "-o", p(&t("rekeyed.qcow2")), "--password-file", p(&t("pw2"))]),
-        "a new password with the journal in its old place",
-    );
+#[test]
+fn progress_comes_as_plain_lines_when_stdout_is_not_a_terminal() {
+    // One line per quarter. A qcow2 compat 1.1 input with a qcow2 output is copied ahead (then only
+    // the edits are written), so the long step is the copy.
+    let said = text(&keys_then_lock().keyed.stdout);
+    let progress: Vec<&str> = said.lines().filter(|l| l.contains("copying: ")).map(str::trim).collect();
+    assert_eq!(progress.last().copied(), Some("copying: 100%"), "{said}");
+}
 
-    let gate = run(&[
-        "inspect",
-        p(&t("keys.qcow2")),
-        p(&t("locked.qcow2")),
-        "--require",
-        "password-login",
-        "--require",
-        "no-plaintext",
-        "--json",
-    ]);
+#[test]
+fn customize_writes_each_key_once_and_a_private_journal_of_the_first_cloud_cfg() {
+    let sc = keys_then_lock();
+    let cfg = &pyyaml(&[file_text(&sc.keyed_files, "/etc/cloud/cloud.cfg")])[0];
+    assert_eq!(cfg["ssh_authorized_keys"], serde_json::json!([KEY1, KEY2]), "each key once");
+    let written = [(&sc.keyed_files, "customize"), (&sc.rekeyed, "customize over the old journal")];
+    for ((image, how), owner_mode) in written.into_iter().zip(sc.journal_owner_mode) {
+        assert_eq!(owner_mode, (0o600, 0, 0), "the journal after {how}");
+        assert_eq!(image[OLD_JOURNAL_DIR], None, "after {how}, the journal lives beside cloud.cfg, not in a directory");
+        let recorded: Value = serde_json::from_str(&file_text(image, JOURNAL)).unwrap();
+        assert_eq!(
+            recorded["files"]["/etc/cloud/cloud.cfg"]["original"].as_str(),
+            Some(file_text(&sc.original, "/etc/cloud/cloud.cfg").as_str()),
+            "the journal after {how} holds the image's first cloud.cfg"
+        );
+    }
+}
+
+#[test]
+fn lock_restores_the_original_bytes_and_removes_the_journal_wherever_it_was() {
+    let sc = keys_then_lock();
+    for (lock, locked, how) in
+        [(&sc.lock, &sc.locked, "--lock"), (&sc.lock_old, &sc.locked_old, "--lock with the journal in its old place")]
+    {
+        let said = text(&lock.stdout);
+        assert!(said.contains("restored as it was before cloudimg changed it"), "{how}: {said}");
+        assert_eq!(locked["/etc/cloud/cloud.cfg"], sc.original["/etc/cloud/cloud.cfg"], "byte-identical after {how}");
+        assert_eq!(locked[JOURNAL], None, "the journal is gone after {how}");
+        assert_eq!(locked[OLD_JOURNAL_DIR], None, "no old journal or its directory after {how}");
+    }
+}
+
+#[test]
+fn inspect_require_passes_the_customized_image_and_says_what_the_locked_one_lacks() {
+    let gate = &keys_then_lock().gate;
     assert_eq!(gate.status.code(), Some(8), "{}", text(&gate.stderr));
-    let reports = json(&gate);
+    let reports = json(gate);
     assert_eq!(reports[0]["unmet"], serde_json::json!([]), "{}", reports[0]);
     assert_eq!(reports[0]["password_login"]["works"], true);
     assert_eq!(reports[0]["analysis"]["cloud_init"]["passwords"][0]["kind"], "hash");
@@ -137,39 +219,6 @@ fn inspect_then_customize_with_keys_then_lock_restores_the_original_bytes() {
         "{}",
         reports[1]
     );
-
-    let (journal, old_journal, old_dir) =
-        ("/etc/cloud/cloudimg-undo.json", "/etc/cloud/cloudimg/undo.json", "/etc/cloud/cloudimg");
-    let paths = ["/etc/cloud/cloud.cfg", journal, old_journal, old_dir];
-    let back =
-        ReadBack::open(&[&debian, &t("keys.qcow2"), &t("locked.qcow2"), &t("locked-old.qcow2"), &t("rekeyed.qcow2")]);
-    let original = back.read("/dev/sda1", "", &paths);
-    let keyed = back.read("/dev/sdb1", "", &paths);
-    let locked = back.read("/dev/sdc1", "", &paths);
-    let locked_old = back.read("/dev/sdd1", "", &paths);
-    let rekeyed = back.read("/dev/sde1", "", &paths);
-    let cfg = &pyyaml(&[file_text(&keyed, "/etc/cloud/cloud.cfg")])[0];
-    assert_eq!(cfg["ssh_authorized_keys"], serde_json::json!([KEY1, KEY2]), "each key once");
-    for (image, device, how) in
-        [(&keyed, "/dev/sdb1", "customize"), (&rekeyed, "/dev/sde1", "customize over the old journal")]
-    {
-        assert_eq!(back.owner_mode(device, "", journal), (0o600, 0, 0), "the journal after {how}");
-        assert_eq!(
-            image[old_dir], None,
-            "after {how}, the journal lives beside cloud.cfg, not in a directory of its own"
-        );
-        let recorded: Value = serde_json::from_str(&file_text(image, journal)).unwrap();
-        assert_eq!(
-            recorded["files"]["/etc/cloud/cloud.cfg"]["original"].as_str(),
-            Some(file_text(&original, "/etc/cloud/cloud.cfg").as_str()),
-            "the journal after {how} holds the image's first cloud.cfg"
-        );
-    }
-    for (locked, how) in [(&locked, "--lock"), (&locked_old, "--lock with the journal in its old place")] {
-        assert_eq!(locked["/etc/cloud/cloud.cfg"], original["/etc/cloud/cloud.cfg"], "byte-identical after {how}");
-        assert_eq!(locked[journal], None, "the journal is gone after {how}");
-        assert_eq!(locked[old_dir], None, "no old journal or its directory after {how}");
-    }
 }
 
 #[test]

@@ -141,11 +141,31 @@ fn customize_every_layout() -> Layouts {
     let sums_before: Vec<String> = LAYOUTS.iter().map(|n| sha256(&fx.image(n))).collect();
     std::fs::copy(fx.image("debian-ext4"), t("in-place.qcow2")).unwrap();
     std::fs::set_permissions(t("in-place.qcow2"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let cases = layout_cases(tmp.path());
+    let mut runs: Vec<(&'static str, Output)> = cases.iter().map(|c| c.name).zip(run_all(&cases)).collect();
+    // A second identical run over the first output, which must change nothing.
+    let (first, pw) = (t("debian.qcow2"), t("pw"));
+    let again = Case {
+        name: "idempotent re-run",
+        args: args(&["customize", p(&first), "-o", p(&t("debian-again.qcow2")), "--password-file", p(&pw), "--json"]),
+        stdin: None,
+        env: vec![],
+    };
+    runs.extend([again.name].into_iter().zip(run_all(std::slice::from_ref(&again))));
+    let back = runs.iter().all(|(_, o)| o.status.success()).then(|| read_back(tmp.path()));
+    Layouts { tmp, sums_before, runs, back }
+}
+
+/// The runs over the layouts, side by side: their inputs and outputs in `dir`, which holds the
+/// password file and the copy to edit in place.
+fn layout_cases(dir: &Path) -> Vec<Case> {
+    let fx = fixtures();
+    let t = |name: &str| dir.join(name);
     let (debian, pw) = (fx.image("debian-ext4"), t("pw"));
     let customize = |input: &Path, output: &str, more: &[&str]| {
         [args(&["customize", p(input), "-o", p(&t(output))]), args(more)].concat()
     };
-    let cases = vec![
+    vec![
         Case {
             name: "debian, default, traced",
             args: customize(&debian, "debian.qcow2", &["--password-file", p(&pw), "-vv"]),
@@ -212,18 +232,7 @@ fn customize_every_layout() -> Layouts {
             stdin: None,
             env: vec![],
         },
-    ];
-    let mut runs: Vec<(&'static str, Output)> = cases.iter().map(|c| c.name).zip(run_all(&cases)).collect();
-    // A second identical run over the first output, which must change nothing.
-    let again = Case {
-        name: "idempotent re-run",
-        args: customize(&t("debian.qcow2"), "debian-again.qcow2", &["--password-file", p(&pw), "--json"]),
-        stdin: None,
-        env: vec![],
-    };
-    runs.extend([again.name].into_iter().zip(run_all(std::slice::from_ref(&again))));
-    let back = runs.iter().all(|(_, o)| o.status.success()).then(|| read_back(tmp.path()));
-    Layouts { tmp, sums_before, runs, back }
+    ]
 }
 
 fn read_back(dir: &Path) -> Back {

@@ -201,7 +201,8 @@ fn assert_stored(os: &Services, id: &str, file: &Path) -> Value {
 fn uploads_to_a_real_keystone_and_glance() {
     let tmp = tempfile::tempdir().unwrap();
     let os = Services::start(&tmp.path().join("openstack"));
-    customized_images_reach_glance_intact(&os, tmp.path());
+    let out = customized_images_reach_glance_intact(&os, tmp.path());
+    a_manifest_and_clouds_yaml_upload_it_again(&os, tmp.path(), &out);
     every_supported_credential(&os, tmp.path());
     import_methods_stores_and_policies(&os, tmp.path());
     image_lifecycle(&os, tmp.path());
@@ -209,8 +210,8 @@ fn uploads_to_a_real_keystone_and_glance() {
 }
 
 /// customize + --manifest + --upload of two images in one appliance (an x86_64 Debian and an arm64
-/// one), credentials from OS_*; then `upload --manifest` from clouds.yaml + secure.yaml.
-fn customized_images_reach_glance_intact(os: &Services, tmp: &Path) {
+/// one), credentials from OS_*. Returns the Debian output.
+fn customized_images_reach_glance_intact(os: &Services, tmp: &Path) -> PathBuf {
     let t = |name: &str| tmp.join(name);
     std::fs::write(t("pw"), format!("{PASSWORD}\n")).unwrap();
     std::fs::create_dir(t("out")).unwrap();
@@ -283,10 +284,13 @@ fn customized_images_reach_glance_intact(os: &Services, tmp: &Path) {
     assert_eq!(arm_record["architecture"], "aarch64");
     assert_eq!(arm_record.get("os_require_quiesce"), None, "no guest agent in that image");
     assert!(!text(&run.stdout).contains(os.var("OS_PASSWORD")) && !text(&run.stderr).contains(os.var("OS_PASSWORD")));
+    out
+}
 
-    // upload with the manifest, a password from clouds.yaml + secure.yaml (no OS_* at all), PUT, and
-    // a derived property left out.
-    let cwd = t("cwd");
+/// `upload` of `out` with its manifest, a password from clouds.yaml + secure.yaml (no OS_* at all),
+/// PUT, and a derived property left out.
+fn a_manifest_and_clouds_yaml_upload_it_again(os: &Services, tmp: &Path, out: &Path) {
+    let cwd = tmp.join("cwd");
     std::fs::create_dir(&cwd).unwrap();
     std::fs::write(
         cwd.join("clouds.yaml"),
@@ -303,13 +307,13 @@ fn customized_images_reach_glance_intact(os: &Services, tmp: &Path) {
     )
     .unwrap();
     let manifest_path = format!("{}.json", out.display());
-    let args = ["upload", p(&out), "--manifest", &manifest_path, "--os-cloud", "lab", "--name", "from-clouds-yaml"];
+    let args = ["upload", p(out), "--manifest", &manifest_path, "--os-cloud", "lab", "--name", "from-clouds-yaml"];
     let more = ["--import-method", "put", "--no-property", "os_require_quiesce", "--json"];
     let run = cloudimg_with(&[&args[..], &more[..]].concat(), &[], &cwd);
     assert!(run.status.success(), "upload --os-cloud failed: {}", text(&run.stderr));
     let uploaded = json_of(&run);
     assert_eq!((&uploaded["verified"], &uploaded["import_method"]), (&Value::Bool(true), &Value::from("put")));
-    let record = assert_stored(os, uploaded["image_id"].as_str().unwrap(), &out);
+    let record = assert_stored(os, uploaded["image_id"].as_str().unwrap(), out);
     assert_eq!(record["os_distro"], "debian");
     assert_eq!(record.get("os_require_quiesce"), None, "--no-property os_require_quiesce");
 }

@@ -307,39 +307,75 @@ fn state(path: &Path) -> (Vec<u8>, u32, u32, u32) {
 /// is created or after it was written and checked. cloudimg must never write, chmod or chown through
 /// the swapped name: the canary keeps its bytes, mode and owner, the user's file too, the swapped
 /// names are left as the user made them, and each such output fails with exit 7.
-#[test]
-fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
-    let Some((_alone, base)) = with_user("cloudimg-race-") else { return };
-    let at = |name: &str| base.path().join(name);
-    let canary = at("canary");
-    std::fs::write(&canary, b"root's file, which no output may become\n").unwrap();
-    std::fs::set_permissions(&canary, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let canary_before = state(&canary);
-    let (out, tmp) = (at("out"), at("tmp"));
-    for dir in [&out, &tmp] {
-        std::fs::create_dir(dir).unwrap();
-    }
-    chown_to_user(&out);
-    std::fs::write(at("pw"), "race secret\n").unwrap();
-    let pw = at("pw");
-    let p = |path: &Path| path.to_str().unwrap().to_string();
-    let fx = fixtures();
-    let input = |fixture: &str, path: PathBuf| {
-        std::fs::copy(fx.image(fixture), &path).unwrap();
-        path
-    };
-    let cpu = a_cpu();
-    let partial = |name: &str| format!(".{name}.cloudimg-partial-");
-    let failed_cleanly = |stderr: &str, what: &str| {
-        assert!(stderr.contains("was replaced or moved while cloudimg wrote it"), "{what}: {stderr}");
-    };
+/// The setting of the race tests: this binary's turn with the test user, a directory of root's
+/// holding root's canary file (what a swapped-in symlink would point an output at), an output
+/// directory the user owns, root's own TMPDIR and the password file.
+struct Race {
+    _alone: std::sync::MutexGuard<'static, ()>,
+    base: tempfile::TempDir,
+    canary: PathBuf,
+    canary_before: (Vec<u8>, u32, u32, u32),
+    out: PathBuf,
+    tmp: PathBuf,
+    pw: PathBuf,
+    cpu: usize,
+}
 
+impl Race {
+    /// `None` (the test is skipped) unless root.
+    fn new() -> Option<Race> {
+        let (alone, base) = with_user("cloudimg-race-")?;
+        let canary = base.path().join("canary");
+        std::fs::write(&canary, b"root's file, which no output may become\n").unwrap();
+        std::fs::set_permissions(&canary, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (out, tmp, pw) = (base.path().join("out"), base.path().join("tmp"), base.path().join("pw"));
+        for dir in [&out, &tmp] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        chown_to_user(&out);
+        std::fs::write(&pw, "race secret\n").unwrap();
+        let canary_before = state(&canary);
+        Some(Race { _alone: alone, base, canary, canary_before, out, tmp, pw, cpu: a_cpu() })
+    }
+
+    /// A copy of the fixture `fixture` at `path`.
+    fn input(&self, fixture: &str, path: PathBuf) -> PathBuf {
+        std::fs::copy(fixtures().image(fixture), &path).unwrap();
+        path
+    }
+
+    fn at(&self, name: &str) -> PathBuf {
+        self.base.path().join(name)
+    }
+
+    /// The run failed as a replaced temporary file must make it fail, and the canary is as it was.
+    fn failed_cleanly(&self, result: &Output, what: &str) {
+        let stderr = text(&result.stderr);
+        assert_eq!(state(&self.canary), self.canary_before, "{what}: the canary is untouched: {stderr}");
+        assert_eq!(result.status.code(), Some(7), "{what}: {stderr}");
+        assert!(stderr.contains("was replaced or moved while cloudimg wrote it"), "{what}: {stderr}");
+    }
+}
+
+/// The prefix of cloudimg's temporary name for the output `name`.
+fn partial(name: &str) -> String {
+    format!(".{name}.cloudimg-partial-")
+}
+
+fn arg(path: &Path) -> String {
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn out_dir_outputs_and_manifests_swapped_as_they_are_created_fail_without_writing_elsewhere() {
     // --out-dir and --manifest, at the moment each partial file is created, in one launch: a's image
     // becomes a symlink, b's image is left alone but its manifest becomes a symlink, c's image becomes
     // a file of the user's own.
-    let a = input("debian-ext4", at("a.qcow2"));
-    let b = input("debian-xfs", at("b.qcow2"));
-    let c = input("ubuntu-gpt-efi-boot", at("c.qcow2"));
+    let Some(race) = Race::new() else { return };
+    let out = &race.out;
+    let a = race.input("debian-ext4", race.at("a.qcow2"));
+    let b = race.input("debian-xfs", race.at("b.qcow2"));
+    let c = race.input("ubuntu-gpt-efi-boot", race.at("c.qcow2"));
     let own = out.join("mine");
     std::fs::write(&own, b"the user's own file\n").unwrap();
     chown_to_user(&own);
@@ -349,21 +385,20 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
         (partial("b.qcow2.json"), Swap::Symlink),
         (partial("c.qcow2"), Swap::Own(own.clone())),
     ];
-    let args = ["customize", &p(&a), &p(&b), &p(&c), "--out-dir", &p(&out), "--manifest", "--password-file", &p(&pw)];
+    let (a, b, c, out_arg, pw) = (arg(&a), arg(&b), arg(&c), arg(out), arg(&race.pw));
+    let args = ["customize", &a, &b, &c, "--out-dir", &out_arg, "--manifest", "--password-file", &pw];
     // The partial files appear from the start (the inputs are copied beside their outputs while the
     // appliance starts): the attacker watches before cloudimg runs.
-    let attacker = Attacker::start(&out, &canary, rules, Some(cpu));
-    let run = started(&args, &tmp, None);
-    pin_process(run.id(), cpu);
+    let attacker = Attacker::start(out, &race.canary, rules, Some(race.cpu));
+    let run = started(&args, &race.tmp, None);
+    pin_process(run.id(), race.cpu);
     let result = run.wait_with_output().unwrap();
     let swapped = attacker.stop();
     let stderr = text(&result.stderr);
     assert_eq!(swapped.len(), 3, "the attacker saw every partial file: {swapped:?}\n{stderr}");
-    assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
+    race.failed_cleanly(&result, "--out-dir");
     let c_name = swapped.iter().find(|n| n.starts_with(&partial("c.qcow2"))).unwrap();
     assert_eq!(state(&out.join(c_name)), own_before, "the user's own file is untouched");
-    assert_eq!(result.status.code(), Some(7), "{stderr}");
-    failed_cleanly(&stderr, "--out-dir");
     assert!(stderr.contains("was written, but not its manifest"), "{stderr}");
     assert!(!out.join("a.qcow2").exists() && !out.join("c.qcow2").exists(), "{stderr}");
     assert!(!out.join("b.qcow2.json").exists(), "{stderr}");
@@ -373,14 +408,19 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
         let left = std::fs::symlink_metadata(out.join(name)).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::uid(&left), user_uid(), "{name} is left as the user made it");
     }
+}
 
+#[test]
+fn a_compressed_output_swapped_just_before_its_rename_fails_without_writing_elsewhere() {
     // -o with --compress (qemu-img writes), swapped after the image was written and checked, just
     // before it would be renamed into place.
-    let d = input("debian-ext4", at("d.qcow2"));
-    let d_out = out.join("d.qcow2");
-    let args = ["customize", &p(&d), "-o", &p(&d_out), "--compress", "--password-file", &p(&pw)];
-    let run = stopped_at(&args, &tmp, "converted");
-    let name = std::fs::read_dir(&out)
+    let Some(race) = Race::new() else { return };
+    let d = race.input("debian-ext4", race.at("d.qcow2"));
+    let d_out = race.out.join("d.qcow2");
+    let (d_arg, d_out_arg, pw) = (arg(&d), arg(&d_out), arg(&race.pw));
+    let args = ["customize", &d_arg, "-o", &d_out_arg, "--compress", "--password-file", &pw];
+    let run = stopped_at(&args, &race.tmp, "converted");
+    let name = std::fs::read_dir(&race.out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with(&partial("d.qcow2")))
@@ -388,32 +428,30 @@ fn the_owner_of_the_output_directory_cannot_turn_roots_writes_elsewhere() {
     std::thread::scope(|scope| {
         scope.spawn(|| {
             become_user(user_uid(), user_gid());
-            Swap::Symlink.apply(&out, &name, &canary, "stolen-d");
+            Swap::Symlink.apply(&race.out, &name, &race.canary, "stolen-d");
         });
     });
-    let result = resume(run);
-    let stderr = text(&result.stderr);
-    assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
-    assert_eq!(result.status.code(), Some(7), "{stderr}");
-    failed_cleanly(&stderr, "-o");
+    race.failed_cleanly(&resume(run), "-o");
     assert!(!d_out.exists());
+}
 
+#[test]
+fn an_in_place_image_in_the_users_directory_swapped_as_it_is_created_stays_as_it_was() {
     // --in-place on the user's image in the user's directory, swapped as it is created: the new image
     // would get the user as owner.
-    let vm = input("debian-ext4", out.join("vm.qcow2"));
+    let Some(race) = Race::new() else { return };
+    let vm = race.input("debian-ext4", race.out.join("vm.qcow2"));
     chown_to_user(&vm);
     std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o640)).unwrap();
     let (vm_before, vm_sum) = ((state(&vm).1, state(&vm).2), common::sha256(&vm));
-    let args = ["customize", &p(&vm), "--in-place", "--password-file", &p(&pw)];
-    let attacker = Attacker::start(&out, &canary, vec![(partial("vm.qcow2"), Swap::Symlink)], Some(cpu));
-    let run = started(&args, &tmp, None);
-    pin_process(run.id(), cpu);
+    let (vm_arg, pw) = (arg(&vm), arg(&race.pw));
+    let args = ["customize", &vm_arg, "--in-place", "--password-file", &pw];
+    let attacker = Attacker::start(&race.out, &race.canary, vec![(partial("vm.qcow2"), Swap::Symlink)], Some(race.cpu));
+    let run = started(&args, &race.tmp, None);
+    pin_process(run.id(), race.cpu);
     let result = run.wait_with_output().unwrap();
     assert_eq!(attacker.stop().len(), 1);
-    let stderr = text(&result.stderr);
-    assert_eq!(state(&canary), canary_before, "the canary is untouched: {stderr}");
-    assert_eq!(result.status.code(), Some(7), "{stderr}");
-    failed_cleanly(&stderr, "--in-place");
+    race.failed_cleanly(&result, "--in-place");
     assert_eq!(common::sha256(&vm), vm_sum, "the input is as it was");
     assert_eq!((state(&vm).1, state(&vm).2), vm_before);
 }

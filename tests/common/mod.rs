@@ -226,10 +226,20 @@ pub fn force_tcg() -> bool {
     accel == cloudimg::appliance::accel::Accel::Tcg
 }
 
-fn handle() -> Handle {
+/// A libguestfs handle for the tests' own work (building, editing and reading back images), started
+/// as cloudimg starts its own: under TCG, from cloudimg's fast-boot copy of the appliance once
+/// libguestfs has built its appliance (seconds less per launch), else from libguestfs's own.
+pub fn handle() -> Handle {
+    use cloudimg::appliance::fast_boot;
     let g = Handle::create().expect("libguestfs handle");
     if force_tcg() {
         g.set_backend_setting("force_tcg", "1").unwrap();
+        let cachedir = g.get_cachedir().unwrap();
+        if let Ok(cache) = fast_boot::check_cache(Path::new(&cachedir)) {
+            if let fast_boot::Choice::Copy { dir, .. } = fast_boot::choose(&cache) {
+                g.set_path(Some(dir.to_str().unwrap())).unwrap();
+            }
+        }
     }
     g
 }
@@ -528,30 +538,39 @@ fn build_hostile_guests(g: &Handle, dev: &str) {
     for i in 0..HOSTILE_GUESTS.len() as i64 {
         g.part_add(dev, "p", 2048 + i * SECTORS, 2048 + (i + 1) * SECTORS - 1).unwrap();
     }
-    let bomb = {
-        let mut y =
-            String::from("a: &a [\"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\"]\n");
-        for (prev, name) in
-            ["a", "b", "c", "d", "e", "f", "g", "h", "i"].iter().zip(["b", "c", "d", "e", "f", "g", "h", "i", "j"])
-        {
-            y.push_str(&format!(
-                "{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
-            ));
-        }
-        y
-    };
     for (i, case) in HOSTILE_GUESTS.iter().enumerate() {
         let part = format!("{dev}{}", i + 1);
         mkfs(g, "ext4", &part, None);
         g.mount(&part, "/").unwrap();
         os_root(g, DEBIAN_RELEASE, Some(DEBIAN_CFG), Some((DEBIAN_VERSION_PY, "22.4.2")), "");
         put(g, "/etc/shadow", GUEST_SHADOW);
-        let cfg = "/etc/cloud/cloud.cfg";
-        let replace_with_link = |target: &str| {
-            g.rm(cfg).unwrap();
-            g.ln_s(target, cfg).unwrap();
-        };
-        match *case {
+        make_hostile(g, case);
+        g.umount_all().unwrap();
+    }
+}
+
+/// Ten levels of nine aliases each: 9^10 "lol"s once expanded.
+fn alias_bomb() -> String {
+    let mut y =
+        String::from("a: &a [\"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\", \"lol\"]\n");
+    for (prev, name) in
+        ["a", "b", "c", "d", "e", "f", "g", "h", "i"].iter().zip(["b", "c", "d", "e", "f", "g", "h", "i", "j"])
+    {
+        y.push_str(&format!(
+            "{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+        ));
+    }
+    y
+}
+
+/// Turns the Debian guest mounted at `/` into the hostile guest `case`.
+fn make_hostile(g: &Handle, case: &str) {
+    let cfg = "/etc/cloud/cloud.cfg";
+    let replace_with_link = |target: &str| {
+        g.rm(cfg).unwrap();
+        g.ln_s(target, cfg).unwrap();
+    };
+    match case {
             "cloud.cfg relative symlink to ../shadow" => replace_with_link("../shadow"),
             "cloud.cfg absolute symlink to /etc/shadow" => replace_with_link("/etc/shadow"),
             "cloud.cfg symlink escaping the root" => replace_with_link("../../../../../../../../etc/hostname"),
@@ -565,7 +584,7 @@ fn build_hostile_guests(g: &Handle, dev: &str) {
             }
             "cloud.cfg is 100 MiB" => g.truncate_size(cfg, 100 << 20).unwrap(),
             "cloud.cfg is not UTF-8" => g.write(cfg, b"users:\n  - default\n# caf\xe9 \xff\xfe\n").unwrap(),
-            "cloud.cfg is a YAML alias bomb" => put(g, cfg, &format!("{DEBIAN_CFG}{bomb}")),
+            "cloud.cfg is a YAML alias bomb" => put(g, cfg, &format!("{DEBIAN_CFG}{}", alias_bomb())),
             "cloud.cfg is nested 10000 deep" => {
                 put(g, cfg, &format!("{DEBIAN_CFG}deep: {}{}\n", "[".repeat(10_000), "]".repeat(10_000)))
             }
@@ -611,8 +630,6 @@ fn build_hostile_guests(g: &Handle, dev: &str) {
             ),
             other => panic!("no recipe for {other}"),
         }
-        g.umount_all().unwrap();
-    }
 }
 
 /// A gzipped tar of 100 000 `.cfg` names: hard links to two 1 MiB files (ext4 allows 65 000 links
@@ -703,6 +720,19 @@ impl ReadBack {
         self.g.umount_all().unwrap();
         (st.st_mode & 0o7777, st.st_uid, st.st_gid)
     }
+}
+
+/// A scenario shared by several tests of one binary, so that each asserts one behaviour without
+/// launching the appliance again: `build` runs once, when the first of them asks; a panic in it
+/// fails each of them with its message, without running it again.
+pub fn shared<T: Sync>(cell: &'static OnceLock<Result<T, String>>, build: fn() -> T) -> &'static T {
+    let built = cell.get_or_init(|| {
+        std::panic::catch_unwind(build).map_err(|panic| {
+            let message = panic.downcast_ref::<String>().cloned();
+            message.or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+        })
+    });
+    built.as_ref().unwrap_or_else(|why| panic!("the scenario these tests share failed: {why}"))
 }
 
 /// Runs the cloudimg binary.
