@@ -25,7 +25,7 @@ use crate::login::password::Secret;
 use crate::openstack::manifest::{self, Manifest};
 use crate::openstack::upload::{self, Uploaded};
 use crate::support::cleanup;
-use crate::support::exit_codes::{with_code, APPLIANCE, BAD_GUEST, BAD_INPUT, OUTPUT, USAGE};
+use crate::support::exit_codes::{with_code, APPLIANCE, BAD_INPUT, OUTPUT, USAGE};
 use crate::support::report::{Reporter, Verbosity};
 
 mod decide;
@@ -364,8 +364,7 @@ fn image_job(
 
     report.phase(&format!("Reading the image's configuration{of}"));
     let image = read_image(guest, s, &locate::Mounted { root: &root, readonly: dry_run, disk }, report)?;
-    let facts =
-        guest_facts(guest, &image, disk.map_or("/dev/sda", |d| d.device.as_str())).map_err(with_code(BAD_GUEST))?;
+    let facts = guest_facts(guest, &image, disk.map_or("/dev/sda", |d| d.device.as_str()))?;
     let mut decision = if s.lock { decide_lock(&image)? } else { decide_credentials(s, &image, secret, report)? };
     let disagreements = image.cloud.iter().flat_map(|c| c.detection.disagreements());
     decision.decided.findings.extend(disagreements.map(|message| Finding {

@@ -11,6 +11,7 @@ use super::credentials::is_true_like;
 use super::edit;
 use super::merge::{self, ConfigFile};
 use super::yaml11::{self, Mapping, Value};
+use crate::support::exit_codes::{with_code, BAD_GUEST};
 
 /// Where cloudimg keeps the originals of the cloud-init files it changed. cloud-init reads only
 /// `cloud.cfg` and `cloud.cfg.d/*.cfg`, so it never sees this. A file beside cloud.cfg rather than
@@ -42,8 +43,11 @@ pub fn sha256_hex(text: &str) -> String {
 }
 
 impl Journal {
+    /// A journal that is not cloudimg's makes the guest a bad guest (exit status 4).
     pub fn parse(path: &str, text: &str) -> Result<Journal> {
-        serde_json::from_str(text).with_context(|| format!("{path} in the guest is not cloudimg's journal"))
+        serde_json::from_str(text)
+            .with_context(|| format!("{path} in the guest is not cloudimg's journal"))
+            .map_err(with_code(BAD_GUEST))
     }
 
     pub fn to_text(&self) -> String {

@@ -24,13 +24,13 @@ pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report
         },
         None => report.detail("no cloud-init in the image"),
     }
-    let read = |path: &str| config::read_text(guest, path).map_err(with_code(BAD_GUEST));
+    let read = |path: &str| config::read_text(guest, path);
     let mut journal = None;
     let mut journal_files = Vec::new();
     for path in lock::JOURNALS {
         if let Some(text) = read(path)? {
             if journal.is_none() {
-                journal = Some(lock::Journal::parse(path, &text).map_err(with_code(BAD_GUEST))?);
+                journal = Some(lock::Journal::parse(path, &text)?);
             }
             journal_files.push(path);
         }
@@ -39,7 +39,7 @@ pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report
         cloud: sources.cloud_init,
         sshd: sources.sshd,
         booted_before: sources.booted_before,
-        passwd_users: config::passwd_users(guest).map_err(with_code(BAD_GUEST))?,
+        passwd_users: config::passwd_users(guest)?,
         // Only the shadow route needs it; a run that cannot read it fails there, not here.
         shadow: read(shadow::SHADOW).ok().flatten(),
         os_release: sources.os_release,
@@ -49,8 +49,13 @@ pub(super) fn read_image(guest: &Guest, s: &Customize, mounted: &Mounted, report
     })
 }
 
-/// What the image says about itself for Glance; `disk` is its whole-disk device.
+/// What the image says about itself for Glance; `disk` is its whole-disk device. A guest that cannot
+/// be read for them is a bad guest (exit status 4).
 pub(super) fn guest_facts(guest: &Guest, image: &ImageFacts, disk: &str) -> Result<GuestFacts> {
+    read_guest_facts(guest, image, disk).map_err(with_code(BAD_GUEST))
+}
+
+fn read_guest_facts(guest: &Guest, image: &ImageFacts, disk: &str) -> Result<GuestFacts> {
     let table = guest.partition_table(disk)?;
     Ok(GuestFacts {
         os_id: os_release::field(&image.os_release, "ID"),

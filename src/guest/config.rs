@@ -133,9 +133,10 @@ pub fn has_cloud_init(guest: &Guest) -> Result<bool> {
     Ok(guest.exists(CLOUD_CFG)? || guest.is_symlink(CLOUD_CFG)?)
 }
 
-/// A text file of the guest; `None` when it does not exist.
+/// A text file of the guest; `None` when it does not exist. One that cannot be read as text makes
+/// the guest a bad guest (exit status 4).
 pub fn read_text(guest: &Guest, path: &str) -> Result<Option<String>> {
-    Ok(read_text_with_mode(guest, path)?.map(|(text, _)| text))
+    read_text_with_mode(guest, path).map(|file| file.map(|(text, _)| text)).map_err(with_code(BAD_GUEST))
 }
 
 /// A text file of the guest and its permission bits; `None` when it does not exist.
