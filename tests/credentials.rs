@@ -80,29 +80,40 @@ impl KeysThenLock {
             .status()
             .unwrap();
         assert!(made.success());
-        let audit = run(&["inspect", p(&debian), p(&rocky), p(&overlay), "--json"]);
-        let sums_after = (sha256(&debian), sha256(&rocky));
-
-        let with_keys = ["customize", p(&debian), "-o", p(&keys), "--password-file", p(&pw)];
-        let keyed =
-            ok(run(&[&with_keys[..], &["--ssh-key", p(&k1), "--ssh-key", p(&k2)]].concat()), "customize with keys");
-        let lock = ok(run(&["customize", p(&keys), "-o", p(&locked), "--lock"]), "lock");
-        // An image customized by a cloudimg that kept its journal in a directory of its own.
-        std::fs::copy(&keys, &old_journal).unwrap();
-        common::edit_image(&old_journal, "/dev/sda1", |g| {
-            g.mkdir(OLD_JOURNAL_DIR).unwrap();
-            g.mv(JOURNAL, OLD_JOURNAL).unwrap();
+        // The runs that do not wait for one another go side by side: a test waiting for this scenario
+        // holds one of the test threads, and these use its core.
+        let ((audit, sums_after), keyed, (lock, gate), lock_old) = std::thread::scope(|s| {
+            let audit = s.spawn(|| {
+                let audit = run(&["inspect", p(&debian), p(&rocky), p(&overlay), "--json"]);
+                (audit, (sha256(&debian), sha256(&rocky)))
+            });
+            let with_keys = ["customize", p(&debian), "-o", p(&keys), "--password-file", p(&pw)];
+            let keyed =
+                ok(run(&[&with_keys[..], &["--ssh-key", p(&k1), "--ssh-key", p(&k2)]].concat()), "customize with keys");
+            let lock_and_gate = s.spawn(|| {
+                let lock = ok(run(&["customize", p(&keys), "-o", p(&locked), "--lock"]), "lock");
+                let require = ["--require", "password-login", "--require", "no-plaintext", "--json"];
+                (lock, run(&[&["inspect", p(&keys), p(&locked)][..], &require].concat()))
+            });
+            // An image customized by a cloudimg that kept its journal in a directory of its own.
+            std::fs::copy(&keys, &old_journal).unwrap();
+            common::edit_image(&old_journal, "/dev/sda1", |g| {
+                g.mkdir(OLD_JOURNAL_DIR).unwrap();
+                g.mv(JOURNAL, OLD_JOURNAL).unwrap();
+            });
+            let rekey = s.spawn(|| {
+                ok(
+                    run(&["customize", p(&old_journal), "-o", p(&rekeyed), "--password-file", p(&pw2)]),
+                    "a new password with the journal in its old place",
+                )
+            });
+            let lock_old = ok(
+                run(&["customize", p(&old_journal), "-o", p(&locked_old), "--lock"]),
+                "lock with the journal in its old place",
+            );
+            rekey.join().unwrap();
+            (audit.join().unwrap(), keyed, lock_and_gate.join().unwrap(), lock_old)
         });
-        let lock_old = ok(
-            run(&["customize", p(&old_journal), "-o", p(&locked_old), "--lock"]),
-            "lock with the journal in its old place",
-        );
-        ok(
-            run(&["customize", p(&old_journal), "-o", p(&rekeyed), "--password-file", p(&pw2)]),
-            "a new password with the journal in its old place",
-        );
-        let require = ["--require", "password-login", "--require", "no-plaintext", "--json"];
-        let gate = run(&[&["inspect", p(&keys), p(&locked)][..], &require].concat());
 
         let paths = ["/etc/cloud/cloud.cfg", JOURNAL, OLD_JOURNAL, OLD_JOURNAL_DIR];
         let back = ReadBack::open(&[&debian, &keys, &locked, &locked_old, &rekeyed]);

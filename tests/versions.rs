@@ -18,6 +18,8 @@ struct Batch {
     _dir: tempfile::TempDir,
     out_dir: PathBuf,
     output: Output,
+    /// `inspect --json` over the same images.
+    inspected: Output,
     /// The JSON entry of each input, by fixture name.
     entries: Vec<(String, Value)>,
 }
@@ -34,7 +36,8 @@ const INPUTS: &[&str] = &[
     "gen-unknown",
 ];
 
-/// `customize --out-dir --json` over every generation, once for all the tests here.
+/// `customize --out-dir --json` over every generation, once for all the tests here, and beside it
+/// (a test waiting for it holds a test thread, so its core is free) `inspect --json` over them.
 fn batch() -> &'static Batch {
     static BATCH: OnceLock<Batch> = OnceLock::new();
     BATCH.get_or_init(|| {
@@ -48,7 +51,14 @@ fn batch() -> &'static Batch {
         let mut args = vec!["customize"];
         args.extend(images.iter().map(|i| i.to_str().unwrap()));
         args.extend(["--out-dir", out_dir.to_str().unwrap(), "--password-file", pw.to_str().unwrap(), "--json"]);
-        let output = cloudimg(&args, None, &[]);
+        let (output, inspected) = std::thread::scope(|s| {
+            let inspected = s.spawn(|| {
+                let mut args = vec!["inspect", "--json"];
+                args.extend(images.iter().map(|i| i.to_str().unwrap()));
+                cloudimg(&args, None, &[])
+            });
+            (cloudimg(&args, None, &[]), inspected.join().unwrap())
+        });
         let report: Value = serde_json::from_slice(&output.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}\n{}", text(&output.stdout), text(&output.stderr)));
         let entries = INPUTS
@@ -56,7 +66,7 @@ fn batch() -> &'static Batch {
             .zip(report.as_array().expect("one entry per input"))
             .map(|(name, entry)| (name.to_string(), entry.clone()))
             .collect();
-        Batch { _dir: dir, out_dir, output, entries }
+        Batch { _dir: dir, out_dir, output, inspected, entries }
     })
 }
 
@@ -205,11 +215,7 @@ fn an_image_without_any_version_source_says_what_was_looked_for() {
 
 #[test]
 fn inspect_reads_every_generation_in_one_appliance_launch() {
-    let fx = fixtures();
-    let images: Vec<PathBuf> = INPUTS.iter().map(|n| fx.image(n)).collect();
-    let mut args = vec!["inspect", "--json"];
-    args.extend(images.iter().map(|i| i.to_str().unwrap()));
-    let out = cloudimg(&args, None, &[]);
+    let out = &batch().inspected;
     let stderr = text(&out.stderr);
     assert_eq!(stderr.matches("Launching the appliance").count(), 1, "{stderr}");
     assert_eq!(out.status.code(), Some(4), "the unknown image is a guest that cannot be judged: {stderr}");
