@@ -213,20 +213,20 @@ fn killed_at_each(steps: &[&str], in_place: bool) {
     assert_eq!(bench.extra_files(&known), Vec::<String>::new(), "leftovers after a normal run");
 }
 
-// Three chains of kills, so that they run side by side.
+// Three chains of kills, so that they run side by side (and, by name, early among these tests).
 
 #[test]
-fn killed_before_its_output_is_written_the_input_survives_and_the_next_run_cleans_up() {
+fn a_sigkill_before_the_output_is_written_leaves_the_input_and_the_next_run_cleans_up() {
     killed_at_each(&NEW_OUTPUT_STEPS[..4], false);
 }
 
 #[test]
-fn killed_while_its_output_is_written_the_input_survives_and_the_next_run_cleans_up() {
+fn a_sigkill_while_the_output_is_written_leaves_the_input_and_the_next_run_cleans_up() {
     killed_at_each(&NEW_OUTPUT_STEPS[4..], false);
 }
 
 #[test]
-fn killed_at_every_step_in_place_the_image_is_whole_and_the_next_run_cleans_up() {
+fn a_sigkill_at_any_in_place_step_leaves_one_whole_image_and_the_next_run_cleans_up() {
     killed_at_each(IN_PLACE_STEPS, true);
 }
 
