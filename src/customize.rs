@@ -128,7 +128,7 @@ struct Target {
 /// Runs the pipeline on every input, in one appliance launch where that is safe; returns one result
 /// per input, in order. An error here (no password, no temporary directory) concerns every image.
 pub fn run(s: &Customize, report: &Reporter) -> Result<Vec<ImageResult>> {
-    let secret = s.password.as_ref().map(|p| p.read()).transpose().map_err(with_code(USAGE))?;
+    let secret = s.password.as_ref().map(|p| p.read()).transpose()?;
     // Bad credentials should cost nothing: authenticate before any image work.
     let glance = match &s.upload {
         Some(args) => Some(upload::connect(&upload::resolve_credentials(args.os_cloud.as_deref())?, report)?),

@@ -110,3 +110,23 @@ fn an_appliance_that_does_not_start_in_time_is_a_failure_with_its_cause() {
     assert!(detail.contains("within 1 s"), "{detail}");
     assert!(report["launch_seconds"].is_null());
 }
+
+#[test]
+fn an_appliance_that_cannot_be_built_in_time_is_the_one_failure_and_no_launch_is_tried() {
+    // supermin waits for the lock on its cache, which this test holds (lockf, as supermin takes it):
+    // the build is the step that runs out of time, and a launch without an appliance is not tried.
+    let cache = tempfile::tempdir().unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let dir = cache.path().join(format!(".guestfs-{}", unsafe { libc::geteuid() }));
+    std::fs::create_dir(&dir).unwrap();
+    let lock = std::fs::File::create(dir.join("lock")).unwrap();
+    // SAFETY: lockf on a file this test opened; released when `lock` is closed.
+    assert_eq!(unsafe { libc::lockf(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::F_LOCK, 0) }, 0);
+    let (code, report, _) = doctor(&["--timeout", "1"], &[("LIBGUESTFS_CACHEDIR", cache.path().to_str().unwrap())]);
+    assert_eq!(code, Some(6), "{report:#}");
+    assert_eq!(failed(&report), ["appliance"], "{report:#}");
+    let detail = check(&report, "appliance")["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("did not finish within 1 s"), "{detail}");
+    assert_eq!(check(&report, "launch")["status"], "skipped", "{report:#}");
+    assert!(report["launch_seconds"].is_null());
+}

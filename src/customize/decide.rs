@@ -561,4 +561,71 @@ mod tests {
         assert!(finding.fix.contains(lock::OLD_JOURNAL), "{}", finding.fix);
         assert!(writes(&decision).contains(&(lock::OLD_JOURNAL, None)));
     }
+
+    fn secret(text: &str) -> Secret {
+        Secret::new(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn a_stored_value_stands_for_the_password_only_when_it_is_that_password_in_the_kind_asked() {
+        let pw = secret("Tr0ub4dor &3");
+        let (own, other) = (password::hash(&pw), password::hash(&secret("another")));
+        let hashed = Comparer::new(Some(&pw), false);
+        assert!(hashed.stands_for(&own));
+        assert!(!hashed.stands_for(&other));
+        assert!(!hashed.stands_for("Tr0ub4dor &3"), "clear text is not a hash");
+        let plain = Comparer::new(Some(&pw), true);
+        assert!(plain.stands_for("Tr0ub4dor &3"));
+        assert!(!plain.stands_for(&own), "a hash is not the clear text asked for");
+        assert!(!Comparer::new(None, false).stands_for(&own), "no password stands for nothing");
+        assert_eq!(hashed.findings().len(), 0);
+    }
+
+    #[test]
+    fn a_hash_too_costly_to_check_counts_as_another_password_with_a_warning() {
+        let pw = secret("x");
+        let comparer = Comparer::new(Some(&pw), false);
+        let costly = "$6$rounds=999999999$saltsaltsaltsalt$aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        assert!(!comparer.stands_for(costly));
+        assert!(!comparer.stands_for(costly), "checked once");
+        let findings = comparer.findings();
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        assert_eq!(findings[0].severity, Severity::Warning);
+        assert!(findings[0].message.contains("999999999 rounds"), "{}", findings[0].message);
+    }
+
+    fn finding(severity: Severity, message: &str) -> Finding {
+        Finding { severity, message: message.into(), fix: "the fix".into() }
+    }
+
+    #[test]
+    fn an_error_finding_refuses_the_write_unless_allowed_and_warnings_never_do() {
+        let quiet = Reporter::new(crate::support::report::Verbosity::Quiet, false);
+        let warning = finding(Severity::Warning, "only a warning");
+        assert!(refuse_if_ineffective(std::slice::from_ref(&warning), false, &quiet).is_ok());
+        let findings = [warning, finding(Severity::Error, "ssh_pwauth is overridden")];
+        let refused = refuse_if_ineffective(&findings, false, &quiet).unwrap_err();
+        assert_eq!(crate::support::exit_codes::code_of(&refused), INEFFECTIVE);
+        assert_eq!(
+            format!("{refused:#}"),
+            "the password login would not work, so nothing was written: ssh_pwauth is overridden (fix: the fix); \
+             --allow-ineffective writes anyway"
+        );
+        assert!(refuse_if_ineffective(&findings, true, &quiet).is_ok());
+    }
+
+    #[test]
+    fn cloud_init_turning_sshd_passwords_off_again_is_named_by_its_file() {
+        let with_version = |cloud_cfg: &str| {
+            let mut facts = image(cloud_cfg, &[]);
+            let detection = &mut facts.cloud.as_mut().unwrap().detection;
+            detection.answer(crate::cloud_config::version::Source::VersionPy, "version.py", "22.4.2");
+            facts
+        };
+        let sshd: sshd::Files = [(sshd::MAIN_CONFIG.to_string(), "PasswordAuthentication yes\n".to_string())].into();
+        let off = with_version("users:\n- default\nssh_pwauth: false\n");
+        let found = cloud_init_undoes_sshd(&off, &sshd).expect("ssh_pwauth: false wins on a new instance");
+        assert!(found.message.starts_with("/etc/cloud/cloud.cfg sets `ssh_pwauth: false`"), "{}", found.message);
+        assert!(cloud_init_undoes_sshd(&with_version("users:\n- default\nssh_pwauth: true\n"), &sshd).is_none());
+    }
 }

@@ -115,12 +115,23 @@ pub fn run(opts: &Options, mut show: impl FnMut(&Check)) -> Report {
             record(Check::new("launch", Status::Skipped, "not started (--quick)"), &mut checks);
         }
         (Some(setup), Some(appliance), Some(accel)) if !blocked => {
-            if let ApplianceKind::Supermin { .. } = appliance {
-                record(build_check(setup, opts.timeout), &mut checks);
+            let built = match appliance {
+                ApplianceKind::Supermin { .. } => {
+                    let check = build_check(setup, opts.timeout);
+                    let built = check.status != Status::Fail;
+                    record(check, &mut checks);
+                    built
+                }
+                _ => true,
+            };
+            // Without an appliance a launch can only fail again, and its failure would hide the cause.
+            if built {
+                let (check, seconds) = launch_check(accel, opts.timeout);
+                launch_seconds = seconds;
+                record(check, &mut checks);
+            } else {
+                record(Check::new("launch", Status::Skipped, "not started: the appliance was not built"), &mut checks);
             }
-            let (check, seconds) = launch_check(accel, opts.timeout);
-            launch_seconds = seconds;
-            record(check, &mut checks);
         }
         _ => record(Check::new("launch", Status::Skipped, "not started: fix the failures above first"), &mut checks),
     }

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use sha_crypt::{PasswordHasher, PasswordVerifier, ShaCrypt};
 
 use crate::image::output::Created;
+use crate::support::exit_codes::{with_code, USAGE};
 
 /// A password that cannot be displayed or debug-printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -51,7 +52,12 @@ pub enum Source {
 
 impl Source {
     /// Obtains the password. For a random one, the caller shows or saves it (customize's `reveal_random_password`).
+    /// A password that cannot be read is a usage error (exit status 2).
     pub fn read(&self) -> Result<Secret> {
+        self.obtain().map_err(with_code(USAGE))
+    }
+
+    fn obtain(&self) -> Result<Secret> {
         match self {
             Source::File(path) => {
                 let file =

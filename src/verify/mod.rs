@@ -39,7 +39,7 @@ const CONSOLE_LINES: usize = 40;
 /// stopped the verification itself.
 pub fn run(s: &Verify, report: &Reporter) -> Result<Verdict> {
     let secret = match &s.credential.password {
-        Some(source) => Some(source.read().map_err(with_code(USAGE))?),
+        Some(source) => Some(source.read()?),
         None => None,
     };
     run_with(s, secret.as_ref(), report)
