@@ -168,66 +168,52 @@ fn qemu_img_check(image: &Path) -> bool {
     Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(image).status().unwrap().success()
 }
 
-/// SIGKILL at each of `steps` in turn, writing a new output or (`in_place`) replacing the image: after
-/// each, the input is unchanged (in place: the old image before the rename, the new one after, whole),
-/// nothing is left under the output name, no child survives, and what is left is named as cloudimg's;
-/// the next run (the next step's) removes it. A normal run at the end removes the last leftovers and
-/// writes a good image.
-fn killed_at_each(steps: &[&str], in_place: bool) {
+#[test]
+fn killed_at_every_step_the_input_survives_and_the_next_run_cleans_up() {
     let bench = Bench::new();
     let (input, input_sum, output) = bench.input_and_output();
-    let vm = if in_place { bench.image("vm.qcow2") } else { bench.dir.join("vm.qcow2") };
-    let vm_before = if in_place { sha256(&vm) } else { String::new() };
+    let vm = bench.image("vm.qcow2");
+    let vm_before = sha256(&vm);
     let mut vm_replaced = false;
     let known = [input.as_path(), output.as_path(), vm.as_path()];
-    let (target, written) = if in_place { (&vm, None) } else { (&input, Some(output.as_path())) };
+    let mut runs = 0;
 
-    for step in steps {
+    for (step, in_place) in
+        NEW_OUTPUT_STEPS.iter().map(|s| (*s, false)).chain(IN_PLACE_STEPS.iter().map(|s| (*s, true)))
+    {
         let what = format!("SIGKILL at {step}{}", if in_place { " (in place)" } else { "" });
-        let args = bench.customize(target, written);
+        let args = bench.customize(if in_place { &vm } else { &input }, (!in_place).then_some(output.as_path()));
         let (status, children, _) =
             fault_at(&mut bench.command(&args_ref(&args), Some(step)), step, |pid| signal(pid, libc::SIGKILL));
+        runs += 1;
         assert_eq!(status.code(), None, "{what}: killed");
         assert_no_survivors(&children, &what);
         assert_eq!(sha256(&input), input_sum, "{what}: the input changed");
         if in_place {
-            vm_replaced |= *step == "renamed";
+            vm_replaced |= step == "renamed";
             assert!(qemu_img_check(&vm), "{what}: the in-place image is damaged");
             assert_eq!(sha256(&vm) == vm_before, !vm_replaced, "{what}: old image before the rename, new after");
-        } else if *step == "renamed" {
+        } else if step == "renamed" {
             assert!(qemu_img_check(&output), "{what}: the renamed output is complete");
             std::fs::remove_file(&output).unwrap();
         } else {
             assert!(!output.exists(), "{what}: something exists under the output name");
         }
+        // What a SIGKILL leaves is named as cloudimg's; the next run (this loop's next step) removes it.
         for name in bench.extra_files(&known) {
             assert!(name.contains("cloudimg-"), "{what}: unclearly named leftover {name}");
         }
     }
 
-    let args = bench.customize(target, written);
+    // A normal run afterwards removes every leftover and writes a good output.
+    let args = bench.customize(&input, Some(&output));
     let out = bench.command(&args_ref(&args), None).output().unwrap();
+    runs += 1;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("left behind by an interrupted cloudimg run"), "{}", text(&out.stderr));
-    assert!(qemu_img_check(if in_place { &vm } else { &output }));
+    assert!(qemu_img_check(&output));
     assert_eq!(bench.extra_files(&known), Vec::<String>::new(), "leftovers after a normal run");
-}
-
-// Three chains of kills, so that they run side by side (and, by name, early among these tests).
-
-#[test]
-fn a_sigkill_before_the_output_is_written_leaves_the_input_and_the_next_run_cleans_up() {
-    killed_at_each(&NEW_OUTPUT_STEPS[..4], false);
-}
-
-#[test]
-fn a_sigkill_while_the_output_is_written_leaves_the_input_and_the_next_run_cleans_up() {
-    killed_at_each(&NEW_OUTPUT_STEPS[4..], false);
-}
-
-#[test]
-fn a_sigkill_at_any_in_place_step_leaves_one_whole_image_and_the_next_run_cleans_up() {
-    killed_at_each(IN_PLACE_STEPS, true);
+    eprintln!("{runs} runs, {} kill points", NEW_OUTPUT_STEPS.len() + IN_PLACE_STEPS.len());
 }
 
 #[test]
