@@ -122,9 +122,14 @@ fn an_appliance_that_cannot_be_built_in_time_is_the_one_failure_and_no_launch_is
     let lock = std::fs::File::create(dir.join("lock")).unwrap();
     // SAFETY: lockf on a file this test opened; released when `lock` is closed.
     assert_eq!(unsafe { libc::lockf(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::F_LOCK, 0) }, 0);
-    let (code, report, _) = doctor(&["--timeout", "1"], &[("LIBGUESTFS_CACHEDIR", cache.path().to_str().unwrap())]);
+    let tmpdir = cache.path().join("tmp");
+    std::fs::create_dir(&tmpdir).unwrap();
+    let env = [("LIBGUESTFS_CACHEDIR", cache.path().to_str().unwrap()), ("TMPDIR", tmpdir.to_str().unwrap())];
+    let (code, report, _) = doctor(&["--timeout", "1"], &env);
     assert_eq!(code, Some(6), "{report:#}");
     assert_eq!(failed(&report), ["appliance"], "{report:#}");
+    let left: Vec<_> = std::fs::read_dir(&tmpdir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "the stopped supermin left {left:?} in TMPDIR");
     let detail = check(&report, "appliance")["detail"].as_str().unwrap().to_string();
     assert!(detail.contains("did not finish within 1 s"), "{detail}");
     assert_eq!(check(&report, "launch")["status"], "skipped", "{report:#}");

@@ -366,7 +366,11 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 fn run_supermin(appliance_path: &str, cache: &Path, timeout: Duration) -> Result<()> {
     let lock = cache.join("lock");
+    // supermin keeps temporary files in $TMPDIR and leaves them there when it is stopped (--timeout,
+    // Ctrl-C): it gets cloudimg's own temporary directory, removed afterwards whatever happened.
+    let work = cleanup::work_dir()?;
     let mut cmd = Command::new(SUPERMIN);
+    cmd.env("TMPDIR", work.path());
     cmd.args(["--build", "--if-newer", "--lock"])
         .arg(&lock)
         .args(["--copy-kernel", "-f", "ext2", "--host-cpu", std::env::consts::ARCH])
